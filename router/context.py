@@ -1,0 +1,60 @@
+"""Per-request bookkeeping: ids, timings and the log line written at the end."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("router.requests")
+
+
+@dataclass
+class RequestRecord:
+    """What happened to one inference request; logged once when it ends."""
+
+    request_id: str
+    route: str
+    model: str = ""
+    version: str = ""
+    replica: str = ""
+    stream: bool = False
+    status_code: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    chunks: int = 0
+    error: str | None = None
+
+    def mark_chunk(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.chunks += 1
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
+
+    def finish(self, status_code: int | None = None) -> None:
+        if status_code is not None:
+            self.status_code = status_code
+        latency_ms = (time.perf_counter() - self.started) * 1000
+        ttft = self.ttft_ms
+        logger.info(
+            "request %s %s model=%s version=%s replica=%s status=%s stream=%s ttft_ms=%s latency_ms=%.1f chunks=%d%s",
+            self.request_id,
+            self.route,
+            self.model,
+            self.version,
+            self.replica,
+            self.status_code,
+            self.stream,
+            f"{ttft:.1f}" if ttft is not None else "-",
+            latency_ms,
+            self.chunks,
+            f" error={self.error}" if self.error else "",
+            extra={"request_id": self.request_id},
+        )
+
+
+def served_headers(request_id: str, version: str, replica_id: str) -> dict[str, str]:
+    return {"x-request-id": request_id, "x-model-version": version, "x-served-by": replica_id}

@@ -1,0 +1,159 @@
+"""One exception tree for everything a client can be told, and its HTTP mapping.
+
+Every error leaves the router as JSON in the OpenAI shape
+``{"error": {"message", "type", "param", "code"}}`` with the right status;
+nothing a client sends can produce a traceback in a response.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error with everything needed to answer the client."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+
+class InvalidRequest(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ModelNotFound(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class VersionNotFound(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "version_not_found"
+
+
+class RouteNotFound(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(APIError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class NoReplicaReady(APIError):
+    """No replica of the chosen version can take the request right now."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "no_replica_ready"
+
+    def __init__(self, model: str, version: str, retry_after_s: int) -> None:
+        super().__init__(
+            f"no ready replica of {model}:{version} right now (starting, restarting or ejected); "
+            f"retry in {retry_after_s}s",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamFailed(APIError):
+    """The engine replica failed (connection lost, crashed) while serving the request."""
+
+    status_code = 502
+    error_type = "server_error"
+    code = "replica_failed"
+
+
+def _field_path(loc: tuple[object, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
+def validation_error(exc: RequestValidationError | Exception) -> InvalidRequest:
+    """Turn pydantic's error list into one clear message naming the first bad field."""
+    errors = exc.errors() if hasattr(exc, "errors") else []
+    if not errors:
+        return InvalidRequest(str(exc))
+    first = errors[0]
+    param = _field_path(tuple(first.get("loc", ())))
+    message = first.get("msg", "invalid value")
+    got = first.get("input")
+    detail = f"{param}: {message}" if param else message
+    if first.get("type") not in ("missing",) and got is not None and not isinstance(got, (dict, list)):
+        detail += f" (got {got!r})"
+    if len(errors) > 1:
+        detail += f"; and {len(errors) - 1} more problem(s)"
+    return InvalidRequest(detail, param=param or None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return RouteNotFound(f"no route {request.method} {request.url.path}; see /docs for the API").response()
+        if exc.status_code == 405:
+            return MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}").response()
+        err = APIError(str(exc.detail))
+        err.status_code = exc.status_code
+        err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        err.code = str(exc.status_code)
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", "-")
+        logger.exception("request %s failed unexpectedly", request_id)
+        return APIError(f"internal error; quote request id {request_id} when reporting it").response()

@@ -1,0 +1,136 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/chat/completions, /v1/completions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from router.catalog import Catalog
+from router.context import RequestRecord, served_headers
+from router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_output_limit,
+    parse_json_object,
+    read_body,
+    validate,
+)
+from router.relay import Relay, Upstream, error_event, sse_data
+from router.state import RouterState
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+VERSION_HEADER = "x-model-version"
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    catalog: Catalog = request.app.state.router.catalog
+    created = int(request.app.state.router.started_at)
+    data: list[dict[str, Any]] = []
+    for model in catalog.models():
+        data.append({"id": model.name, "object": "model", "created": created, "owned_by": "llmserve",
+                     "default_version": model.default_version})
+        for served in model.versions.values():
+            data.append({
+                "id": served.versioned_name,
+                "object": "model",
+                "created": created,
+                "owned_by": "llmserve",
+                "root": model.name,
+                "version": served.version,
+                "max_model_len": served.max_model_len,
+                "ready_replicas": len(served.ready_replicas),
+            })
+    return {"object": "list", "data": data}
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _relay_openai(request, "/v1/chat/completions", ChatCompletionRequest)
+
+
+@router.post("/completions")
+async def completions(request: Request) -> Response:
+    return await _relay_openai(request, "/v1/completions", CompletionRequest)
+
+
+async def _relay_openai(
+    request: Request, path: str, schema: type[ChatCompletionRequest] | type[CompletionRequest]
+) -> Response:
+    state: RouterState = request.app.state.router
+    request_id: str = request.state.request_id
+    body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
+    payload = parse_json_object(body)
+    parsed = validate(schema, payload)
+    pinned = request.headers.get(VERSION_HEADER) or None
+    served = state.catalog.resolve(parsed.model, pinned)
+    check_output_limit(
+        parsed.output_limit(),
+        served.max_model_len,
+        "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) else "max_tokens",
+    )
+    payload["model"] = served.versioned_name
+    record = RequestRecord(request_id, path, model=served.model_name, version=served.version, stream=parsed.stream)
+    upstream = await state.relay.open(served, path, payload, request_id)
+    record.replica = upstream.replica.id
+    headers = served_headers(request_id, served.version, upstream.replica.id)
+    if upstream.status_code != 200 or not parsed.stream:
+        return await _buffered(upstream, record, headers)
+    return EventSourceResponse(
+        _relay_stream(upstream, record),
+        headers=headers,
+        sep="\n",
+        ping=state.sse_ping_s,
+    )
+
+
+async def _buffered(upstream: Upstream, record: RequestRecord, headers: dict[str, str]) -> Response:
+    try:
+        content = await upstream.response.aread()
+    except httpx.HTTPError as exc:
+        record.error = f"{type(exc).__name__}"
+        record.finish(502)
+        return JSONResponse(
+            {"error": {"message": f"replica {upstream.replica.id} failed while answering ({type(exc).__name__}); "
+                       "retry the request", "type": "server_error", "param": None, "code": "replica_failed"}},
+            status_code=502,
+            headers=headers,
+        )
+    finally:
+        await upstream.aclose()
+    record.finish(upstream.status_code)
+    return Response(content, status_code=upstream.status_code, media_type="application/json", headers=headers)
+
+
+async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncIterator[ServerSentEvent]:
+    status = 200
+    try:
+        async for data in sse_data(upstream.response):
+            record.mark_chunk()
+            yield ServerSentEvent(data=data.decode())
+    except httpx.HTTPError as exc:
+        # The replica died or stalled mid-stream: tell the client in-band (the
+        # status line is long gone) and end the stream, never leave it hanging.
+        status = 502
+        record.error = type(exc).__name__
+        yield ServerSentEvent(
+            data=error_event(
+                f"replica {upstream.replica.id} failed mid-stream after {record.chunks} chunks "
+                f"({type(exc).__name__}); the output is incomplete, retry the request",
+                "replica_failed",
+            )
+        )
+        yield ServerSentEvent(data="[DONE]")
+    except BaseException:
+        status = 499  # client went away: closing the upstream below aborts the engine request
+        raise
+    finally:
+        await upstream.aclose()
+        record.finish(status)
+

@@ -1,0 +1,32 @@
+"""What the app's lifespan owns: the one place for the router's mutable state."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from llmserve.replica import Replica
+from llmserve.settings import RouterSettings
+from router.catalog import Catalog
+from router.relay import Relay
+
+
+class EngineBackend(Protocol):
+    """Starts and stops the engine replicas behind the catalog (``llmserve.stack`` locally)."""
+
+    async def start(self, catalog: Catalog) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def report_failure(self, replica: Replica, reason: str) -> None: ...
+
+
+@dataclass
+class RouterState:
+    settings: RouterSettings
+    catalog: Catalog
+    relay: Relay
+    backend: EngineBackend
+    started_at: float = field(default_factory=time.time)
+    sse_ping_s: int = 15
