@@ -20,12 +20,12 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from router.context import RequestRecord, served_headers
 from router.errors import UpstreamFailed
 from router.protocol import GenerateRequest, check_output_limit, parse_json_object, read_body, validate
-from router.relay import Upstream, error_event, sse_data
+from router.relay import Upstream, error_event, sse_bytes, sse_data
 from router.state import RouterState
 
 router = APIRouter(prefix="/api/v1", tags=["generate"])
@@ -119,26 +119,25 @@ async def _consume(upstream: Upstream, record: RequestRecord, outcome: _Outcome)
                 yield delta
 
 
-async def _stream(upstream: Upstream, record: RequestRecord, summary: dict[str, Any]) -> AsyncIterator[ServerSentEvent]:
+async def _stream(upstream: Upstream, record: RequestRecord, summary: dict[str, Any]) -> AsyncIterator[bytes]:
     outcome = _Outcome()
     status = 200
     try:
         async for delta in _consume(upstream, record, outcome):
-            yield ServerSentEvent(event="token", data=json.dumps({"text": delta}))
-        yield ServerSentEvent(
-            event="done",
-            data=json.dumps({**summary, "finish_reason": outcome.finish_reason, "usage": outcome.usage}),
+            yield sse_bytes(json.dumps({"text": delta}), event="token")
+        yield sse_bytes(
+            json.dumps({**summary, "finish_reason": outcome.finish_reason, "usage": outcome.usage}), event="done"
         )
     except httpx.HTTPError as exc:
         status = 502
         record.error = type(exc).__name__
-        yield ServerSentEvent(
-            event="error",
-            data=error_event(
+        yield sse_bytes(
+            error_event(
                 f"replica {upstream.replica.id} failed mid-stream after {len(outcome.text)} tokens "
                 f"({type(exc).__name__}); the output is incomplete, retry the request",
                 "replica_failed",
             ),
+            event="error",
         )
     except BaseException:
         status = 499

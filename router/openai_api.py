@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from router.catalog import Catalog
 from router.context import RequestRecord, served_headers
@@ -20,7 +20,7 @@ from router.protocol import (
     read_body,
     validate,
 )
-from router.relay import Relay, Upstream, error_event, sse_data
+from router.relay import Upstream, error_event, sse_bytes, sse_data
 from router.state import RouterState
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -108,25 +108,25 @@ async def _buffered(upstream: Upstream, record: RequestRecord, headers: dict[str
     return Response(content, status_code=upstream.status_code, media_type="application/json", headers=headers)
 
 
-async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncIterator[ServerSentEvent]:
+async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncIterator[bytes]:
     status = 200
     try:
         async for data in sse_data(upstream.response):
             record.mark_chunk()
-            yield ServerSentEvent(data=data.decode())
+            yield sse_bytes(data)
     except httpx.HTTPError as exc:
         # The replica died or stalled mid-stream: tell the client in-band (the
         # status line is long gone) and end the stream, never leave it hanging.
         status = 502
         record.error = type(exc).__name__
-        yield ServerSentEvent(
-            data=error_event(
+        yield sse_bytes(
+            error_event(
                 f"replica {upstream.replica.id} failed mid-stream after {record.chunks} chunks "
                 f"({type(exc).__name__}); the output is incomplete, retry the request",
                 "replica_failed",
             )
         )
-        yield ServerSentEvent(data="[DONE]")
+        yield sse_bytes(b"[DONE]")
     except BaseException:
         status = 499  # client went away: closing the upstream below aborts the engine request
         raise

@@ -146,3 +146,10 @@ async def sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
 
 def error_event(message: str, code: str, error_type: str = "server_error") -> str:
     return json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
+
+
+def sse_bytes(data: bytes | str, event: str | None = None) -> bytes:
+    """One SSE event, framed as vLLM frames them (``\n`` separators)."""
+    payload = data.encode() if isinstance(data, str) else data
+    head = f"event: {event}\n".encode() if event else b""
+    return head + _DATA_PREFIX + payload + _EVENT_END

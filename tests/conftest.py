@@ -1,0 +1,88 @@
+"""Shared fixtures.
+
+Three layers (see STYLE.md): pure logic; the router app over HTTP in process
+with simulated engine replicas (real processes, milliseconds per token); and
+one real vLLM stack started once per session by ``tests/e2e``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from llmserve.settings import EngineSettings, RouterSettings
+from llmserve.stack import Deployment, LocalStack
+from router.app import create_app
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fast_engine_settings(**overrides: object) -> EngineSettings:
+    base = dict(
+        ready_timeout_s=30.0,
+        health_interval_s=0.2,
+        health_failures_to_eject=1,
+        stop_timeout_s=3.0,
+        drain_timeout_s=3.0,
+        restart_backoff_initial_s=0.2,
+        restart_backoff_max_s=1.0,
+        first_port=free_port(),
+    )
+    base.update(overrides)
+    return EngineSettings(**base)
+
+
+@dataclass
+class RunningRouter:
+    url: str
+    stack: LocalStack
+    app: object
+
+
+@contextlib.asynccontextmanager
+async def run_router(
+    deployments: list[Deployment],
+    tmp_path: Path,
+    router_settings: RouterSettings | None = None,
+    engine_settings: EngineSettings | None = None,
+    wait_ready: bool = True,
+) -> AsyncIterator[RunningRouter]:
+    """The real router app served by uvicorn on a loopback port, in this event loop."""
+    port = free_port()
+    settings = router_settings or RouterSettings(port=port, retry_after_s=2)
+    stack = LocalStack(engine_settings or fast_engine_settings(), tmp_path / "logs", deployments)
+    app = create_app(settings, stack)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.02)
+        if wait_ready:
+            await asyncio.gather(*(stack.supervisor.wait_ready(r) for r in stack.supervisor.replicas))
+        yield RunningRouter(url=f"http://127.0.0.1:{port}", stack=stack, app=app)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=30)
+        leftover = [r for r in stack.supervisor.replicas if r.state.value != "stopped"]
+        assert not leftover, f"replicas left running: {leftover}"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
