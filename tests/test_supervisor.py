@@ -1,0 +1,125 @@
+"""Replica life cycle under the supervisor, with simulated engines as the processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmserve.errors import ReplicaStartError
+from llmserve.replica import ReplicaState
+from llmserve.supervisor import PortAllocator, Supervisor
+from loadtest.sim import SimEngineProgram
+from tests.conftest import fast_engine_settings
+
+
+@dataclass(frozen=True)
+class CrashesAtStart:
+    model_name: str = "bad"
+    version: str = "v1"
+    versioned_name: str = "bad:v1"
+
+    def command(self, host: str, port: int) -> list[str]:
+        return [sys.executable, "-c", "import sys; print('CUDA out of memory, pretend'); sys.exit(3)"]
+
+    def environment(self) -> dict[str, str]:
+        return {}
+
+
+async def test_replica_becomes_ready_and_logs_to_a_file(tmp_path: Path) -> None:
+    supervisor = Supervisor(fast_engine_settings(), tmp_path)
+    try:
+        replica = supervisor.start(SimEngineProgram("demo", "v1"), 0)
+        assert replica.state is ReplicaState.STARTING
+        await supervisor.wait_ready(replica)
+        assert replica.state is ReplicaState.READY
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{replica.base_url}/health")).status_code == 200
+        assert replica.log_path is not None and "starting demo:v1/0" in replica.log_path.read_text()
+    finally:
+        await supervisor.shutdown()
+    assert replica.state is ReplicaState.STOPPED
+
+
+async def test_crashed_replica_is_restarted_with_backoff(tmp_path: Path) -> None:
+    supervisor = Supervisor(fast_engine_settings(), tmp_path)
+    try:
+        replica = supervisor.start(SimEngineProgram("demo", "v1"), 0)
+        await supervisor.wait_ready(replica)
+        first_pid = replica.pid
+        os.killpg(first_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while replica.state is ReplicaState.READY and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert replica.state in (ReplicaState.RESTARTING, ReplicaState.STARTING)
+        await supervisor.wait_ready(replica, timeout=20)
+        assert replica.pid != first_pid and replica.restarts == 1
+    finally:
+        await supervisor.shutdown()
+
+
+async def test_a_replica_that_cannot_start_reports_why(tmp_path: Path) -> None:
+    supervisor = Supervisor(fast_engine_settings(), tmp_path)
+    try:
+        replica = supervisor.start(CrashesAtStart(), 0)
+        with pytest.raises(ReplicaStartError, match="CUDA out of memory, pretend"):
+            await supervisor.wait_ready(replica, timeout=2)
+        await asyncio.sleep(1.0)
+        assert replica.restarts >= 2  # keeps trying, backing off
+    finally:
+        await supervisor.shutdown()
+
+
+async def test_stop_waits_for_in_flight_requests_then_stops(tmp_path: Path) -> None:
+    supervisor = Supervisor(fast_engine_settings(drain_timeout_s=5.0), tmp_path)
+    try:
+        replica = supervisor.start(SimEngineProgram("demo", "v1"), 0)
+        await supervisor.wait_ready(replica)
+        replica.outstanding = 1
+        stopping = asyncio.create_task(supervisor.stop(replica))
+        await asyncio.sleep(0.3)
+        assert replica.state is ReplicaState.DRAINING and not stopping.done()
+        replica.outstanding = 0
+        await asyncio.wait_for(stopping, timeout=5)
+        assert replica.state is ReplicaState.STOPPED
+    finally:
+        await supervisor.shutdown()
+
+
+async def test_health_check_failure_ejects_and_recovery_readmits(tmp_path: Path) -> None:
+    supervisor = Supervisor(fast_engine_settings(), tmp_path)
+    try:
+        replica = supervisor.start(SimEngineProgram("demo", "v1"), 0)
+        await supervisor.wait_ready(replica)
+        os.killpg(replica.pid, signal.SIGSTOP)  # alive but unresponsive
+        deadline = time.monotonic() + 10
+        while replica.state is not ReplicaState.UNHEALTHY and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert replica.state is ReplicaState.UNHEALTHY
+        os.killpg(replica.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while replica.state is not ReplicaState.READY and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert replica.state is ReplicaState.READY and replica.restarts == 0
+    finally:
+        await supervisor.shutdown()
+
+
+def test_port_allocator_skips_busy_ports() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        allocator = PortAllocator("127.0.0.1", port)
+        first = allocator.allocate()
+        second = allocator.allocate()
+    assert first != port and second != first
