@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmserve._guard")
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--grace", type=float, default=15.0)
+    parser.add_argument("--nice", type=int, default=0, help="added CPU niceness for the command")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -106,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != args.parent_pid:  # the parent died before prctl took effect
         return 1
 
-    child = subprocess.Popen(command)
+    # The command gets a parent-death signal too, so that even a SIGKILL of
+    # the guard itself does not leave the engine running on its port.
+    def before_exec() -> None:
+        _set_parent_death_signal(signal.SIGTERM)
+        if args.nice:
+            os.nice(args.nice)
+
+    child = subprocess.Popen(command, preexec_fn=before_exec)
     while not stop_requested:
         try:
             code = child.wait(timeout=0.2)

@@ -44,6 +44,13 @@ class EngineSettings(BaseModel):
     drain_timeout_s: float = Field(30.0, ge=0, description="How long a stopping replica may finish in-flight work.")
     restart_backoff_initial_s: float = Field(1.0, gt=0, description="First delay before restarting a crashed replica.")
     restart_backoff_max_s: float = Field(30.0, gt=0, description="Ceiling of the exponential restart delay.")
+    nice: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="CPU niceness of engine processes: on cores shared with the router, engine "
+        "compute yields to the router's short, latency-critical work.",
+    )
     first_port: int = Field(8100, ge=1024, le=65535, description="Engines take free ports from here up.")
 
 

@@ -188,6 +188,8 @@ class Supervisor:
             backoff = min(backoff * 2, self._settings.restart_backoff_max_s)
 
     async def _launch(self, replica: Replica) -> None:
+        if replica.port:  # a restart: keep the same port if it is still free
+            self._ports.release(replica.port)
         replica.port = self._ports.allocate(preferred=replica.port or None)
         command = replica.program.command(self._host, replica.port)
         env = {**os.environ, **replica.program.environment()}
@@ -204,6 +206,8 @@ class Supervisor:
                 str(os.getpid()),
                 "--grace",
                 str(self._settings.stop_timeout_s),
+                "--nice",
+                str(self._settings.nice),
                 "--",
                 *command,
                 stdin=asyncio.subprocess.DEVNULL,

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
@@ -25,7 +24,7 @@ from sse_starlette import EventSourceResponse
 from router.context import RequestRecord, served_headers
 from router.errors import UpstreamFailed
 from router.protocol import GenerateRequest, check_output_limit, parse_json_object, read_body, validate
-from router.relay import Upstream, error_event, sse_bytes, sse_data
+from router.relay import Upstream, UpstreamBroken, error_event, sse_bytes, sse_data
 from router.state import RouterState
 
 router = APIRouter(prefix="/api/v1", tags=["generate"])
@@ -69,7 +68,7 @@ async def generate(model_name: str, request: Request) -> Response:
     record.replica = upstream.replica.id
     headers = served_headers(request_id, served.version, upstream.replica.id)
     if upstream.status_code != 200:
-        content = await upstream.response.aread()
+        content = await upstream.read()
         await upstream.aclose()
         record.finish(upstream.status_code)
         return Response(content, status_code=upstream.status_code, media_type="application/json", headers=headers)
@@ -83,11 +82,11 @@ async def generate(model_name: str, request: Request) -> Response:
     try:
         async for _ in _consume(upstream, record, outcome):
             pass
-    except httpx.HTTPError as exc:
-        record.error = type(exc).__name__
+    except UpstreamBroken as exc:
+        record.error = str(exc)
         record.finish(502)
         raise UpstreamFailed(
-            f"replica {upstream.replica.id} failed while generating ({type(exc).__name__}); retry the request"
+            f"replica {upstream.replica.id} failed while generating ({exc}); retry the request"
         ) from exc
     finally:
         await upstream.aclose()
@@ -101,7 +100,7 @@ async def generate(model_name: str, request: Request) -> Response:
 
 async def _consume(upstream: Upstream, record: RequestRecord, outcome: _Outcome) -> AsyncIterator[str]:
     """Yield text deltas from an engine stream, filling in finish reason and usage."""
-    async for data in sse_data(upstream.response):
+    async for data in sse_data(upstream):
         if data == b"[DONE]":
             break
         chunk = json.loads(data)
@@ -128,13 +127,13 @@ async def _stream(upstream: Upstream, record: RequestRecord, summary: dict[str, 
         yield sse_bytes(
             json.dumps({**summary, "finish_reason": outcome.finish_reason, "usage": outcome.usage}), event="done"
         )
-    except httpx.HTTPError as exc:
+    except UpstreamBroken as exc:
         status = 502
-        record.error = type(exc).__name__
+        record.error = str(exc)
         yield sse_bytes(
             error_event(
                 f"replica {upstream.replica.id} failed mid-stream after {len(outcome.text)} tokens "
-                f"({type(exc).__name__}); the output is incomplete, retry the request",
+                f"({exc}); the output is incomplete, retry the request",
                 "replica_failed",
             ),
             event="error",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
@@ -20,7 +19,7 @@ from router.protocol import (
     read_body,
     validate,
 )
-from router.relay import Upstream, error_event, sse_bytes, sse_data
+from router.relay import Upstream, UpstreamBroken, error_event, sse_bytes, sse_data
 from router.state import RouterState
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -92,12 +91,12 @@ async def _relay_openai(
 
 async def _buffered(upstream: Upstream, record: RequestRecord, headers: dict[str, str]) -> Response:
     try:
-        content = await upstream.response.aread()
-    except httpx.HTTPError as exc:
-        record.error = f"{type(exc).__name__}"
+        content = await upstream.read()
+    except UpstreamBroken as exc:
+        record.error = str(exc)
         record.finish(502)
         return JSONResponse(
-            {"error": {"message": f"replica {upstream.replica.id} failed while answering ({type(exc).__name__}); "
+            {"error": {"message": f"replica {upstream.replica.id} failed while answering ({exc}); "
                        "retry the request", "type": "server_error", "param": None, "code": "replica_failed"}},
             status_code=502,
             headers=headers,
@@ -111,18 +110,18 @@ async def _buffered(upstream: Upstream, record: RequestRecord, headers: dict[str
 async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncIterator[bytes]:
     status = 200
     try:
-        async for data in sse_data(upstream.response):
+        async for data in sse_data(upstream):
             record.mark_chunk()
             yield sse_bytes(data)
-    except httpx.HTTPError as exc:
+    except UpstreamBroken as exc:
         # The replica died or stalled mid-stream: tell the client in-band (the
         # status line is long gone) and end the stream, never leave it hanging.
         status = 502
-        record.error = type(exc).__name__
+        record.error = str(exc)
         yield sse_bytes(
             error_event(
                 f"replica {upstream.replica.id} failed mid-stream after {record.chunks} chunks "
-                f"({type(exc).__name__}); the output is incomplete, retry the request",
+                f"({exc}); the output is incomplete, retry the request",
                 "replica_failed",
             )
         )

@@ -1,0 +1,115 @@
+"""One real stack per test session: ``llmserve up`` with the bundled model on vLLM.
+
+The stack is started exactly as a user starts it (the same command, a
+subprocess), on free loopback ports, with its data in a temporary folder and
+the model repository shared with ``llmserve prepare`` so the conversion runs
+once per machine. At teardown it is stopped with Ctrl-C (SIGINT) and the test
+session fails if any engine process outlives it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmserve.settings import Settings
+from tests.conftest import free_port
+
+MODEL = "smollm2-135m-instruct"
+START_TIMEOUT_S = 900.0
+
+
+@dataclass
+class Stack:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    data_dir: Path
+
+    def replicas(self) -> list[dict[str, object]]:
+        return httpx.get(f"{self.url}/api/v1/replicas", timeout=5).json()["replicas"]
+
+    def replica(self) -> dict[str, object]:
+        return self.replicas()[0]
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llmserve up exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"stack not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+
+def process_group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            members.append(int(entry))
+    return members
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("llmserve-data")
+    port = free_port()
+    env = {
+        **os.environ,
+        "LLMSERVE_DATA_DIR": str(data_dir),
+        "LLMSERVE_MODELS_DIR": str(Settings().model_repository),
+        "LLMSERVE_ENGINE__FIRST_PORT": str(free_port()),
+        "LLMSERVE_ENGINE__HEALTH_INTERVAL_S": "0.5",
+        "LLMSERVE_ENGINE__RESTART_BACKOFF_INITIAL_S": "0.5",
+        "LLMSERVE_ENGINE__KV_CACHE_GIB": "1",
+        "LLMSERVE_ROUTER__RETRY_AFTER_S": "2",
+        "HF_HUB_OFFLINE": "1",
+    }
+    log_path = data_dir / "stack.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmserve.cli", "up", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    running = Stack(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path, data_dir=data_dir)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        guards = [int(r["pid"]) for r in running.replicas()] if process.poll() is None else []
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            pytest.fail(f"llmserve up did not stop within 90s of Ctrl-C:\n{running.log_tail()}")
+        deadline = time.monotonic() + 10
+        leftovers = [p for g in guards for p in process_group_members(g)]
+        while leftovers and time.monotonic() < deadline:
+            time.sleep(0.2)
+            leftovers = [p for g in guards for p in process_group_members(g)]
+        assert not leftovers, f"engine processes outlived the stack: {leftovers}"
