@@ -89,10 +89,10 @@ class NoReplicaReady(APIError):
     error_type = "service_unavailable"
     code = "no_replica_ready"
 
-    def __init__(self, model: str, version: str, retry_after_s: int) -> None:
+    def __init__(self, model: str, version: str, retry_after_s: int, detail: str = "") -> None:
+        why = detail or "starting, restarting or ejected"
         super().__init__(
-            f"no ready replica of {model}:{version} right now (starting, restarting or ejected); "
-            f"retry in {retry_after_s}s",
+            f"no ready replica of {model}:{version} right now ({why}); retry in {retry_after_s}s",
             headers={"Retry-After": str(retry_after_s)},
         )
         self.retry_after_s = retry_after_s

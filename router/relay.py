@@ -148,10 +148,13 @@ class Relay:
             return Upstream(replica=replica, served=served, response=response)
         if not tried:
             raise NoReplicaReady(served.model_name, served.version, self._settings.retry_after_s)
-        raise UpstreamFailed(
-            f"every replica tried for {served.versioned_name} failed before answering ({last_error}); "
-            "the request was not processed and can be retried",
-            headers={"Retry-After": str(self._settings.retry_after_s)},
+        # Every replica tried refused the connection: they are ejected now and
+        # the request was never processed, so this is "unavailable, retry".
+        raise NoReplicaReady(
+            served.model_name,
+            served.version,
+            self._settings.retry_after_s,
+            detail=f"{len(tried)} replica(s) refused the connection and were ejected: {last_error}",
         )
 
 

@@ -115,21 +115,23 @@ async def test_least_outstanding_spreads_concurrent_requests(tmp_path: Path) -> 
 
 
 async def test_client_disconnect_aborts_the_engine_request(tmp_path: Path) -> None:
+    running = 'vllm:num_requests_running{model_name="demo:v1"}'
     async with run_router(sim(itl_ms=50), tmp_path) as router, httpx.AsyncClient() as client:
         replica = router.stack.supervisor.replicas[0]
         body = {**CHAT, "stream": True, "max_tokens": 200}
         async with client.stream("POST", f"{router.url}/v1/chat/completions", json=body) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    break  # one chunk, then hang up
+            lines = response.aiter_lines()
+            assert (await anext(lines)).startswith("data: ")
+            metrics = (await client.get(f"{replica.base_url}/metrics")).text
+            assert f"{running} 1.0" in metrics  # still generating while we are connected
+            assert replica.outstanding == 1
         deadline = time.monotonic() + 5
-        metrics = ""
         while time.monotonic() < deadline:
             metrics = (await client.get(f"{replica.base_url}/metrics")).text
-            if "vllm:num_requests_running" in metrics and 'running{model_name="demo:v1"} 0.0' in metrics:
+            if f"{running} 0.0" in metrics:
                 break
             await asyncio.sleep(0.05)
-        assert 'vllm:num_requests_running{model_name="demo:v1"} 0.0' in metrics
+        assert f"{running} 0.0" in metrics
         assert "sim_requests_aborted_total 1" in metrics
         assert replica.outstanding == 0
 
@@ -201,3 +203,17 @@ async def test_readyz_once_every_model_has_a_ready_replica(tmp_path: Path) -> No
         assert ready.json()["ready_replicas"] == {"demo": 1}
 
 
+
+
+async def test_the_only_replica_dying_gives_503_with_retry_after_then_recovers(tmp_path: Path) -> None:
+    async with run_router(sim(), tmp_path) as router, httpx.AsyncClient() as client:
+        replica = router.stack.supervisor.replicas[0]
+        os.killpg(replica.pid, signal.SIGKILL)
+        await asyncio.sleep(0.05)
+        response = await client.post(f"{router.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2})
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "2"
+        assert "refused" in response.json()["error"]["message"] or "restarting" in response.json()["error"]["message"]
+        await router.stack.supervisor.wait_ready(replica, timeout=20)
+        again = await client.post(f"{router.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2})
+        assert again.status_code == 200
