@@ -67,11 +67,11 @@ def _terminate(child: subprocess.Popen[bytes], grace_s: float) -> int:
     return code if code is not None else -signal.SIGKILL
 
 
-def _group_has_others() -> bool:
-    pgid = os.getpgrp()
-    me = os.getpid()
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group, read from /proc."""
+    members = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+        if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as fh:
@@ -80,8 +80,12 @@ def _group_has_others() -> bool:
             continue
         # fields[0] is the state, fields[2] the process group id.
         if int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+            members.append(int(entry))
+    return members
+
+
+def _group_has_others() -> bool:
+    return any(pid != os.getpid() for pid in group_members(os.getpgrp()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,8 @@ def _banner(host: str, port: int, model: str) -> str:
 llmserve is ready: {url}  (OpenAI-compatible API at {url}/v1, docs at {url}/docs)
 
   curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "{model}", "stream": true, "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+    -d '{{"model": "{model}", "stream": true,
+         "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
   python -c "from openai import OpenAI
 c = OpenAI(base_url='{url}/v1', api_key='unused')
@@ -134,32 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings_from_args(args: argparse.Namespace) -> Settings:
-    settings = Settings()
-    updates: dict[str, object] = {}
+    """Settings from the environment, with command-line flags on top; validated once."""
+    data = Settings().model_dump()
     if args.data_dir:
-        updates["data_dir"] = Path(args.data_dir)
+        data["data_dir"] = args.data_dir
     if args.models_dir:
-        updates["models_dir"] = Path(args.models_dir)
-    model_updates = {
-        k: v
-        for k, v in {
-            "name": getattr(args, "name", None),
-            "version": getattr(args, "model_version", None),
-            "dtype": getattr(args, "dtype", None),
-            "replicas": getattr(args, "replicas", None),
-        }.items()
-        if v is not None
+        data["models_dir"] = args.models_dir
+    flags = {
+        ("model", "name"): getattr(args, "name", None),
+        ("model", "version"): getattr(args, "model_version", None),
+        ("model", "dtype"): getattr(args, "dtype", None),
+        ("model", "replicas"): getattr(args, "replicas", None),
+        ("router", "host"): getattr(args, "host", None),
+        ("router", "port"): getattr(args, "port", None),
     }
-    router_updates = {
-        k: v for k, v in {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}.items()
-        if v is not None
-    }
-    if model_updates:
-        updates["model"] = settings.model.model_copy(update=model_updates)
-    if router_updates:
-        updates["router"] = settings.router.model_copy(update=router_updates)
-    # Validate the merged result once, so a bad flag fails like a bad env var.
-    return Settings.model_validate({**settings.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in updates.items()}})
+    for (group, field), value in flags.items():
+        if value is not None:
+            data[group][field] = value
+    return Settings.model_validate(data)
 
 
 def main(argv: list[str] | None = None) -> int:

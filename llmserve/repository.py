@@ -142,7 +142,9 @@ class ModelRepository:
             found = sha256_file(path)
             if found != expected:
                 raise PrepareError(
-                    path, f"checksum mismatch (expected sha256 {expected[:12]}..., found {found[:12]}...); re-run with --force"
+                    path,
+                    f"checksum mismatch (expected sha256 {expected[:12]}..., found {found[:12]}...); "
+                    "re-run with --force",
                 )
         return manifest
 

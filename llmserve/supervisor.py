@@ -196,7 +196,8 @@ class Supervisor:
         assert replica.log_path is not None
         replica.log_path.parent.mkdir(parents=True, exist_ok=True)
         with replica.log_path.open("ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {replica.id}: {' '.join(command)}\n".encode())
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            log.write(f"\n=== {stamp} starting {replica.id}: {' '.join(command)}\n".encode())
             log.flush()
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -228,11 +229,11 @@ class Supervisor:
         deadline = time.monotonic() + self._settings.ready_timeout_s
         while True:
             if process.returncode is not None:
-                raise ReplicaStartError(
-                    replica.id, f"process exited with code {process.returncode}: {self._log_tail(replica)}", replica.log_path
-                )
+                reason = f"process exited with code {process.returncode}: {self._log_tail(replica)}"
+                raise ReplicaStartError(replica.id, reason, replica.log_path)
             if time.monotonic() > deadline:
-                raise ReplicaStartError(replica.id, f"not ready after {self._settings.ready_timeout_s:.0f}s", replica.log_path)
+                reason = f"not ready after {self._settings.ready_timeout_s:.0f}s"
+                raise ReplicaStartError(replica.id, reason, replica.log_path)
             if await self._healthy(replica):
                 break
             with contextlib.suppress(asyncio.TimeoutError):

@@ -41,6 +41,7 @@ class _Outcome:
 async def generate(model_name: str, request: Request) -> Response:
     state: RouterState = request.app.state.router
     request_id: str = request.state.request_id
+    record = RequestRecord(request_id, "generate")
     body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
     parsed: GenerateRequest = validate(GenerateRequest, parse_json_object(body))
     served = state.catalog.resolve(model_name, parsed.params.version)
@@ -63,7 +64,7 @@ async def generate(model_name: str, request: Request) -> Response:
         path = "/v1/chat/completions"
         payload["messages"] = [{"role": "user", "content": parsed.prompt}]
 
-    record = RequestRecord(request_id, "generate", model=served.model_name, version=served.version, stream=parsed.stream)
+    record.model, record.version, record.stream = served.model_name, served.version, parsed.stream
     upstream = await state.relay.open(served, path, payload, request_id)
     record.replica = upstream.replica.id
     headers = served_headers(request_id, served.version, upstream.replica.id)

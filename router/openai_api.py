@@ -6,11 +6,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
 from router.catalog import Catalog
 from router.context import RequestRecord, served_headers
+from router.errors import UpstreamFailed
 from router.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -64,6 +65,7 @@ async def _relay_openai(
 ) -> Response:
     state: RouterState = request.app.state.router
     request_id: str = request.state.request_id
+    record = RequestRecord(request_id, path)
     body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
     payload = parse_json_object(body)
     parsed = validate(schema, payload)
@@ -75,7 +77,7 @@ async def _relay_openai(
         "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) else "max_tokens",
     )
     payload["model"] = served.versioned_name
-    record = RequestRecord(request_id, path, model=served.model_name, version=served.version, stream=parsed.stream)
+    record.model, record.version, record.stream = served.model_name, served.version, parsed.stream
     upstream = await state.relay.open(served, path, payload, request_id)
     record.replica = upstream.replica.id
     headers = served_headers(request_id, served.version, upstream.replica.id)
@@ -95,12 +97,8 @@ async def _buffered(upstream: Upstream, record: RequestRecord, headers: dict[str
     except UpstreamBroken as exc:
         record.error = str(exc)
         record.finish(502)
-        return JSONResponse(
-            {"error": {"message": f"replica {upstream.replica.id} failed while answering ({exc}); "
-                       "retry the request", "type": "server_error", "param": None, "code": "replica_failed"}},
-            status_code=502,
-            headers=headers,
-        )
+        message = f"replica {upstream.replica.id} failed while answering ({exc}); retry the request"
+        return UpstreamFailed(message, headers=headers).response()
     finally:
         await upstream.aclose()
     record.finish(upstream.status_code)

@@ -126,7 +126,9 @@ class Relay:
                 # processed that the client saw, so another replica may take it.
                 replica.outstanding -= 1
                 last_error = f"{type(exc).__name__}: {exc}"
-                logger.warning("request %s: replica %s failed before answering (%s)", request_id, replica.id, last_error)
+                logger.warning(
+                    "request %s: replica %s failed before answering (%s)", request_id, replica.id, last_error
+                )
                 self._on_replica_failure(replica, last_error)
                 continue
             except asyncio.TimeoutError as exc:

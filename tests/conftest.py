@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,25 @@ def fast_engine_settings(**overrides: object) -> EngineSettings:
     )
     base.update(overrides)
     return EngineSettings(**base)
+
+
+@dataclass(frozen=True)
+class ScriptProgram:
+    """A replica program that runs a Python snippet: for replicas that crash or never get ready."""
+
+    code: str
+    model_name: str = "demo"
+    version: str = "v1"
+
+    @property
+    def versioned_name(self) -> str:
+        return f"{self.model_name}:{self.version}"
+
+    def command(self, host: str, port: int) -> list[str]:
+        return [sys.executable, "-c", self.code]
+
+    def environment(self) -> dict[str, str]:
+        return {}
 
 
 @dataclass

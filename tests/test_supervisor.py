@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -17,20 +15,9 @@ from llmserve.errors import ReplicaStartError
 from llmserve.replica import ReplicaState
 from llmserve.supervisor import PortAllocator, Supervisor
 from loadtest.sim import SimEngineProgram
-from tests.conftest import fast_engine_settings
+from tests.conftest import ScriptProgram, fast_engine_settings
 
-
-@dataclass(frozen=True)
-class CrashesAtStart:
-    model_name: str = "bad"
-    version: str = "v1"
-    versioned_name: str = "bad:v1"
-
-    def command(self, host: str, port: int) -> list[str]:
-        return [sys.executable, "-c", "import sys; print('CUDA out of memory, pretend'); sys.exit(3)"]
-
-    def environment(self) -> dict[str, str]:
-        return {}
+CRASHES_AT_START = ScriptProgram("import sys; print('CUDA out of memory, pretend'); sys.exit(3)", "bad")
 
 
 async def test_replica_becomes_ready_and_logs_to_a_file(tmp_path: Path) -> None:
@@ -68,7 +55,7 @@ async def test_crashed_replica_is_restarted_with_backoff(tmp_path: Path) -> None
 async def test_a_replica_that_cannot_start_reports_why(tmp_path: Path) -> None:
     supervisor = Supervisor(fast_engine_settings(), tmp_path)
     try:
-        replica = supervisor.start(CrashesAtStart(), 0)
+        replica = supervisor.start(CRASHES_AT_START, 0)
         with pytest.raises(ReplicaStartError, match="CUDA out of memory, pretend"):
             await supervisor.wait_ready(replica, timeout=2)
         await asyncio.sleep(1.0)

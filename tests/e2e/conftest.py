@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llmserve._guard import group_members
 from llmserve.settings import Settings
 from tests.conftest import free_port
 
@@ -58,21 +59,6 @@ class Stack:
         raise TimeoutError(f"stack not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
 
-def process_group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            members.append(int(entry))
-    return members
-
-
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("llmserve-data")
@@ -108,8 +94,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             process.wait()
             pytest.fail(f"llmserve up did not stop within 90s of Ctrl-C:\n{running.log_tail()}")
         deadline = time.monotonic() + 10
-        leftovers = [p for g in guards for p in process_group_members(g)]
+        leftovers = [p for g in guards for p in group_members(g)]
         while leftovers and time.monotonic() < deadline:
             time.sleep(0.2)
-            leftovers = [p for g in guards for p in process_group_members(g)]
+            leftovers = [p for g in guards for p in group_members(g)]
         assert not leftovers, f"engine processes outlived the stack: {leftovers}"

@@ -1,0 +1,62 @@
+"""The benchmark: statistics and a run against the simulated engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from llmserve.stack import Deployment
+from loadtest.bench import BenchConfig, Target, run
+from loadtest.sim import SimEngineProgram
+from loadtest.stats import RequestResult, percentile, summarize
+from tests.conftest import run_router
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    values = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 4.0
+    assert math.isclose(percentile(values, 90), 3.7)
+    assert math.isnan(percentile([], 50))
+
+
+def test_failed_requests_are_counted_but_left_out_of_latency() -> None:
+    ok = RequestResult(ok=True, status=200, ttft_s=0.1, e2e_s=0.5, itl_s=[0.01, 0.03], output_tokens=3)
+    failed = RequestResult(ok=False, status=503, ttft_s=9.0)
+    summary = summarize([ok, failed], duration_s=1.0)
+    assert summary["completed"] == 1 and summary["failed"] == 1
+    assert summary["errors"] == {"503": 1}
+    assert summary["p50_ttft_ms"] == pytest.approx(100.0)
+    assert summary["p50_itl_ms"] == pytest.approx(20.0)
+    assert summary["output_throughput"] == 3.0
+
+
+async def test_bench_compares_router_with_the_engine_behind_it(tmp_path: Path) -> None:
+    deployments = [Deployment(SimEngineProgram("demo", "v1", ttft_ms=30, itl_ms=5), 2048, 1)]
+    async with run_router(deployments, tmp_path) as router:
+        engine = router.stack.supervisor.replicas[0].base_url
+        config = BenchConfig(model="demo", requests=8, concurrency=4, max_tokens=6, rounds=2, seed=1)
+        report = await run([Target("direct", f"{engine}/v1"), Target("router", f"{router.url}/v1")], config)
+    direct, routed = report["targets"]["direct"], report["targets"]["router"]
+    for target in (direct, routed):
+        assert target["completed"] == 8 and target["failed"] == 0
+        assert target["total_output_tokens"] == 48
+        assert 30 <= target["p50_ttft_ms"] < 1000  # the sim's 30 ms TTFT is a floor
+        assert target["p50_itl_ms"] >= 4
+    comparison = report["comparison"]["router_vs_direct"]
+    assert set(comparison) == {"added_ttft_p50_ms", "added_ttft_p99_ms", "added_itl_p50_ms",
+                               "output_throughput_ratio"}
+    json.dumps(report)  # the report is plain JSON
+
+
+async def test_bench_reports_errors_by_status(tmp_path: Path) -> None:
+    deployments = [Deployment(SimEngineProgram("demo", "v1"), 2048, 1)]
+    async with run_router(deployments, tmp_path) as router:
+        config = BenchConfig(model="no-such-model", requests=2, concurrency=2, max_tokens=2, rounds=1, seed=0)
+        report = await asyncio.wait_for(run([Target("router", f"{router.url}/v1")], config), 30)
+    assert report["targets"]["router"]["failed"] == 2
+    assert report["targets"]["router"]["errors"] == {"404": 2}
