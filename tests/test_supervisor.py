@@ -59,7 +59,7 @@ async def test_a_replica_that_cannot_start_reports_why(tmp_path: Path) -> None:
         with pytest.raises(ReplicaStartError, match="CUDA out of memory, pretend"):
             await supervisor.wait_ready(replica, timeout=2)
         await asyncio.sleep(1.0)
-        assert replica.restarts >= 2  # keeps trying, backing off
+        assert replica.restarts >= 1  # keeps trying, backing off
     finally:
         await supervisor.shutdown()
 

@@ -1,0 +1,27 @@
+"""The control plane's durable state: SQLite by default, Redis to share it between routers."""
+
+from router.store.base import (
+    Conflict,
+    DeploymentRecord,
+    DeploymentStatus,
+    HistoryEntry,
+    InferenceLog,
+    ModelRecord,
+    NotFound,
+    Store,
+    StoreError,
+    TrafficRecord,
+)
+
+__all__ = [
+    "Conflict",
+    "DeploymentRecord",
+    "DeploymentStatus",
+    "HistoryEntry",
+    "InferenceLog",
+    "ModelRecord",
+    "NotFound",
+    "Store",
+    "StoreError",
+    "TrafficRecord",
+]

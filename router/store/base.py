@@ -1,0 +1,137 @@
+"""The control plane's durable state, behind one interface with two backends.
+
+``SQLiteStore`` (the default: a file in the data dir) and ``RedisStore`` (for
+several routers sharing one control plane) implement ``Store``; the same
+contract tests run against both. The request path never reads the store: the
+router keeps what it routes by in memory and reloads it when ``changes()``
+says a model changed.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class Conflict(StoreError):
+    """A uniqueness or concurrent-update conflict: the change was not applied."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class DeploymentStatus(str, enum.Enum):
+    DEPLOYING = "deploying"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    RETIRED = "retired"
+    FAILED = "failed"
+
+
+LIVE_STATUSES = frozenset({DeploymentStatus.DEPLOYING, DeploymentStatus.ACTIVE, DeploymentStatus.DRAINING})
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    description: str = ""
+    framework: str = "vllm"
+    owner: str = ""
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class DeploymentRecord:
+    id: str
+    model_name: str
+    version: str
+    status: DeploymentStatus
+    model_dir: str
+    replicas: int = 1
+    gpu: int = 0
+    reason: str | None = None
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "status": self.status.value}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DeploymentRecord":
+        return cls(**{**data, "status": DeploymentStatus(data["status"])})
+
+
+@dataclass(frozen=True)
+class TrafficRecord:
+    model_name: str
+    split: dict[str, int]
+    revision: int = 0
+    updated_at: float = 0.0
+    updated_by: str = ""
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    model_name: str
+    action: str
+    actor: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class InferenceLog:
+    request_id: str
+    model_name: str
+    version: str
+    replica: str
+    user_bucket: int | None
+    ttft_ms: float | None
+    latency_ms: float
+    output_tokens: int | None
+    status_code: int
+    timestamp: float = field(default_factory=time.time)
+
+    @property
+    def day(self) -> str:
+        return time.strftime("%Y%m%d", time.gmtime(self.timestamp))
+
+
+class Store(Protocol):
+    async def close(self) -> None: ...
+
+    # models
+    async def create_model(self, model: ModelRecord) -> None: ...
+    async def get_model(self, name: str) -> ModelRecord | None: ...
+    async def list_models(self) -> list[ModelRecord]: ...
+
+    # deployments: one record per (model, version); a live one makes the version a duplicate
+    async def create_deployment(self, deployment: DeploymentRecord) -> None: ...
+    async def update_deployment(
+        self, deployment_id: str, status: DeploymentStatus, reason: str | None = None
+    ) -> None: ...
+    async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]: ...
+
+    # traffic: compare-and-set on the revision, history written in the same transaction
+    async def get_traffic(self, model_name: str) -> TrafficRecord: ...
+    async def set_traffic(
+        self, model_name: str, split: dict[str, int], expected_revision: int, entry: HistoryEntry
+    ) -> TrafficRecord: ...
+    async def append_history(self, entry: HistoryEntry) -> None: ...
+    async def history(self, model_name: str, limit: int = 100) -> list[HistoryEntry]: ...
+
+    # inference logs, partitioned by UTC day
+    async def write_inference_logs(self, logs: list[InferenceLog]) -> None: ...
+    async def inference_logs(self, day: str, model_name: str | None = None) -> list[InferenceLog]: ...
+    async def drop_inference_logs_before(self, day: str) -> list[str]: ...
+
+    # change notifications: model names whose control-plane state changed (from any router)
+    def changes(self) -> AsyncIterator[str]: ...

@@ -1,0 +1,205 @@
+"""Redis backend: one control plane shared by several routers.
+
+Layout (prefix ``llmserve:`` by default):
+
+- ``model:<name>`` JSON, ``models`` set of names;
+- ``deployment:<id>`` JSON, ``deployments:<model>`` set of ids;
+- ``traffic:<model>`` JSON ``{split, revision, updated_at, updated_by}``, changed
+  only inside WATCH/MULTI so concurrent updates cannot tear it;
+- ``history:<model>`` list of JSON entries;
+- ``logs:<YYYYMMDD>`` list of JSON inference logs (one key per UTC day);
+- every change is published on ``changes`` with the model name, which is how
+  the other routers learn of it within milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import WatchError
+
+from router.store.base import (
+    LIVE_STATUSES,
+    Conflict,
+    DeploymentRecord,
+    DeploymentStatus,
+    HistoryEntry,
+    InferenceLog,
+    ModelRecord,
+    NotFound,
+    TrafficRecord,
+)
+
+
+class RedisStore:
+    def __init__(self, url: str, prefix: str = "llmserve:") -> None:
+        self._redis = redis.Redis.from_url(url, decode_responses=True)
+        self._prefix = prefix
+
+    def _key(self, *parts: str) -> str:
+        return self._prefix + ":".join(parts)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def _publish(self, model_name: str) -> None:
+        await self._redis.publish(self._key("changes"), model_name)
+
+    async def changes(self) -> AsyncIterator[str]:
+        pubsub = self._redis.pubsub()
+        await pubsub.subscribe(self._key("changes"))
+        try:
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    yield str(message["data"])
+        finally:
+            await pubsub.unsubscribe()
+            await pubsub.aclose()
+
+    # -- models ---------------------------------------------------------------
+
+    async def create_model(self, model: ModelRecord) -> None:
+        created = await self._redis.set(self._key("model", model.name), json.dumps(model.__dict__), nx=True)
+        if not created:
+            raise Conflict(f"model {model.name!r} already exists")
+        await self._redis.sadd(self._key("models"), model.name)
+        await self._publish(model.name)
+
+    async def get_model(self, name: str) -> ModelRecord | None:
+        raw = await self._redis.get(self._key("model", name))
+        return ModelRecord(**json.loads(raw)) if raw else None
+
+    async def list_models(self) -> list[ModelRecord]:
+        names = sorted(await self._redis.smembers(self._key("models")))
+        models = [await self.get_model(n) for n in names]
+        return [m for m in models if m is not None]
+
+    # -- deployments ----------------------------------------------------------
+
+    async def create_deployment(self, deployment: DeploymentRecord) -> None:
+        if await self.get_model(deployment.model_name) is None:
+            raise NotFound(f"model {deployment.model_name!r} is not registered")
+        index = self._key("deployments", deployment.model_name)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(index)
+                existing = [await self._get_deployment(i) for i in await pipe.smembers(index)]
+                clash = next((d for d in existing if d and d.version == deployment.version
+                              and d.status in LIVE_STATUSES), None)
+                if clash:
+                    raise Conflict(
+                        f"version {deployment.version!r} of {deployment.model_name!r} is already deployed "
+                        f"(deployment {clash.id}, {clash.status.value}); choose a new version label"
+                    )
+                pipe.multi()
+                pipe.set(self._key("deployment", deployment.id), json.dumps(deployment.to_dict()))
+                pipe.sadd(index, deployment.id)
+                await pipe.execute()
+            except WatchError:
+                raise Conflict(f"deployments of {deployment.model_name!r} changed meanwhile; retry") from None
+        await self._publish(deployment.model_name)
+
+    async def _get_deployment(self, deployment_id: str) -> DeploymentRecord | None:
+        raw = await self._redis.get(self._key("deployment", deployment_id))
+        return DeploymentRecord.from_dict(json.loads(raw)) if raw else None
+
+    async def update_deployment(self, deployment_id: str, status: DeploymentStatus, reason: str | None = None) -> None:
+        key = self._key("deployment", deployment_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        raise NotFound(f"deployment {deployment_id!r} does not exist")
+                    data: dict[str, Any] = json.loads(raw)
+                    data.update(status=status.value, updated_at=time.time())
+                    if reason is not None:
+                        data["reason"] = reason
+                    pipe.multi()
+                    pipe.set(key, json.dumps(data))
+                    await pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        await self._publish(str(data["model_name"]))
+
+    async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]:
+        names = [model_name] if model_name else sorted(await self._redis.smembers(self._key("models")))
+        records: list[DeploymentRecord] = []
+        for name in names:
+            for deployment_id in await self._redis.smembers(self._key("deployments", name)):
+                record = await self._get_deployment(deployment_id)
+                if record:
+                    records.append(record)
+        return sorted(records, key=lambda d: d.created_at)
+
+    # -- traffic and history --------------------------------------------------
+
+    async def get_traffic(self, model_name: str) -> TrafficRecord:
+        raw = await self._redis.get(self._key("traffic", model_name))
+        if raw is None:
+            return TrafficRecord(model_name, {})
+        data = json.loads(raw)
+        return TrafficRecord(model_name, data["split"], data["revision"], data["updated_at"], data["updated_by"])
+
+    async def set_traffic(
+        self, model_name: str, split: dict[str, int], expected_revision: int, entry: HistoryEntry
+    ) -> TrafficRecord:
+        key = self._key("traffic", model_name)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(key)
+                raw = await pipe.get(key)
+                current = json.loads(raw)["revision"] if raw else 0
+                if current != expected_revision:
+                    raise Conflict(
+                        f"the traffic of {model_name!r} changed meanwhile (revision {current}, "
+                        f"expected {expected_revision}); read it again and retry"
+                    )
+                record = TrafficRecord(model_name, dict(split), current + 1, entry.at, entry.actor)
+                pipe.multi()
+                pipe.set(key, json.dumps({"split": record.split, "revision": record.revision,
+                                          "updated_at": record.updated_at, "updated_by": record.updated_by}))
+                pipe.rpush(self._key("history", model_name), json.dumps(entry.__dict__))
+                await pipe.execute()
+            except WatchError:
+                raise Conflict(f"the traffic of {model_name!r} changed meanwhile; read it again and retry") from None
+        await self._publish(model_name)
+        return record
+
+    async def append_history(self, entry: HistoryEntry) -> None:
+        await self._redis.rpush(self._key("history", entry.model_name), json.dumps(entry.__dict__))
+        await self._publish(entry.model_name)
+
+    async def history(self, model_name: str, limit: int = 100) -> list[HistoryEntry]:
+        raws = await self._redis.lrange(self._key("history", model_name), -limit, -1)
+        return [HistoryEntry(**json.loads(raw)) for raw in raws]
+
+    # -- inference logs -------------------------------------------------------
+
+    async def write_inference_logs(self, logs: list[InferenceLog]) -> None:
+        if not logs:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for log in logs:
+                pipe.rpush(self._key("logs", log.day), json.dumps(log.__dict__))
+                pipe.sadd(self._key("log_days"), log.day)
+            await pipe.execute()
+
+    async def inference_logs(self, day: str, model_name: str | None = None) -> list[InferenceLog]:
+        if not (len(day) == 8 and day.isdigit()):
+            raise ValueError(f"day must be YYYYMMDD, got {day!r}")
+        logs = [InferenceLog(**json.loads(r)) for r in await self._redis.lrange(self._key("logs", day), 0, -1)]
+        return [log for log in logs if model_name is None or log.model_name == model_name]
+
+    async def drop_inference_logs_before(self, day: str) -> list[str]:
+        days = sorted(d for d in await self._redis.smembers(self._key("log_days")) if d < day)
+        if days:
+            await self._redis.delete(*(self._key("logs", d) for d in days))
+            await self._redis.srem(self._key("log_days"), *days)
+        return days

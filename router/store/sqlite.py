@@ -1,0 +1,309 @@
+"""SQLite backend: one file in the data dir, WAL, versioned migrations.
+
+Calls run in a worker thread (the event loop never blocks on the disk) on
+one connection guarded by a lock; every write is one transaction.
+Inference logs live in one table per UTC day (``inference_logs_YYYYMMDD``),
+so retention drops whole tables instead of deleting rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from router.store.base import (
+    LIVE_STATUSES,
+    Conflict,
+    DeploymentRecord,
+    DeploymentStatus,
+    HistoryEntry,
+    InferenceLog,
+    ModelRecord,
+    NotFound,
+    TrafficRecord,
+)
+
+T = TypeVar("T")
+
+# Append only: each entry upgrades the schema by one version.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE models (
+        name TEXT PRIMARY KEY, description TEXT NOT NULL, framework TEXT NOT NULL,
+        owner TEXT NOT NULL, created_at REAL NOT NULL
+    );
+    CREATE TABLE deployments (
+        id TEXT PRIMARY KEY, model_name TEXT NOT NULL REFERENCES models(name), version TEXT NOT NULL,
+        status TEXT NOT NULL, model_dir TEXT NOT NULL, replicas INTEGER NOT NULL, gpu INTEGER NOT NULL,
+        reason TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL
+    );
+    CREATE INDEX deployments_by_model ON deployments(model_name, version);
+    CREATE TABLE traffic (
+        model_name TEXT PRIMARY KEY, split TEXT NOT NULL, revision INTEGER NOT NULL,
+        updated_at REAL NOT NULL, updated_by TEXT NOT NULL
+    );
+    CREATE TABLE history (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, model_name TEXT NOT NULL, at REAL NOT NULL,
+        actor TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL
+    );
+    CREATE INDEX history_by_model ON history(model_name, id);
+    """,
+)
+
+_LOG_TABLE = re.compile(r"^inference_logs_(\d{8})$")
+_DAY = re.compile(r"^\d{8}$")
+
+
+class SQLiteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+        self._listeners: list[asyncio.Queue[str]] = []
+
+    # -- plumbing -------------------------------------------------------------
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self._lock:
+            current = self.schema_version
+            for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                self._db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                return fn(self._db)
+
+        return await asyncio.to_thread(locked)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], changed: str | None = None) -> T:
+        def transaction(db: sqlite3.Connection) -> T:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+        result = await self._run(transaction)
+        if changed is not None:
+            self._notify(changed)
+        return result
+
+    def _notify(self, model_name: str) -> None:
+        for queue in self._listeners:
+            queue.put_nowait(model_name)
+
+    async def close(self) -> None:
+        await self._run(lambda db: db.close())
+
+    async def changes(self) -> AsyncIterator[str]:
+        """Changes made through this store object (one process owns a SQLite file)."""
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        self._listeners.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._listeners.remove(queue)
+
+    # -- models ---------------------------------------------------------------
+
+    async def create_model(self, model: ModelRecord) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            try:
+                db.execute(
+                    "INSERT INTO models VALUES (?, ?, ?, ?, ?)",
+                    (model.name, model.description, model.framework, model.owner, model.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(f"model {model.name!r} already exists") from None
+
+        await self._write(insert, changed=model.name)
+
+    async def get_model(self, name: str) -> ModelRecord | None:
+        row = await self._run(lambda db: db.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone())
+        return ModelRecord(*row) if row else None
+
+    async def list_models(self) -> list[ModelRecord]:
+        rows = await self._run(lambda db: db.execute("SELECT * FROM models ORDER BY name").fetchall())
+        return [ModelRecord(*row) for row in rows]
+
+    # -- deployments ----------------------------------------------------------
+
+    async def create_deployment(self, deployment: DeploymentRecord) -> None:
+        live = tuple(s.value for s in LIVE_STATUSES)
+
+        def insert(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT 1 FROM models WHERE name = ?", (deployment.model_name,)).fetchone() is None:
+                raise NotFound(f"model {deployment.model_name!r} is not registered")
+            clash = db.execute(
+                f"SELECT id, status FROM deployments WHERE model_name = ? AND version = ? "
+                f"AND status IN ({','.join('?' * len(live))})",
+                (deployment.model_name, deployment.version, *live),
+            ).fetchone()
+            if clash:
+                raise Conflict(
+                    f"version {deployment.version!r} of {deployment.model_name!r} is already deployed "
+                    f"(deployment {clash[0]}, {clash[1]}); choose a new version label"
+                )
+            d = deployment
+            db.execute(
+                "INSERT INTO deployments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (d.id, d.model_name, d.version, d.status.value, d.model_dir, d.replicas, d.gpu, d.reason,
+                 d.created_at, d.updated_at),
+            )
+
+        await self._write(insert, changed=deployment.model_name)
+
+    async def update_deployment(self, deployment_id: str, status: DeploymentStatus, reason: str | None = None) -> None:
+        def update(db: sqlite3.Connection) -> str:
+            row = db.execute("SELECT model_name FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"deployment {deployment_id!r} does not exist")
+            db.execute(
+                "UPDATE deployments SET status = ?, reason = COALESCE(?, reason), updated_at = ? WHERE id = ?",
+                (status.value, reason, time.time(), deployment_id),
+            )
+            return str(row[0])
+
+        self._notify(await self._write(update))
+
+    async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]:
+        columns = "id, model_name, version, status, model_dir, replicas, gpu, reason, created_at, updated_at"
+
+        def query(db: sqlite3.Connection) -> list[Any]:
+            if model_name is None:
+                return db.execute(f"SELECT {columns} FROM deployments ORDER BY created_at").fetchall()
+            return db.execute(
+                f"SELECT {columns} FROM deployments WHERE model_name = ? ORDER BY created_at", (model_name,)
+            ).fetchall()
+
+        rows = await self._run(query)
+        return [
+            DeploymentRecord(id=r[0], model_name=r[1], version=r[2], status=DeploymentStatus(r[3]), model_dir=r[4],
+                             replicas=r[5], gpu=r[6], reason=r[7], created_at=r[8], updated_at=r[9])
+            for r in rows
+        ]
+
+    # -- traffic and history --------------------------------------------------
+
+    async def get_traffic(self, model_name: str) -> TrafficRecord:
+        row = await self._run(lambda db: db.execute(
+            "SELECT split, revision, updated_at, updated_by FROM traffic WHERE model_name = ?", (model_name,)
+        ).fetchone())
+        if row is None:
+            return TrafficRecord(model_name, {})
+        return TrafficRecord(model_name, json.loads(row[0]), row[1], row[2], row[3])
+
+    async def set_traffic(
+        self, model_name: str, split: dict[str, int], expected_revision: int, entry: HistoryEntry
+    ) -> TrafficRecord:
+        def cas(db: sqlite3.Connection) -> TrafficRecord:
+            row = db.execute("SELECT revision FROM traffic WHERE model_name = ?", (model_name,)).fetchone()
+            current = row[0] if row else 0
+            if current != expected_revision:
+                raise Conflict(
+                    f"the traffic of {model_name!r} changed meanwhile (revision {current}, "
+                    f"expected {expected_revision}); read it again and retry"
+                )
+            record = TrafficRecord(model_name, dict(split), current + 1, entry.at, entry.actor)
+            db.execute(
+                "INSERT INTO traffic VALUES (?, ?, ?, ?, ?) ON CONFLICT(model_name) DO UPDATE SET "
+                "split = excluded.split, revision = excluded.revision, updated_at = excluded.updated_at, "
+                "updated_by = excluded.updated_by",
+                (model_name, json.dumps(record.split), record.revision, record.updated_at, record.updated_by),
+            )
+            _insert_history(db, entry)
+            return record
+
+        return await self._write(cas, changed=model_name)
+
+    async def append_history(self, entry: HistoryEntry) -> None:
+        await self._write(lambda db: _insert_history(db, entry), changed=entry.model_name)
+
+    async def history(self, model_name: str, limit: int = 100) -> list[HistoryEntry]:
+        rows = await self._run(lambda db: db.execute(
+            "SELECT model_name, action, actor, detail, at FROM history WHERE model_name = ? "
+            "ORDER BY id DESC LIMIT ?", (model_name, limit)
+        ).fetchall())
+        return [HistoryEntry(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in reversed(rows)]
+
+    # -- inference logs -------------------------------------------------------
+
+    async def write_inference_logs(self, logs: list[InferenceLog]) -> None:
+        by_day: dict[str, list[InferenceLog]] = {}
+        for log in logs:
+            by_day.setdefault(log.day, []).append(log)
+
+        def insert(db: sqlite3.Connection) -> None:
+            for day, rows in by_day.items():
+                table = f"inference_logs_{day}"
+                db.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table} (request_id TEXT, model_name TEXT, version TEXT, "
+                    "replica TEXT, user_bucket INTEGER, ttft_ms REAL, latency_ms REAL, output_tokens INTEGER, "
+                    "status_code INTEGER, timestamp REAL)"
+                )
+                db.executemany(
+                    f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(r.request_id, r.model_name, r.version, r.replica, r.user_bucket, r.ttft_ms, r.latency_ms,
+                      r.output_tokens, r.status_code, r.timestamp) for r in rows],
+                )
+
+        if logs:
+            await self._write(insert)
+
+    async def inference_logs(self, day: str, model_name: str | None = None) -> list[InferenceLog]:
+        if not _DAY.match(day):
+            raise ValueError(f"day must be YYYYMMDD, got {day!r}")
+
+        def query(db: sqlite3.Connection) -> list[Any]:
+            table = f"inference_logs_{day}"
+            exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone()
+            if not exists:
+                return []
+            if model_name is None:
+                return db.execute(f"SELECT * FROM {table} ORDER BY timestamp").fetchall()
+            return db.execute(f"SELECT * FROM {table} WHERE model_name = ? ORDER BY timestamp",
+                              (model_name,)).fetchall()
+
+        return [InferenceLog(*row) for row in await self._run(query)]
+
+    async def drop_inference_logs_before(self, day: str) -> list[str]:
+        def drop(db: sqlite3.Connection) -> list[str]:
+            names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()]
+            dropped = []
+            for name in names:
+                match = _LOG_TABLE.match(name)
+                if match and match.group(1) < day:
+                    db.execute(f"DROP TABLE {name}")
+                    dropped.append(match.group(1))
+            return sorted(dropped)
+
+        return await self._write(drop)
+
+
+def _insert_history(db: sqlite3.Connection, entry: HistoryEntry) -> None:
+    db.execute(
+        "INSERT INTO history (model_name, at, actor, action, detail) VALUES (?, ?, ?, ?, ?)",
+        (entry.model_name, entry.at, entry.actor, entry.action, json.dumps(entry.detail)),
+    )

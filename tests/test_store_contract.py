@@ -1,0 +1,145 @@
+"""One contract, two real backends: SQLite (a file) and Redis (a real redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from router.store import (
+    Conflict,
+    DeploymentRecord,
+    DeploymentStatus,
+    HistoryEntry,
+    InferenceLog,
+    ModelRecord,
+    NotFound,
+    Store,
+)
+from router.store.redis_store import RedisStore
+from router.store.sqlite import SQLiteStore
+from tests.redis_server import redis_server
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        backend: Store = SQLiteStore(tmp_path / "llmserve.db")
+    else:
+        backend = RedisStore(request.getfixturevalue("redis_url"), prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    yield backend
+    await backend.close()
+
+
+def deployment(version: str, status: DeploymentStatus = DeploymentStatus.DEPLOYING) -> DeploymentRecord:
+    return DeploymentRecord(id=uuid.uuid4().hex, model_name="chat", version=version, status=status,
+                            model_dir=f"/models/chat/{version}")
+
+
+async def test_models_are_created_once_and_listed(store: Store) -> None:
+    await store.create_model(ModelRecord("chat", "a chat model", "vllm", "team-a"))
+    with pytest.raises(Conflict):
+        await store.create_model(ModelRecord("chat"))
+    model = await store.get_model("chat")
+    assert model is not None and model.owner == "team-a" and model.description == "a chat model"
+    assert [m.name for m in await store.list_models()] == ["chat"]
+    assert await store.get_model("nope") is None
+
+
+async def test_deployments_refuse_a_live_duplicate_version(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.create_deployment(deployment("v1"))
+    await store.create_model(ModelRecord("chat"))
+    first = deployment("v1")
+    await store.create_deployment(first)
+    with pytest.raises(Conflict, match="already deployed"):
+        await store.create_deployment(deployment("v1"))
+    await store.update_deployment(first.id, DeploymentStatus.FAILED, "model folder missing")
+    await store.create_deployment(deployment("v1"))  # a failed one does not block the label
+    records = await store.list_deployments("chat")
+    assert [r.status for r in records] == [DeploymentStatus.FAILED, DeploymentStatus.DEPLOYING]
+    assert records[0].reason == "model folder missing"
+    with pytest.raises(NotFound):
+        await store.update_deployment("nope", DeploymentStatus.ACTIVE)
+
+
+async def test_traffic_is_compare_and_set_with_history(store: Store) -> None:
+    assert (await store.get_traffic("chat")).revision == 0
+    first = await store.set_traffic("chat", {"v1": 100}, 0, HistoryEntry("chat", "deploy", "alice", {"v": "v1"}))
+    assert first.revision == 1 and first.split == {"v1": 100} and first.updated_by == "alice"
+    with pytest.raises(Conflict, match="changed meanwhile"):
+        await store.set_traffic("chat", {"v1": 50, "v2": 50}, 0, HistoryEntry("chat", "traffic", "bob"))
+    second = await store.set_traffic("chat", {"v1": 90, "v2": 10}, 1, HistoryEntry("chat", "traffic", "bob"))
+    assert (await store.get_traffic("chat")) == second
+    history = await store.history("chat")
+    assert [(h.action, h.actor) for h in history] == [("deploy", "alice"), ("traffic", "bob")]
+    assert history[0].detail == {"v": "v1"}
+
+
+async def test_concurrent_traffic_changes_one_wins_one_conflicts(store: Store) -> None:
+    await store.set_traffic("chat", {"v1": 100}, 0, HistoryEntry("chat", "deploy", "a"))
+    results = await asyncio.gather(
+        *(store.set_traffic("chat", {"v1": 100 - i, "v2": i}, 1, HistoryEntry("chat", "traffic", f"u{i}"))
+          for i in range(1, 6)),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if not isinstance(r, Exception)]
+    assert len(winners) == 1 and all(isinstance(r, Conflict) for r in results if r not in winners)
+    assert (await store.get_traffic("chat")) == winners[0]
+    assert len(await store.history("chat")) == 2  # no torn writes
+
+
+async def test_inference_logs_by_day_with_retention(store: Store) -> None:
+    day1 = time.mktime((2026, 11, 27, 12, 0, 0, 0, 0, 0)) - time.timezone
+    day2 = day1 + 86400
+    logs = [
+        InferenceLog("r1", "chat", "v1", "chat:v1/0", 42, 120.5, 900.0, 16, 200, day1),
+        InferenceLog("r2", "chat", "v2", "chat:v2/0", None, None, 3.0, None, 503, day2),
+        InferenceLog("r3", "other", "v1", "other:v1/0", 7, 50.0, 60.0, 2, 200, day2),
+    ]
+    await store.write_inference_logs(logs)
+    assert await store.inference_logs("20261127") == [logs[0]]
+    assert await store.inference_logs("20261128", model_name="chat") == [logs[1]]
+    assert await store.drop_inference_logs_before("20261128") == ["20261127"]
+    assert await store.inference_logs("20261127") == []
+    assert len(await store.inference_logs("20261128")) == 2
+    with pytest.raises(ValueError):
+        await store.inference_logs("2026-11-28; DROP TABLE models")
+
+
+async def test_changes_are_announced(store: Store) -> None:
+    seen: list[str] = []
+
+    async def listen() -> None:
+        async for name in store.changes():
+            seen.append(name)
+            return
+
+    listener = asyncio.create_task(listen())
+    await asyncio.sleep(0.1)  # subscribed before the change
+    await store.create_model(ModelRecord("chat"))
+    await asyncio.wait_for(listener, timeout=2)
+    assert seen == ["chat"]
+
+
+async def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "llmserve.db"
+    first = SQLiteStore(path)
+    await first.create_model(ModelRecord("chat"))
+    await first.set_traffic("chat", {"v1": 100}, 0, HistoryEntry("chat", "deploy", "a"))
+    await first.close()
+    again = SQLiteStore(path)
+    assert again.schema_version == 1
+    assert (await again.get_traffic("chat")).split == {"v1": 100}
+    assert [m.name for m in await again.list_models()] == ["chat"]
+    await again.close()
