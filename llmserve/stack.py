@@ -1,9 +1,9 @@
 """The local engine backend: replicas as processes under one supervisor.
 
-The router's lifespan calls ``start`` with its catalog; each deployment's
-replicas are launched in the background and join the catalog at once in
-state STARTING, so the router answers (503 with Retry-After, /readyz false)
-while the engines load.
+Static deployments given at construction start with the router; the control
+plane adds and retires versions at run time through ``launch`` and
+``retire``. A version's replicas join the catalog at once in state STARTING,
+so the router answers (503 with Retry-After, /readyz false) while engines load.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from router.catalog import Catalog, ServedVersion
 
 logger = logging.getLogger(__name__)
 
+ProgramFactory = Callable[[str, str, Path], ReplicaProgram]
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -36,11 +38,14 @@ class LocalStack:
         self,
         engine_settings: EngineSettings,
         logs_dir: Path,
-        deployments: list[Deployment],
+        deployments: list[Deployment] | None = None,
         on_ready: Callable[[], None] | None = None,
+        program_factory: ProgramFactory | None = None,
     ) -> None:
-        self._deployments = deployments
+        self._deployments = deployments or []
         self._on_ready = on_ready
+        self._program_factory = program_factory
+        self._max_model_len = engine_settings.max_model_len
         self.supervisor = Supervisor(engine_settings, logs_dir)
         self._ready_task: asyncio.Task[None] | None = None
 
@@ -51,7 +56,26 @@ class LocalStack:
             for index in range(deployment.replicas):
                 served.replicas.append(self.supervisor.start(program, index))
             catalog.add_version(served)
-        self._ready_task = asyncio.create_task(self._announce_ready(), name="announce ready")
+        if self._deployments:
+            self._ready_task = asyncio.create_task(self._announce_ready(), name="announce ready")
+
+    async def launch(self, model_name: str, version: str, model_dir: Path, replicas: int) -> ServedVersion:
+        """Start a version's replicas (state STARTING); the caller adds it to the catalog."""
+        if self._program_factory is None:
+            raise RuntimeError("this stack was built without a program factory; it cannot launch versions")
+        program = self._program_factory(model_name, version, model_dir)
+        served = ServedVersion(model_name, version, self._max_model_len)
+        served.replicas = [self.supervisor.start(program, index) for index in range(replicas)]
+        return served
+
+    async def wait_ready(self, served: ServedVersion) -> None:
+        await asyncio.gather(*(self.supervisor.wait_ready(r) for r in served.replicas))
+
+    async def retire(self, served: ServedVersion, drain: bool = True) -> None:
+        await asyncio.gather(*(self.supervisor.stop(r, drain=drain) for r in served.replicas))
+        for replica in served.replicas:
+            if replica in self.supervisor.replicas:
+                self.supervisor.replicas.remove(replica)
 
     async def _announce_ready(self) -> None:
         results = await asyncio.gather(

@@ -1,8 +1,10 @@
-"""Which models and versions the router serves, and their replicas.
+"""Which models and versions the router serves, their replicas and traffic split.
 
 The catalog answers "which version serves this request": a version pinned by
-the request wins; otherwise the model's default version. (The traffic split
-and canaries replace the default with a weighted, per-user choice.)
+the request wins; otherwise the model's traffic split, by weighted rendezvous
+hashing of the user (``router.split``). While a version with traffic has no
+ready replica (a deploy still warming up on this router, say), its share goes
+to the versions that can answer rather than failing the request.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmserve.replica import Replica
-from router.errors import ModelNotFound, VersionNotFound
+from router.errors import ModelNotFound, NoReplicaReady, VersionNotFound
+from router.split import choose_version
 
 
 @dataclass
@@ -33,23 +36,42 @@ class ServedVersion:
 class ServedModel:
     name: str
     versions: dict[str, ServedVersion] = field(default_factory=dict)
-    default_version: str | None = None
+    split: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def default_version(self) -> str | None:
+        """The version with the largest share (what an unkeyed client mostly gets)."""
+        return max(self.split, key=lambda v: self.split[v]) if self.split else None
 
 
 class Catalog:
-    """Models by name; each has versions, each version its replicas."""
+    """Models by name; each has versions (each with replicas) and a traffic split."""
 
     def __init__(self) -> None:
         self._models: dict[str, ServedModel] = {}
 
-    def add_version(self, served: ServedVersion, make_default: bool = True) -> None:
+    def add_version(self, served: ServedVersion, make_default: bool = False) -> None:
         model = self._models.setdefault(served.model_name, ServedModel(served.model_name))
         model.versions[served.version] = served
-        if make_default or model.default_version is None:
-            model.default_version = served.version
+        if make_default or not model.split:
+            model.split = {served.version: 100}
+
+    def remove_version(self, model_name: str, version: str) -> ServedVersion | None:
+        model = self._models.get(model_name)
+        if model is None:
+            return None
+        model.split = {v: w for v, w in model.split.items() if v != version}
+        return model.versions.pop(version, None)
+
+    def set_split(self, model_name: str, split: dict[str, int]) -> None:
+        """Replace a model's split in one assignment: a request sees the old or the new one, never a mix."""
+        self._models.setdefault(model_name, ServedModel(model_name)).split = dict(split)
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
+
+    def find(self, name: str) -> ServedModel | None:
+        return self._models.get(name)
 
     def get_model(self, name: str) -> ServedModel:
         model = self._models.get(name)
@@ -58,22 +80,33 @@ class Catalog:
             raise ModelNotFound(f"model {name!r} does not exist; served models: {known}", param="model")
         return model
 
-    def resolve(self, requested: str, pinned_version: str | None = None) -> ServedVersion:
-        """Map a request's model (``name`` or ``name:version``) and optional pin to a version."""
+    def resolve(
+        self, requested: str, pinned_version: str | None = None, user_key: str | None = None, retry_after_s: int = 5
+    ) -> ServedVersion:
+        """Map a request's model (``name`` or ``name:version``), pin and user to a version."""
         name, _, suffix = requested.partition(":")
         model = self.get_model(name)
-        version = pinned_version or suffix or model.default_version
         if suffix and pinned_version and suffix != pinned_version:
             raise VersionNotFound(
                 f"the model asks for version {suffix!r} but the request pins {pinned_version!r}; use one",
                 param="model",
             )
-        served = model.versions.get(version or "")
+        version = pinned_version or suffix
+        if not version:
+            split = model.split
+            answering = {v: w for v, w in split.items() if w > 0 and v in model.versions
+                         and model.versions[v].ready_replicas}
+            if answering:
+                split = answering
+            if not any(w > 0 for w in split.values()):
+                raise VersionNotFound(f"model {name!r} has no version with traffic; deploy one", param="model")
+            version = choose_version(split, user_key)
+            if version not in model.versions:  # in the split, not yet launched on this router
+                raise NoReplicaReady(name, version, retry_after_s, detail="its replicas are not started here yet")
+        served = model.versions.get(version)
         if served is None:
             known = ", ".join(sorted(model.versions)) or "none"
-            raise VersionNotFound(
-                f"model {name!r} has no version {version!r}; versions: {known}", param="version"
-            )
+            raise VersionNotFound(f"model {name!r} has no version {version!r}; versions: {known}", param="version")
         return served
 
     def all_replicas(self) -> list[Replica]:

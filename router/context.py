@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 logger = logging.getLogger("router.requests")
@@ -54,6 +55,20 @@ class RequestRecord:
             f" error={self.error}" if self.error else "",
             extra={"request_id": self.request_id},
         )
+
+
+def user_key(headers: Mapping[str, str], body_user: str | None) -> str | None:
+    """Who the request is for, for a sticky version choice: the body's ``user``, else the
+    ``X-User-Id`` header, else the API key; None (a random choice) when there is nothing."""
+    if body_user:
+        return body_user
+    header = headers.get("x-user-id")
+    if header:
+        return header
+    authorization = headers.get("authorization", "")
+    if authorization.lower().startswith("bearer ") and len(authorization) > 7:
+        return "key:" + authorization[7:]
+    return None
 
 
 def served_headers(request_id: str, version: str, replica_id: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from router.context import RequestRecord, served_headers
+from router.context import RequestRecord, served_headers, user_key
 from router.errors import UpstreamFailed
 from router.protocol import GenerateRequest, check_output_limit, parse_json_object, read_body, validate
 from router.relay import Upstream, UpstreamBroken, error_event, sse_bytes, sse_data
@@ -44,7 +44,7 @@ async def generate(model_name: str, request: Request) -> Response:
     record = RequestRecord(request_id, "generate")
     body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
     parsed: GenerateRequest = validate(GenerateRequest, parse_json_object(body))
-    served = state.catalog.resolve(model_name, parsed.params.version)
+    served = state.catalog.resolve(model_name, parsed.params.version, user_key(request.headers, parsed.user))
     check_output_limit(parsed.max_tokens, served.max_model_len)
 
     sampling = parsed.params.model_dump(exclude_unset=True, exclude={"version", "raw"})

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
 from router.catalog import Catalog
-from router.context import RequestRecord, served_headers
+from router.context import RequestRecord, served_headers, user_key
 from router.errors import UpstreamFailed
 from router.protocol import (
     ChatCompletionRequest,
@@ -46,6 +46,7 @@ async def list_models(request: Request) -> dict[str, Any]:
                 "version": served.version,
                 "max_model_len": served.max_model_len,
                 "ready_replicas": len(served.ready_replicas),
+                "traffic_percent": model.split.get(served.version, 0),
             })
     return {"object": "list", "data": data}
 
@@ -70,7 +71,8 @@ async def _relay_openai(
     payload = parse_json_object(body)
     parsed = validate(schema, payload)
     pinned = request.headers.get(VERSION_HEADER) or None
-    served = state.catalog.resolve(parsed.model, pinned)
+    user = user_key(request.headers, parsed.user)
+    served = state.catalog.resolve(parsed.model, pinned, user)
     check_output_limit(
         parsed.output_limit(),
         served.max_model_len,
