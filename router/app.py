@@ -1,39 +1,67 @@
-"""Wiring only: build the FastAPI app from settings and an engine backend."""
+"""Wiring only: build the FastAPI app from settings, an engine backend and (optionally) a store."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from llmserve.settings import RouterSettings
-from router import generate_api, health_api, openai_api
+from router import control_api, generate_api, health_api, openai_api
 from router.catalog import Catalog
+from router.control import ControlPlane, ReplicaLauncher
 from router.errors import install_error_handlers
 from router.middleware import RequestIdMiddleware
 from router.relay import Relay
 from router.state import EngineBackend, RouterState
+from router.store import Store
 
 logger = logging.getLogger(__name__)
 
+StartedHook = Callable[[RouterState], Awaitable[None]]
 
-def create_app(settings: RouterSettings, backend: EngineBackend, catalog: Catalog | None = None) -> FastAPI:
-    """The router app. The lifespan starts the backend's replicas and stops them on shutdown."""
+
+def create_app(
+    settings: RouterSettings,
+    backend: EngineBackend,
+    catalog: Catalog | None = None,
+    store: Store | None = None,
+    models_dir: Path | None = None,
+    on_started: StartedHook | None = None,
+) -> FastAPI:
+    """The router app.
+
+    The lifespan starts the backend's static replicas, then (with a store) the
+    control plane, which relaunches the active versions recorded in the store;
+    on shutdown it stops all of them.
+    """
     catalog = catalog or Catalog()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         relay = Relay(settings, on_replica_failure=backend.report_failure)
-        app.state.router = RouterState(settings=settings, catalog=catalog, relay=relay, backend=backend)
+        state = RouterState(settings=settings, catalog=catalog, relay=relay, backend=backend)
+        app.state.router = state
         await backend.start(catalog)
+        if store is not None:
+            launcher: ReplicaLauncher = backend  # type: ignore[assignment]
+            state.control = ControlPlane(store, launcher, catalog, models_dir or Path("."))
+            await state.control.start()
+        if on_started is not None:
+            await on_started(state)
         try:
             yield
         finally:
             logger.info("router shutting down: stopping engine replicas")
+            if state.control is not None:
+                await state.control.stop()
             await backend.stop()
             await relay.aclose()
+            if store is not None:
+                await store.close()
 
     app = FastAPI(
         title="llmserve router",
@@ -45,5 +73,6 @@ def create_app(settings: RouterSettings, backend: EngineBackend, catalog: Catalo
     app.include_router(health_api.router)
     app.include_router(openai_api.router)
     app.include_router(generate_api.router)
+    app.include_router(control_api.router)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from llmserve.replica import Replica
 from llmserve.settings import RouterSettings
 from router.catalog import Catalog
 from router.relay import Relay
+
+if TYPE_CHECKING:
+    from router.control import ControlPlane
 
 
 class EngineBackend(Protocol):
@@ -30,3 +33,4 @@ class RouterState:
     backend: EngineBackend
     started_at: float = field(default_factory=time.time)
     sse_ping_s: int = 15
+    control: ControlPlane | None = None

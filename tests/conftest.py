@@ -15,13 +15,15 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
 
 from llmserve.settings import EngineSettings, RouterSettings
-from llmserve.stack import Deployment, LocalStack
+from llmserve.stack import Deployment, LocalStack, ProgramFactory
 from router.app import create_app
+from router.store import Store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -70,7 +72,7 @@ class ScriptProgram:
 class RunningRouter:
     url: str
     stack: LocalStack
-    app: object
+    app: Any
 
 
 @contextlib.asynccontextmanager
@@ -80,12 +82,17 @@ async def run_router(
     router_settings: RouterSettings | None = None,
     engine_settings: EngineSettings | None = None,
     wait_ready: bool = True,
+    store: Store | None = None,
+    program_factory: ProgramFactory | None = None,
 ) -> AsyncIterator[RunningRouter]:
     """The real router app served by uvicorn on a loopback port, in this event loop."""
     port = free_port()
     settings = router_settings or RouterSettings(port=port, retry_after_s=2)
-    stack = LocalStack(engine_settings or fast_engine_settings(), tmp_path / "logs", deployments)
-    app = create_app(settings, stack)
+    if router_settings is not None:
+        port = router_settings.port
+    stack = LocalStack(engine_settings or fast_engine_settings(), tmp_path / "logs", deployments,
+                       program_factory=program_factory)
+    app = create_app(settings, stack, store=store, models_dir=tmp_path / "models")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
     task = asyncio.create_task(server.serve())
     try:

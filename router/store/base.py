@@ -25,7 +25,11 @@ class Conflict(StoreError):
 
 
 class NotFound(StoreError):
-    pass
+    """Something the change refers to does not exist; ``kind`` says what."""
+
+    def __init__(self, message: str, kind: str = "model") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class DeploymentStatus(str, enum.Enum):

@@ -115,7 +115,7 @@ class RedisStore:
                     await pipe.watch(key)
                     raw = await pipe.get(key)
                     if raw is None:
-                        raise NotFound(f"deployment {deployment_id!r} does not exist")
+                        raise NotFound(f"deployment {deployment_id!r} does not exist", "deployment")
                     data: dict[str, Any] = json.loads(raw)
                     data.update(status=status.value, updated_at=time.time())
                     if reason is not None:

@@ -179,7 +179,7 @@ class SQLiteStore:
         def update(db: sqlite3.Connection) -> str:
             row = db.execute("SELECT model_name FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
             if row is None:
-                raise NotFound(f"deployment {deployment_id!r} does not exist")
+                raise NotFound(f"deployment {deployment_id!r} does not exist", "deployment")
             db.execute(
                 "UPDATE deployments SET status = ?, reason = COALESCE(?, reason), updated_at = ? WHERE id = ?",
                 (status.value, reason, time.time(), deployment_id),

@@ -1,0 +1,170 @@
+"""The control plane's HTTP API: ``/api/v1/models`` and ``/api/v1/deployments``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from router.control import ControlPlane
+from router.errors import APIError, InvalidRequest, ModelNotFound, VersionNotFound
+from router.protocol import parse_json_object, read_body, validate
+from router.store import Conflict, ModelRecord, NotFound
+from router.store.base import DeploymentRecord
+
+router = APIRouter(prefix="/api/v1", tags=["control"])
+
+_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ConflictError(APIError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
+class RegisterModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model_name: str = Field(pattern=_NAME)
+    description: str = Field("", max_length=2000)
+    framework: str = Field("vllm", max_length=64)
+    owner: str = Field("", max_length=256)
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    replicas: int = Field(1, ge=1, le=16)
+    gpu: int = Field(0, ge=0, le=8)
+
+
+class CreateDeployment(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model_name: str = Field(pattern=_NAME)
+    version: str = Field(pattern=_VERSION)
+    traffic_percent: int = Field(0, ge=0, le=100)
+    resources: Resources = Field(default_factory=Resources)
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    to: str | None = Field(None, pattern=_VERSION)
+
+
+def _control(request: Request) -> ControlPlane:
+    control: ControlPlane | None = getattr(request.app.state.router, "control", None)
+    if control is None:
+        raise APIError("this router runs without a control plane")
+    return control
+
+
+def _actor(request: Request) -> str:
+    return request.headers.get("x-actor") or request.headers.get("x-user-id") or "api"
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    limit = request.app.state.router.settings.max_body_bytes
+    raw = await read_body(request.stream(), request.headers.get("content-length"), limit)
+    return parse_json_object(raw) if raw else {}
+
+
+def _translate(exc: Exception) -> APIError:
+    if isinstance(exc, Conflict):
+        return ConflictError(str(exc))
+    if isinstance(exc, NotFound):
+        return (ModelNotFound if exc.kind == "model" else VersionNotFound)(str(exc), param=exc.kind)
+    if isinstance(exc, ValueError):
+        return InvalidRequest(str(exc), param="split")
+    raise exc
+
+
+def _deployment_json(record: DeploymentRecord) -> dict[str, Any]:
+    data = record.to_dict()
+    data["deployment_id"] = data.pop("id")
+    return data
+
+
+@router.post("/models", status_code=201)
+async def register_model(request: Request) -> dict[str, Any]:
+    body: RegisterModel = validate(RegisterModel, await _body(request))
+    record = ModelRecord(body.model_name, body.description, body.framework, body.owner)
+    try:
+        await _control(request).register_model(record)
+    except Conflict as exc:
+        raise _translate(exc) from None
+    return record.__dict__ | {"model_name": record.name}
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    control = _control(request)
+    return {"models": [m.__dict__ | {"model_name": m.name} for m in await control.store.list_models()]}
+
+
+@router.get("/models/{model_name}")
+async def get_model(model_name: str, request: Request) -> dict[str, Any]:
+    control = _control(request)
+    model = await control.store.get_model(model_name)
+    if model is None:
+        raise ModelNotFound(f"model {model_name!r} is not registered", param="model_name")
+    deployments = await control.store.list_deployments(model_name)
+    return model.__dict__ | {"model_name": model.name, "versions": [d.version for d in deployments]}
+
+
+@router.post("/deployments", status_code=202)
+async def create_deployment(request: Request) -> JSONResponse:
+    body: CreateDeployment = validate(CreateDeployment, await _body(request))
+    try:
+        record = await _control(request).deploy(
+            body.model_name, body.version, body.traffic_percent, body.resources.replicas, body.resources.gpu,
+            _actor(request),
+        )
+    except (Conflict, NotFound) as exc:
+        raise _translate(exc) from None
+    return JSONResponse(_deployment_json(record), status_code=202)
+
+
+@router.get("/deployments")
+async def list_deployments(request: Request) -> dict[str, Any]:
+    control = _control(request)
+    return {"deployments": [await control.describe(m.name) for m in await control.store.list_models()]}
+
+
+@router.get("/deployments/{model_name}")
+async def get_deployments(model_name: str, request: Request) -> dict[str, Any]:
+    try:
+        return await _control(request).describe(model_name)
+    except NotFound as exc:
+        raise _translate(exc) from None
+
+
+@router.put("/deployments/{model_name}/traffic")
+async def set_traffic(model_name: str, request: Request) -> dict[str, Any]:
+    split = await _body(request)
+    try:
+        record = await _control(request).set_traffic(model_name, split, _actor(request))
+    except (Conflict, NotFound, ValueError) as exc:
+        raise _translate(exc) from None
+    return {"model_name": model_name, "split": record.split, "revision": record.revision}
+
+
+@router.post("/deployments/{model_name}/rollback")
+async def rollback(model_name: str, request: Request) -> dict[str, Any]:
+    body: RollbackBody = validate(RollbackBody, await _body(request))
+    try:
+        result = await _control(request).rollback(model_name, body.to, _actor(request))
+    except (Conflict, NotFound) as exc:
+        raise _translate(exc) from None
+    return {"model_name": model_name, "from": result.from_version, "to": result.to_version,
+            "applied_in_ms": round(result.applied_in_ms, 3), "revision": result.revision}
+
+
+@router.delete("/deployments/{model_name}/versions/{version}")
+async def delete_version(model_name: str, version: str, request: Request) -> dict[str, Any]:
+    try:
+        record = await _control(request).delete_version(model_name, version, _actor(request))
+    except (Conflict, NotFound) as exc:
+        raise _translate(exc) from None
+    return {"deployment_id": record.id, "model_name": model_name, "version": version, "status": "draining"}
