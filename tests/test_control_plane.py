@@ -210,3 +210,43 @@ async def test_models_listing(tmp_path: Path, split: dict[str, int]) -> None:
         assert one["versions"] == ["v1"]
         assert (await client.get(f"{router.url}/api/v1/models/nope")).status_code == 404
         assert (await client.get(f"{router.url}/api/v1/deployments")).json()["deployments"][0]["split"] == split
+
+
+async def test_two_routers_on_one_redis_share_the_control_plane(tmp_path: Path) -> None:
+    from router.store.redis_store import RedisStore
+    from tests.redis_server import redis_server
+
+    with redis_server() as url:
+        prefix = "two-routers:"
+        async with (
+            run_router([], tmp_path / "a", store=RedisStore(url, prefix), program_factory=sim_factory) as a,
+            run_router([], tmp_path / "b", store=RedisStore(url, prefix), program_factory=sim_factory) as b,
+            httpx.AsyncClient(timeout=30) as client,
+        ):
+            for version in ("v1", "v2"):
+                make_version(tmp_path / "a" / "models", version)
+            assert (await client.post(f"{a.url}/api/v1/models", json={"model_name": MODEL})).status_code == 201
+            await deploy(client, a.url, "v1", 100)
+            await deploy(client, a.url, "v2", 10)
+
+            async def b_share(version: str) -> int:
+                models = (await client.get(f"{b.url}/v1/models")).json()["data"]
+                return next((m["traffic_percent"] for m in models if m["id"] == f"{MODEL}:{version}"), -1)
+
+            deadline = time.monotonic() + 10
+            while await b_share("v2") != 10 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert await b_share("v2") == 10
+
+            changed_at = time.monotonic()
+            put = await client.put(f"{a.url}/api/v1/deployments/{MODEL}/traffic", json={"v1": 40, "v2": 60})
+            assert put.status_code == 200
+            while await b_share("v2") != 60 and time.monotonic() - changed_at < 5:
+                await asyncio.sleep(0.01)
+            applied_after = time.monotonic() - changed_at
+            assert await b_share("v2") == 60
+            assert applied_after < 1.0, f"router B applied the change after {applied_after:.3f}s"
+            # B runs its own replicas of both versions and serves them.
+            await asyncio.gather(*(b.stack.supervisor.wait_ready(r) for r in b.stack.supervisor.replicas))
+            served = {(await chat(client, b.url, f"u{i}")).headers["x-model-version"] for i in range(40)}
+            assert served == {"v1", "v2"}
