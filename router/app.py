@@ -14,6 +14,7 @@ from router import control_api, generate_api, health_api, openai_api
 from router.catalog import Catalog
 from router.control import ControlPlane, ReplicaLauncher
 from router.errors import install_error_handlers
+from router.inference_log import InferenceLogWriter
 from router.middleware import RequestIdMiddleware
 from router.relay import Relay
 from router.state import EngineBackend, RouterState
@@ -46,10 +47,14 @@ def create_app(
         state = RouterState(settings=settings, catalog=catalog, relay=relay, backend=backend)
         app.state.router = state
         await backend.start(catalog)
+        log_writer: InferenceLogWriter | None = None
         if store is not None:
             launcher: ReplicaLauncher = backend  # type: ignore[assignment]
             state.control = ControlPlane(store, launcher, catalog, models_dir or Path("."))
             await state.control.start()
+            log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)
+            log_writer.start()
+            state.log_sink = log_writer.submit
         if on_started is not None:
             await on_started(state)
         try:
@@ -58,6 +63,8 @@ def create_app(
             logger.info("router shutting down: stopping engine replicas")
             if state.control is not None:
                 await state.control.stop()
+            if log_writer is not None:
+                await log_writer.close()
             await backend.stop()
             await relay.aclose()
             if store is not None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+from router.split import user_bucket
+from router.store.base import InferenceLog
 
 logger = logging.getLogger("router.requests")
 
@@ -25,11 +29,25 @@ class RequestRecord:
     first_token_at: float | None = None
     chunks: int = 0
     error: str | None = None
+    user: str | None = None
+    output_tokens: int | None = None
+    sink: Callable[[InferenceLog], None] | None = field(default=None, repr=False)
 
     def mark_chunk(self) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         self.chunks += 1
+
+    def note_usage(self, data: bytes) -> None:
+        """Take the output token count from a chunk or body that carries usage (cheap check first)."""
+        if b'"usage":{' not in data and b'"usage": {' not in data:
+            return
+        try:
+            usage = json.loads(data).get("usage") or {}
+        except ValueError:
+            return
+        if isinstance(usage, dict) and "completion_tokens" in usage:
+            self.output_tokens = int(usage["completion_tokens"])
 
     @property
     def ttft_ms(self) -> float | None:
@@ -55,6 +73,12 @@ class RequestRecord:
             f" error={self.error}" if self.error else "",
             extra={"request_id": self.request_id},
         )
+        if self.sink is not None and self.model:
+            self.sink(InferenceLog(
+                request_id=self.request_id, model_name=self.model, version=self.version, replica=self.replica,
+                user_bucket=user_bucket(self.user), ttft_ms=ttft, latency_ms=latency_ms,
+                output_tokens=self.output_tokens, status_code=self.status_code,
+            ))
 
 
 def user_key(headers: Mapping[str, str], body_user: str | None) -> str | None:

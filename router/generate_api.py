@@ -41,10 +41,11 @@ class _Outcome:
 async def generate(model_name: str, request: Request) -> Response:
     state: RouterState = request.app.state.router
     request_id: str = request.state.request_id
-    record = RequestRecord(request_id, "generate")
+    record = RequestRecord(request_id, "generate", sink=state.log_sink)
     body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
     parsed: GenerateRequest = validate(GenerateRequest, parse_json_object(body))
-    served = state.catalog.resolve(model_name, parsed.params.version, user_key(request.headers, parsed.user))
+    record.user = user_key(request.headers, parsed.user)
+    served = state.catalog.resolve(model_name, parsed.params.version, record.user)
     check_output_limit(parsed.max_tokens, served.max_model_len)
 
     sampling = parsed.params.model_dump(exclude_unset=True, exclude={"version", "raw"})
@@ -107,6 +108,7 @@ async def _consume(upstream: Upstream, record: RequestRecord, outcome: _Outcome)
         chunk = json.loads(data)
         if chunk.get("usage"):
             outcome.usage = chunk["usage"]
+            record.output_tokens = int(chunk["usage"].get("completion_tokens") or 0)
         for choice in chunk.get("choices") or ():
             delta = choice.get("text")
             if delta is None:

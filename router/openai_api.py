@@ -66,12 +66,12 @@ async def _relay_openai(
 ) -> Response:
     state: RouterState = request.app.state.router
     request_id: str = request.state.request_id
-    record = RequestRecord(request_id, path)
+    record = RequestRecord(request_id, path, sink=state.log_sink)
     body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
     payload = parse_json_object(body)
     parsed = validate(schema, payload)
     pinned = request.headers.get(VERSION_HEADER) or None
-    user = user_key(request.headers, parsed.user)
+    user = record.user = user_key(request.headers, parsed.user)
     served = state.catalog.resolve(parsed.model, pinned, user)
     check_output_limit(
         parsed.output_limit(),
@@ -103,6 +103,7 @@ async def _buffered(upstream: Upstream, record: RequestRecord, headers: dict[str
         return UpstreamFailed(message, headers=headers).response()
     finally:
         await upstream.aclose()
+    record.note_usage(content)
     record.finish(upstream.status_code)
     return Response(content, status_code=upstream.status_code, media_type="application/json", headers=headers)
 
@@ -112,6 +113,7 @@ async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncItera
     try:
         async for data in sse_data(upstream):
             record.mark_chunk()
+            record.note_usage(data)
             yield sse_bytes(data)
     except UpstreamBroken as exc:
         # The replica died or stalled mid-stream: tell the client in-band (the

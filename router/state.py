@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -10,6 +11,7 @@ from llmserve.replica import Replica
 from llmserve.settings import RouterSettings
 from router.catalog import Catalog
 from router.relay import Relay
+from router.store.base import InferenceLog
 
 if TYPE_CHECKING:
     from router.control import ControlPlane
@@ -34,3 +36,4 @@ class RouterState:
     started_at: float = field(default_factory=time.time)
     sse_ping_s: int = 15
     control: ControlPlane | None = None
+    log_sink: Callable[[InferenceLog], None] | None = None

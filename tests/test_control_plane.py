@@ -93,6 +93,20 @@ async def test_deploy_a_canary_and_users_stick_to_their_version(tmp_path: Path) 
         assert put.status_code == 200 and put.json()["split"] == {"v1": 80, "v2": 20}
         after = {u: (await chat(client, router.url, u)).headers["x-model-version"] for u in on_v2}
         assert set(after.values()) <= {"v2"}
+        # Every request is in the inference log, with the version that served it.
+        store = router.app.state.router.control.store
+        day = time.strftime("%Y%m%d", time.gmtime())
+        deadline = time.monotonic() + 5
+        logs = []
+        while time.monotonic() < deadline:
+            logs = [log for log in await store.inference_logs(day, MODEL) if log.user_bucket is not None]
+            if len(logs) >= 240:
+                break
+            await asyncio.sleep(0.1)
+        assert len(logs) >= 240
+        assert {log.version for log in logs} == {"v1", "v2"}
+        # non-streamed answers have no first-token time to observe
+        assert all(log.status_code == 200 and log.output_tokens == 1 and log.latency_ms > 0 for log in logs)
 
 
 async def test_rollback_is_instant_and_the_old_version_drains(tmp_path: Path) -> None:
