@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmserve.errors import PrepareError
 from llmserve.settings import Settings
+
+if TYPE_CHECKING:
+    from router.state import RouterState
+    from router.store import Store
 
 
 def _configure_logging(level: str) -> None:
@@ -72,21 +78,37 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from llmserve.engine_spec import EngineSpec
-    from llmserve.stack import Deployment, LocalStack
+    from llmserve.stack import LocalStack
     from router.app import create_app
 
-    folder = _prepare(settings, args.source)
-    spec = EngineSpec.from_settings(folder, settings.model.name, settings.model.version, settings.engine)
+    _prepare(settings, args.source)
+    model = settings.model
+
+    def engine_program(name: str, version: str, model_dir: Path) -> EngineSpec:
+        return EngineSpec.from_settings(model_dir, name, version, settings.engine)
+
+    store = _open_store(settings)
+    stack = LocalStack(settings.engine, settings.logs_dir, program_factory=engine_program)
+    print(f"control plane: {'Redis' if settings.redis_url else settings.sqlite_path}; "
+          f"engine logs in {settings.logs_dir / 'replicas'}", flush=True)
     router_settings = settings.router
-    print(f"starting {settings.model.replicas} engine replica(s) of {spec.versioned_name}; "
-          f"logs in {settings.logs_dir / 'replicas'}", flush=True)
-    stack = LocalStack(
-        settings.engine,
-        settings.logs_dir,
-        [Deployment(spec, settings.engine.max_model_len, settings.model.replicas)],
-        on_ready=lambda: print(_banner(router_settings.host, router_settings.port, spec.model_name), flush=True),
-    )
-    app = create_app(router_settings, stack)
+
+    async def bootstrap(state: RouterState) -> None:
+        """First start: register the bundled model and deploy it; later starts: the store has it all."""
+        from router.store import ModelRecord
+        from router.store.base import LIVE_STATUSES
+
+        assert state.control is not None
+        control = state.control
+        if await control.store.get_model(model.name) is None:
+            await control.register_model(ModelRecord(model.name, "SmolLM2-135M-Instruct", "vllm", "llmserve"))
+        deployments = await control.store.list_deployments(model.name)
+        if not any(d.status in LIVE_STATUSES for d in deployments):
+            await control.deploy(model.name, model.version, 100, model.replicas, 0, "llmserve up")
+        asyncio.create_task(_announce_when_ready(state, router_settings.host, router_settings.port, model.name))
+
+    app = create_app(router_settings, stack, store=store, models_dir=settings.model_repository,
+                     on_started=bootstrap)
     config = uvicorn.Config(
         app,
         host=router_settings.host,
@@ -97,6 +119,25 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     )
     uvicorn.Server(config).run()
     return 0
+
+
+def _open_store(settings: Settings) -> Store:
+    if settings.redis_url:
+        from router.store.redis_store import RedisStore
+
+        return RedisStore(settings.redis_url)
+    from router.store.sqlite import SQLiteStore
+
+    return SQLiteStore(settings.sqlite_path)
+
+
+async def _announce_when_ready(state: RouterState, host: str, port: int, model_name: str) -> None:
+    while True:
+        model = state.catalog.find(model_name)
+        if model is not None and any(v.ready_replicas for v in model.versions.values()):
+            print(_banner(host, port, model_name), flush=True)
+            return
+        await asyncio.sleep(0.2)
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir, description="Store, logs and models live here.")
     models_dir: Path | None = Field(None, description="Model repository; default: <data_dir>/models.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("LLMSERVE_REDIS_URL", "REDIS_URL"),
+        description="Keep the control plane in Redis (shared by several routers) instead of SQLite.",
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
@@ -102,6 +107,10 @@ class Settings(BaseSettings):
     @property
     def model_repository(self) -> Path:
         return self.models_dir if self.models_dir is not None else self.data_dir / "models"
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "llmserve.db"
 
     @property
     def logs_dir(self) -> Path:

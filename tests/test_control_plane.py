@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,8 +14,11 @@ import pytest
 
 from llmserve.repository import Manifest
 from loadtest.sim import SimEngineProgram
+from router.store import Store
+from router.store.redis_store import RedisStore
 from router.store.sqlite import SQLiteStore
 from tests.conftest import RunningRouter, run_router
+from tests.redis_server import redis_server
 
 MODEL = "chat"
 
@@ -32,8 +36,10 @@ def make_version(models_dir: Path, version: str, model: str = MODEL) -> None:
 
 
 @asynccontextmanager
-async def control_router(tmp_path: Path, db: Path | None = None) -> AsyncIterator[RunningRouter]:
-    store = SQLiteStore(db or tmp_path / "llmserve.db")
+async def control_router(
+    tmp_path: Path, db: Path | None = None, redis_url: str | None = None
+) -> AsyncIterator[RunningRouter]:
+    store: Store = RedisStore(redis_url, "restart:") if redis_url else SQLiteStore(db or tmp_path / "llmserve.db")
     async with run_router([], tmp_path, store=store, program_factory=sim_factory) as router:
         yield router
 
@@ -199,13 +205,22 @@ async def test_zero_downtime_deploy_shift_and_rollback_under_load(tmp_path: Path
         assert completed > 20
 
 
-async def test_state_survives_a_router_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_state_survives_a_router_restart(tmp_path: Path, backend: str) -> None:
     db = tmp_path / "llmserve.db"
-    async with control_router(tmp_path, db) as router, httpx.AsyncClient(timeout=30) as client:
-        await setup_v1(client, router, tmp_path)
-        await deploy(client, router.url, "v2", 25)
-        before = (await client.get(f"{router.url}/api/v1/deployments/{MODEL}")).json()
-    async with control_router(tmp_path, db) as router, httpx.AsyncClient(timeout=30) as client:
+    with contextlib.ExitStack() as resources:
+        redis_url = resources.enter_context(redis_server()) if backend == "redis" else None
+        async with control_router(tmp_path, db, redis_url) as router, httpx.AsyncClient(timeout=30) as client:
+            await setup_v1(client, router, tmp_path)
+            await deploy(client, router.url, "v2", 25)
+            before = (await client.get(f"{router.url}/api/v1/deployments/{MODEL}")).json()
+        await restarted_router_has_the_same_state(tmp_path, db, redis_url, before)
+
+
+async def restarted_router_has_the_same_state(
+    tmp_path: Path, db: Path, redis_url: str | None, before: dict
+) -> None:
+    async with control_router(tmp_path, db, redis_url) as router, httpx.AsyncClient(timeout=30) as client:
         after = (await client.get(f"{router.url}/api/v1/deployments/{MODEL}")).json()
         assert after["split"] == before["split"] == {"v1": 75, "v2": 25}
         assert [h["action"] for h in after["history"]] == [h["action"] for h in before["history"]]
@@ -227,9 +242,6 @@ async def test_models_listing(tmp_path: Path, split: dict[str, int]) -> None:
 
 
 async def test_two_routers_on_one_redis_share_the_control_plane(tmp_path: Path) -> None:
-    from router.store.redis_store import RedisStore
-    from tests.redis_server import redis_server
-
     with redis_server() as url:
         prefix = "two-routers:"
         async with (

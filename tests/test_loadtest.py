@@ -60,3 +60,13 @@ async def test_bench_reports_errors_by_status(tmp_path: Path) -> None:
         report = await asyncio.wait_for(run([Target("router", f"{router.url}/v1")], config), 30)
     assert report["targets"]["router"]["failed"] == 2
     assert report["targets"]["router"]["errors"] == {"404": 2}
+
+
+def test_routing_benchmark_measures_every_split() -> None:
+    from loadtest.routing_bench import main as routing_main
+    from loadtest.routing_bench import measure
+
+    result = measure({"v1": 90, "v2": 10}, requests=2000)
+    assert result["requests"] == 2000
+    assert 0 < result["p50_us"] <= result["p99_us"] <= result["p999_us"]
+    assert routing_main(["--requests", "200"]) == 0
