@@ -210,12 +210,19 @@ class ControlPlane:
 
     # -- traffic --------------------------------------------------------------
 
-    async def set_traffic(self, model_name: str, split: dict[str, Any], actor: str) -> TrafficRecord:
+    async def set_traffic(
+        self, model_name: str, split: dict[str, Any], actor: str, expected_revision: int | None = None
+    ) -> TrafficRecord:
+        """Replace the split. With ``expected_revision`` (HTTP ``If-Match``) a concurrent change
+        made after the caller read the split is a Conflict instead of being overwritten."""
         await self.require_model(model_name)
         active = {d.version for d in await self.store.list_deployments(model_name)
                   if d.status is DeploymentStatus.ACTIVE}
         wanted = validate_split(split, active)
         current = await self.store.get_traffic(model_name)
+        if expected_revision is not None and expected_revision != current.revision:
+            raise Conflict(f"the traffic of {model_name!r} is at revision {current.revision}, not "
+                           f"{expected_revision} (If-Match); read it again and retry")
         record = await self.store.set_traffic(
             model_name, wanted, current.revision,
             HistoryEntry(model_name, "traffic", actor, {"from": current.split, "to": wanted}),

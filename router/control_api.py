@@ -143,8 +143,13 @@ async def get_deployments(model_name: str, request: Request) -> dict[str, Any]:
 @router.put("/deployments/{model_name}/traffic")
 async def set_traffic(model_name: str, request: Request) -> dict[str, Any]:
     split = await _body(request)
+    if_match = request.headers.get("if-match")
+    if if_match is not None and not if_match.strip('"').isdigit():
+        raise InvalidRequest("If-Match must be the split's revision number, as GET /api/v1/deployments/{model} "
+                             "returns it", param="If-Match")
+    expected = int(if_match.strip('"')) if if_match is not None else None
     try:
-        record = await _control(request).set_traffic(model_name, split, _actor(request))
+        record = await _control(request).set_traffic(model_name, split, _actor(request), expected)
     except (Conflict, NotFound, ValueError) as exc:
         raise _translate(exc) from None
     return {"model_name": model_name, "split": record.split, "revision": record.revision}

@@ -276,3 +276,23 @@ async def test_two_routers_on_one_redis_share_the_control_plane(tmp_path: Path) 
             await asyncio.gather(*(b.stack.supervisor.wait_ready(r) for r in b.stack.supervisor.replicas))
             served = {(await chat(client, b.url, f"u{i}")).headers["x-model-version"] for i in range(40)}
             assert served == {"v1", "v2"}
+
+
+async def test_concurrent_conflicting_traffic_changes_one_wins_one_gets_409(tmp_path: Path) -> None:
+    async with control_router(tmp_path) as router, httpx.AsyncClient(timeout=30) as client:
+        await setup_v1(client, router, tmp_path)
+        state = await deploy(client, router.url, "v2", 10)
+        revision = str(state["revision"])
+        url = f"{router.url}/api/v1/deployments/{MODEL}/traffic"
+        first, second = await asyncio.gather(
+            client.put(url, json={"v1": 50, "v2": 50}, headers={"If-Match": revision}),
+            client.put(url, json={"v1": 0, "v2": 100}, headers={"If-Match": revision}),
+        )
+        assert sorted([first.status_code, second.status_code]) == [200, 409]
+        loser = first if first.status_code == 409 else second
+        assert "read it again" in loser.json()["error"]["message"]
+        winner = first if first.status_code == 200 else second
+        after = (await client.get(f"{router.url}/api/v1/deployments/{MODEL}")).json()
+        assert after["split"] == winner.json()["split"] and after["revision"] == int(revision) + 1
+        bad = await client.put(url, json={"v1": 100, "v2": 0}, headers={"If-Match": "abc"})
+        assert bad.status_code == 400
