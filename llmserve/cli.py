@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmserve.errors import PrepareError
 from llmserve.settings import Settings
@@ -84,8 +84,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     _prepare(settings, args.source)
     model = settings.model
 
-    def engine_program(name: str, version: str, model_dir: Path) -> EngineSpec:
-        return EngineSpec.from_settings(model_dir, name, version, settings.engine)
+    def engine_program(name: str, version: str, model_dir: Path, overrides: dict[str, Any]) -> EngineSpec:
+        engine = settings.engine.model_copy(update=overrides) if overrides else settings.engine
+        return EngineSpec.from_settings(model_dir, name, version, engine)
 
     store = _open_store(settings)
     stack = LocalStack(settings.engine, settings.logs_dir, program_factory=engine_program)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmserve.replica import Replica, ReplicaProgram
 from llmserve.settings import EngineSettings
@@ -21,7 +22,8 @@ from router.catalog import Catalog, ServedVersion
 
 logger = logging.getLogger(__name__)
 
-ProgramFactory = Callable[[str, str, Path], ReplicaProgram]
+# (model name, version, model folder, engine setting overrides) -> what to run
+ProgramFactory = Callable[[str, str, Path, dict[str, Any]], ReplicaProgram]
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,15 @@ class LocalStack:
         if self._deployments:
             self._ready_task = asyncio.create_task(self._announce_ready(), name="announce ready")
 
-    async def launch(self, model_name: str, version: str, model_dir: Path, replicas: int) -> ServedVersion:
+    async def launch(
+        self, model_name: str, version: str, model_dir: Path, replicas: int, engine: dict[str, Any] | None = None
+    ) -> ServedVersion:
         """Start a version's replicas (state STARTING); the caller adds it to the catalog."""
         if self._program_factory is None:
             raise RuntimeError("this stack was built without a program factory; it cannot launch versions")
-        program = self._program_factory(model_name, version, model_dir)
-        served = ServedVersion(model_name, version, self._max_model_len)
+        engine = engine or {}
+        program = self._program_factory(model_name, version, model_dir, engine)
+        served = ServedVersion(model_name, version, int(engine.get("max_model_len", self._max_model_len)))
         served.replicas = [self.supervisor.start(program, index) for index in range(replicas)]
         return served
 

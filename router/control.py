@@ -50,7 +50,9 @@ _CAS_ATTEMPTS = 20
 class ReplicaLauncher(Protocol):
     """Starts and stops a version's replicas (``llmserve.stack.LocalStack``)."""
 
-    async def launch(self, model_name: str, version: str, model_dir: Path, replicas: int) -> ServedVersion: ...
+    async def launch(
+        self, model_name: str, version: str, model_dir: Path, replicas: int, engine: dict[str, Any] | None = None
+    ) -> ServedVersion: ...
 
     async def wait_ready(self, served: ServedVersion) -> None: ...
 
@@ -150,12 +152,14 @@ class ControlPlane:
     # -- deploy ---------------------------------------------------------------
 
     async def deploy(
-        self, model_name: str, version: str, traffic_percent: int, replicas: int, gpu: int, actor: str
+        self, model_name: str, version: str, traffic_percent: int, replicas: int, gpu: int, actor: str,
+        engine: dict[str, Any] | None = None,
     ) -> DeploymentRecord:
         await self.require_model(model_name)
         record = DeploymentRecord(
             id=uuid.uuid4().hex[:12], model_name=model_name, version=version, status=DeploymentStatus.DEPLOYING,
             model_dir=str(self._models_dir / model_name / version), replicas=replicas, gpu=gpu,
+            engine=dict(engine or {}),
         )
         self._owned_rollouts.add(record.id)
         try:
@@ -179,7 +183,7 @@ class ControlPlane:
                 raise _RolloutFailed(f"{exc}; prepare it with `llmserve prepare --name {record.model_name} "
                                      f"--version {record.version} --source ...`") from None
             served = await self._launcher.launch(record.model_name, record.version, Path(record.model_dir),
-                                                 record.replicas)
+                                                 record.replicas, record.engine)
             self._local[(record.model_name, record.version)] = served
             self._catalog.add_version(served)
             try:
@@ -310,7 +314,7 @@ class ControlPlane:
                 if record.status is DeploymentStatus.ACTIVE and key not in self._local:
                     # After a restart, or a deploy accepted by another router: run it here too.
                     served = await self._launcher.launch(record.model_name, record.version,
-                                                         Path(record.model_dir), record.replicas)
+                                                         Path(record.model_dir), record.replicas, record.engine)
                     self._local[key] = served
                     self._catalog.add_version(served)
                 elif record.status in (DeploymentStatus.RETIRED, DeploymentStatus.FAILED) and key in self._local:

@@ -40,12 +40,24 @@ class Resources(BaseModel):
     gpu: int = Field(0, ge=0, le=8)
 
 
+class EngineOverrides(BaseModel):
+    """Engine settings this version runs with instead of the router's defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    max_model_len: int | None = Field(None, ge=16)
+    kv_cache_gib: float | None = Field(None, gt=0)
+    max_num_seqs: int | None = Field(None, ge=1)
+    enable_prefix_caching: bool | None = None
+    enforce_eager: bool | None = None
+
+
 class CreateDeployment(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model_name: str = Field(pattern=_NAME)
     version: str = Field(pattern=_VERSION)
     traffic_percent: int = Field(0, ge=0, le=100)
     resources: Resources = Field(default_factory=Resources)
+    engine: EngineOverrides = Field(default_factory=EngineOverrides)
 
 
 class RollbackBody(BaseModel):
@@ -119,7 +131,7 @@ async def create_deployment(request: Request) -> JSONResponse:
     try:
         record = await _control(request).deploy(
             body.model_name, body.version, body.traffic_percent, body.resources.replicas, body.resources.gpu,
-            _actor(request),
+            _actor(request), engine=body.engine.model_dump(exclude_none=True),
         )
     except (Conflict, NotFound) as exc:
         raise _translate(exc) from None

@@ -23,7 +23,7 @@ from tests.redis_server import redis_server
 MODEL = "chat"
 
 
-def sim_factory(model_name: str, version: str, model_dir: Path) -> SimEngineProgram:
+def sim_factory(model_name: str, version: str, model_dir: Path, engine: dict) -> SimEngineProgram:
     return SimEngineProgram(model_name, version, ttft_ms=5, itl_ms=5)
 
 

@@ -139,7 +139,34 @@ async def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:
     await first.set_traffic("chat", {"v1": 100}, 0, HistoryEntry("chat", "deploy", "a"))
     await first.close()
     again = SQLiteStore(path)
-    assert again.schema_version == 1
+    assert again.schema_version == 2
     assert (await again.get_traffic("chat")).split == {"v1": 100}
     assert [m.name for m in await again.list_models()] == ["chat"]
     await again.close()
+
+
+async def test_engine_overrides_round_trip(store: Store) -> None:
+    await store.create_model(ModelRecord("chat"))
+    record = DeploymentRecord(id="d1", model_name="chat", version="v2", status=DeploymentStatus.DEPLOYING,
+                              model_dir="/m", engine={"enable_prefix_caching": False, "max_num_seqs": 8})
+    await store.create_deployment(record)
+    assert (await store.list_deployments("chat"))[0].engine == {"enable_prefix_caching": False, "max_num_seqs": 8}
+
+
+async def test_sqlite_migrates_a_version_1_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    from router.store.sqlite import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0] + "\nPRAGMA user_version=1;")
+    db.execute("INSERT INTO models VALUES ('chat', '', 'vllm', '', 0)")
+    db.execute("INSERT INTO deployments VALUES ('d1', 'chat', 'v1', 'active', '/m', 1, 0, NULL, 0, 0)")
+    db.commit()
+    db.close()
+    store = SQLiteStore(path)
+    assert store.schema_version == len(MIGRATIONS)
+    [record] = await store.list_deployments("chat")
+    assert record.version == "v1" and record.engine == {}
+    await store.close()

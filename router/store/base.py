@@ -64,6 +64,7 @@ class DeploymentRecord:
     reason: str | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineSettings overrides for this version
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "status": self.status.value}

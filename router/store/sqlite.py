@@ -55,6 +55,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX history_by_model ON history(model_name, id);
     """,
+    # 2: per-version engine settings (a canary may differ from stable in more than its weights)
+    """
+    ALTER TABLE deployments ADD COLUMN engine TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 
 _LOG_TABLE = re.compile(r"^inference_logs_(\d{8})$")
@@ -168,9 +172,10 @@ class SQLiteStore:
                 )
             d = deployment
             db.execute(
-                "INSERT INTO deployments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO deployments (id, model_name, version, status, model_dir, replicas, gpu, reason, "
+                "created_at, updated_at, engine) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (d.id, d.model_name, d.version, d.status.value, d.model_dir, d.replicas, d.gpu, d.reason,
-                 d.created_at, d.updated_at),
+                 d.created_at, d.updated_at, json.dumps(d.engine)),
             )
 
         await self._write(insert, changed=deployment.model_name)
@@ -189,7 +194,7 @@ class SQLiteStore:
         self._notify(await self._write(update))
 
     async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]:
-        columns = "id, model_name, version, status, model_dir, replicas, gpu, reason, created_at, updated_at"
+        columns = "id, model_name, version, status, model_dir, replicas, gpu, reason, created_at, updated_at, engine"
 
         def query(db: sqlite3.Connection) -> list[Any]:
             if model_name is None:
@@ -201,7 +206,8 @@ class SQLiteStore:
         rows = await self._run(query)
         return [
             DeploymentRecord(id=r[0], model_name=r[1], version=r[2], status=DeploymentStatus(r[3]), model_dir=r[4],
-                             replicas=r[5], gpu=r[6], reason=r[7], created_at=r[8], updated_at=r[9])
+                             replicas=r[5], gpu=r[6], reason=r[7], created_at=r[8], updated_at=r[9],
+                             engine=json.loads(r[10]))
             for r in rows
         ]
 
