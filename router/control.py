@@ -98,6 +98,7 @@ class ControlPlane:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._watch_task: asyncio.Task[None] | None = None
+        self._retiring: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     # -- life cycle -----------------------------------------------------------
 
@@ -296,10 +297,7 @@ class ControlPlane:
         return live[0]
 
     async def _retire(self, record: DeploymentRecord) -> None:
-        served = self._local.pop((record.model_name, record.version), None)
-        if served is not None:
-            await self._launcher.retire(served, drain=True)
-            self._catalog.remove_version(record.model_name, record.version)
+        await self._retire_local((record.model_name, record.version))
         await self.store.update_deployment(record.id, DeploymentStatus.RETIRED)
 
     # -- reconciliation -------------------------------------------------------
@@ -320,13 +318,22 @@ class ControlPlane:
                 elif record.status in (DeploymentStatus.RETIRED, DeploymentStatus.FAILED) and key in self._local:
                     if not any(d.version == record.version and d.status is not record.status for d in deployments
                                if d.created_at > record.created_at):
-                        self._spawn(self._retire_local(key), name=f"retire local {key}")
+                        self._retire_local(key)
                 elif record.status is DeploymentStatus.DRAINING and key in self._local \
                         and record.id not in self._owned_rollouts:
-                    self._spawn(self._retire_local(key), name=f"drain local {key}")
+                    self._retire_local(key)
             self._catalog.set_split(model_name, traffic.split)
 
-    async def _retire_local(self, key: tuple[str, str]) -> None:
+    def _retire_local(self, key: tuple[str, str]) -> asyncio.Task[None]:
+        """Drain and stop this router's replicas of a version; one task per version however often asked."""
+        task = self._retiring.get(key)
+        if task is None:
+            task = self._spawn(self._drain_and_stop(key), name=f"retire {key[0]}:{key[1]}")
+            self._retiring[key] = task
+            task.add_done_callback(lambda _done: self._retiring.pop(key, None))
+        return task
+
+    async def _drain_and_stop(self, key: tuple[str, str]) -> None:
         served = self._local.pop(key, None)
         if served is not None:
             await self._launcher.retire(served, drain=True)
