@@ -1,11 +1,8 @@
-"""``python -m loadtest bench ...`` (see ``loadtest.bench``)."""
+"""``python -m loadtest run|sweep|bench ...`` (see ``loadtest.cli``)."""
 
 import sys
 
-from loadtest.bench import main
+from loadtest.cli import main
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args[:1] == ["bench"]:
-        args = args[1:]
-    sys.exit(main(args))
+    sys.exit(main())

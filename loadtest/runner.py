@@ -1,0 +1,258 @@
+"""Sends the requests of a run and records what happened to each.
+
+Open loop: each request goes out at its intended time (``schedule``), as its
+own task, whatever the earlier ones are doing; an optional concurrency cap
+makes a request wait for a slot, and that wait is recorded, not hidden.
+Closed loop: N users each send their next request when the previous one ends.
+Every run is bounded in requests and in time, and stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from loadtest.workload import RequestSpec, Workload
+
+LATE_SEND_MS = 10.0  # a send this late against its intended time counts as not on time
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    base_url: str  # OpenAI: ending in /v1; generate: the router's root
+    endpoint: str = "chat"  # chat | completions | generate
+
+
+@dataclass
+class Record:
+    index: int
+    target: str
+    intended_s: float  # seconds from the run's start
+    sent_s: float
+    ok: bool = False
+    status: int = 0
+    error: str = ""
+    first_token_s: float | None = None
+    end_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    version: str = ""
+    served_by: str = ""
+    user: str | None = None
+    priority: str | None = None
+    warmup: bool = False
+    generator_lag_s: float = 0.0
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.first_token_s is None else (self.first_token_s - self.sent_s) * 1000
+
+    @property
+    def e2el_ms(self) -> float | None:
+        return None if self.end_s is None else (self.end_s - self.sent_s) * 1000
+
+    @property
+    def tpot_ms(self) -> float | None:
+        if self.first_token_s is None or self.end_s is None or self.output_tokens < 2:
+            return None
+        return (self.end_s - self.first_token_s) * 1000 / (self.output_tokens - 1)
+
+    @property
+    def queue_wait_ms(self) -> float:
+        """Time spent waiting for a concurrency-cap slot (the generator's own lateness excluded)."""
+        return max(0.0, (self.sent_s - self.intended_s - self.generator_lag_s) * 1000)
+
+
+def _request_body(target: Target, model: str, spec: RequestSpec) -> tuple[str, dict[str, object]]:
+    if target.endpoint == "generate":
+        prompt = spec.prompt or " ".join(str(m.get("content", "")) for m in spec.messages or [])
+        body: dict[str, object] = {"prompt": prompt, "max_tokens": spec.max_tokens, "stream": True}
+        if spec.user:
+            body["user"] = spec.user
+        return f"{target.base_url}/api/v1/models/{model}/generate", body
+    body = {"model": model, "max_tokens": spec.max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if spec.user:
+        body["user"] = spec.user
+    if target.endpoint == "completions":
+        body["prompt"] = spec.prompt or " ".join(str(m.get("content", "")) for m in spec.messages or [])
+        return f"{target.base_url}/completions", body
+    body["messages"] = spec.messages or [{"role": "user", "content": spec.prompt or ""}]
+    return f"{target.base_url}/chat/completions", body
+
+
+def _text_of(chunk: dict[str, object]) -> str:
+    if "text" in chunk and not chunk.get("choices"):
+        return str(chunk["text"])  # the generate API's token event
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list) or not choices:
+        return ""
+    choice = choices[0]
+    return (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+
+
+async def send(
+    session: aiohttp.ClientSession, target: Target, model: str, spec: RequestSpec, record: Record,
+    clock: Callable[[], float],
+) -> None:
+    """Send one streamed request and fill in its record (never raises for a failed request)."""
+    url, body = _request_body(target, model, spec)
+    headers = {"x-priority": spec.priority} if spec.priority else {}
+    last = record.sent_s
+    pieces = 0
+    try:
+        async with session.post(url, json=body, headers=headers) as response:
+            record.status = response.status
+            record.version = response.headers.get("x-model-version", "")
+            record.served_by = response.headers.get("x-served-by", "")
+            if response.status != 200:
+                record.error = (await response.text())[:200]
+                return
+            buffer = b""
+            async for raw in response.content.iter_any():
+                buffer += raw
+                *events, buffer = buffer.split(b"\n\n")
+                for event in events:
+                    data = next((line[6:] for line in event.split(b"\n") if line.startswith(b"data: ")), None)
+                    if data is None or data == b"[DONE]":
+                        continue
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        record.error = str(chunk["error"])[:200]
+                        return
+                    now = clock()
+                    if _text_of(chunk):
+                        pieces += 1
+                        if record.first_token_s is None:
+                            record.first_token_s = now
+                        else:
+                            record.itl_s.append(now - last)
+                        last = now
+                    usage = chunk.get("usage")
+                    if isinstance(usage, dict):
+                        record.output_tokens = int(usage.get("completion_tokens") or 0)
+                        record.input_tokens = int(usage.get("prompt_tokens") or 0)
+        record.end_s = clock()
+        record.output_tokens = record.output_tokens or pieces
+        record.ok = record.first_token_s is not None
+        if not record.ok:
+            record.error = "the stream ended without output"
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        record.error = f"{type(exc).__name__}: {exc}"[:200]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    targets: list[Target]
+    model: str
+    intended: list[float]  # open loop: seconds from the start; empty for closed loop
+    users: int = 0  # closed loop: concurrent users
+    max_requests: int = 0  # closed loop bound
+    duration_s: float = 60.0
+    concurrency_cap: int | None = None
+    warmup: int = 0
+    request_timeout_s: float = 300.0
+
+
+async def execute(plan: RunPlan, workload: Workload, on_progress: Callable[[Record], None] | None = None
+                  ) -> tuple[list[Record], float]:
+    """Run the plan; returns every record (warm-up ones flagged) and the measured duration."""
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=plan.request_timeout_s)
+    loop = asyncio.get_running_loop()
+    clock = loop.time
+    records: list[Record] = []
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
+        for i in range(plan.warmup):  # not counted; one at a time, round robin over targets
+            target = plan.targets[i % len(plan.targets)]
+            warm = Record(index=-1 - i, target=target.name, intended_s=0, sent_s=clock(), warmup=True)
+            await send(session, target, plan.model, workload.next(), warm, clock)
+            records.append(warm)
+        start = clock()
+        if plan.intended:
+            measured = await _open_loop(session, plan, workload, start, clock, on_progress)
+        else:
+            measured = await _closed_loop(session, plan, workload, start, clock, on_progress)
+        duration = clock() - start
+    for record in measured:  # times relative to the start of the measured part
+        record.intended_s -= start
+        record.sent_s -= start
+        if record.first_token_s is not None:
+            record.first_token_s -= start
+        if record.end_s is not None:
+            record.end_s -= start
+    return records + measured, duration
+
+
+async def _open_loop(session: aiohttp.ClientSession, plan: RunPlan, workload: Workload, start: float,
+                     clock: Callable[[], float], on_progress: Callable[[Record], None] | None) -> list[Record]:
+    cap = asyncio.Semaphore(plan.concurrency_cap) if plan.concurrency_cap else None
+    records: list[Record] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one(record: Record, target: Target, spec: RequestSpec) -> None:
+        if cap is not None:
+            async with cap:
+                record.sent_s = clock()
+                await send(session, target, plan.model, spec, record, clock)
+        else:
+            await send(session, target, plan.model, spec, record, clock)
+        if on_progress:
+            on_progress(record)
+
+    for index, offset in enumerate(plan.intended):
+        due = start + offset
+        delay = due - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = clock()
+        target = plan.targets[index % len(plan.targets)]
+        spec = workload.next()
+        record = Record(index=index, target=target.name, intended_s=due, sent_s=now, user=spec.user,
+                        priority=spec.priority, generator_lag_s=max(0.0, now - due))
+        records.append(record)
+        tasks.append(asyncio.create_task(one(record, target, spec)))
+    if tasks:
+        await asyncio.wait(tasks, timeout=plan.request_timeout_s)
+    for task in tasks:
+        task.cancel()
+    return records
+
+
+async def _closed_loop(session: aiohttp.ClientSession, plan: RunPlan, workload: Workload, start: float,
+                       clock: Callable[[], float], on_progress: Callable[[Record], None] | None) -> list[Record]:
+    records: list[Record] = []
+    deadline = start + plan.duration_s
+    limit = plan.max_requests or 10**9
+
+    async def user(number: int) -> None:
+        while clock() < deadline and len(records) < limit:
+            index = len(records)
+            target = plan.targets[index % len(plan.targets)]
+            spec = workload.next()
+            now = clock()
+            record = Record(index=index, target=target.name, intended_s=now, sent_s=now, user=spec.user,
+                            priority=spec.priority)
+            records.append(record)
+            await send(session, target, plan.model, spec, record, clock)
+            if on_progress:
+                on_progress(record)
+
+    await asyncio.wait_for(asyncio.gather(*(user(i) for i in range(plan.users))),
+                           timeout=plan.duration_s + plan.request_timeout_s)
+    return records
+
+
+def late_sends(records: list[Record]) -> int:
+    return sum(1 for r in records if not r.warmup and r.generator_lag_s * 1000 > LATE_SEND_MS)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
