@@ -147,6 +147,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     return bench_main(args.bench_args)
 
 
+def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.cli import main as loadtest_main
+
+    return loadtest_main(args.loadtest_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmserve", description=__doc__)
     parser.add_argument("--data-dir", help="store, logs and models (default ~/.local/share/llmserve)")
@@ -173,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="streamed-request benchmark (same as python -m loadtest bench)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+
+    loadtest = sub.add_parser("loadtest", help="load tests: run, sweep, bench (same as python -m loadtest)")
+    loadtest.add_argument("loadtest_args", nargs=argparse.REMAINDER)
+    loadtest.set_defaults(func=cmd_loadtest)
     return parser
 
 

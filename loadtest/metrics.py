@@ -41,8 +41,10 @@ def distribution(values_ms: Sequence[float], name: str) -> dict[str, float]:
 
 
 def slo_values(record: Record) -> dict[str, float | None]:
-    return {"ttft": record.ttft_ms, "tpot": record.tpot_ms, "e2el": record.e2el_ms,
-            "itl": max(record.itl_s) * 1000 if record.itl_s else None}
+    # As vLLM's goodput does, a one-token answer has TPOT 0 (it has no gaps to be slow in).
+    tpot = record.tpot_ms if record.tpot_ms is not None else (0.0 if record.ok else None)
+    return {"ttft": record.ttft_ms, "tpot": tpot, "e2el": record.e2el_ms,
+            "itl": max(record.itl_s) * 1000 if record.itl_s else (0.0 if record.ok else None)}
 
 
 def summarize(records: Sequence[Record], duration_s: float, slo: SLO) -> dict[str, object]:

@@ -197,3 +197,37 @@ class _no_exit:
 
     def __exit__(self, *exc: object) -> bool:
         return False
+
+
+def test_metrics_agree_with_vllm_bench_serve(sim_url: str, tmp_path: Path) -> None:
+    """The same recorded trace through vLLM's own calculate_metrics and ours: within 1%."""
+    import asyncio
+
+    from vllm.benchmarks.datasets.datasets import SampleRequest
+    from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
+    from vllm.benchmarks.serve import calculate_metrics
+
+    from loadtest.runner import RunPlan, Target, execute
+
+    plan = RunPlan(targets=[Target("sim", f"{sim_url}/v1")], model="sim",
+                   intended=intended_send_times(Shape("constant", 40), 2.0, "poisson", seed=5))
+    workload = Workload(source="synthetic", output_length=parse_length("uniform:2:24"), seed=5)
+    records, duration = asyncio.run(execute(plan, workload))
+    ours = summarize(records, duration, parse_slo(["ttft:60", "tpot:8"]))
+    outputs = [RequestFuncOutput(success=r.ok, latency=(r.end_s - r.sent_s), output_tokens=r.output_tokens,
+                                 ttft=(r.first_token_s - r.sent_s), itl=list(r.itl_s), prompt_len=r.input_tokens,
+                                 start_time=r.sent_s) for r in records if r.ok]
+    inputs = [SampleRequest(prompt="x", prompt_len=r.input_tokens, expected_output_len=r.output_tokens)
+              for r in records if r.ok]
+    theirs, _ = calculate_metrics(inputs, outputs, duration, None, [50.0, 99.0], {"ttft": 60.0, "tpot": 8.0})
+    pairs = {
+        "mean_ttft_ms": theirs.mean_ttft_ms, "median_ttft_ms": theirs.median_ttft_ms,
+        "p99_ttft_ms": dict(theirs.percentiles_ttft_ms)[99.0],
+        "mean_tpot_ms": theirs.mean_tpot_ms, "median_tpot_ms": theirs.median_tpot_ms,
+        "p99_tpot_ms": dict(theirs.percentiles_tpot_ms)[99.0],
+        "mean_itl_ms": theirs.mean_itl_ms, "mean_e2el_ms": theirs.mean_e2el_ms,
+        "request_goodput": theirs.request_goodput, "output_throughput": theirs.output_throughput,
+    }
+    assert ours["completed"] == theirs.completed > 50
+    for key, value in pairs.items():
+        assert ours[key] == pytest.approx(value, rel=0.01), key
