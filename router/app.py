@@ -15,6 +15,7 @@ from router.catalog import Catalog
 from router.control import ControlPlane, ReplicaLauncher
 from router.errors import install_error_handlers
 from router.inference_log import InferenceLogWriter
+from router.metrics import RouterMetrics
 from router.middleware import RequestIdMiddleware
 from router.relay import Relay
 from router.state import EngineBackend, RouterState
@@ -45,6 +46,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         relay = Relay(settings, on_replica_failure=backend.report_failure)
         state = RouterState(settings=settings, catalog=catalog, relay=relay, backend=backend)
+        if settings.metrics_enabled:
+            state.metrics = RouterMetrics(catalog)
         app.state.router = state
         await backend.start(catalog)
         log_writer: InferenceLogWriter | None = None

@@ -7,8 +7,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from router.split import user_bucket
+
+if TYPE_CHECKING:
+    from router.metrics import RouterMetrics
 from router.store.base import InferenceLog
 
 logger = logging.getLogger("router.requests")
@@ -32,11 +36,31 @@ class RequestRecord:
     user: str | None = None
     output_tokens: int | None = None
     sink: Callable[[InferenceLog], None] | None = field(default=None, repr=False)
+    metrics: RouterMetrics | None = field(default=None, repr=False)
+    gaps_s: list[float] = field(default_factory=list, repr=False)
+    text_chunks: int = 0
+    _last_chunk_at: float | None = field(default=None, repr=False)
+    _in_flight: bool = field(default=False, repr=False)
 
-    def mark_chunk(self) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
+    def begin(self, model: str, version: str, stream: bool) -> None:
+        """The request is routed: count it in flight for its version."""
+        self.model, self.version, self.stream = model, version, stream
+        if self.metrics is not None:
+            self.metrics.started(model, version)
+            self._in_flight = True
+
+    def mark_chunk(self, data: bytes | None = None) -> None:
+        """A chunk was relayed; only chunks with output text count for TTFT and ITL (vLLM's definition)."""
         self.chunks += 1
+        if data is not None and not has_text(data):
+            return
+        now = time.perf_counter()
+        self.text_chunks += 1
+        if self.first_token_at is None:
+            self.first_token_at = now
+        elif self._last_chunk_at is not None:
+            self.gaps_s.append(now - self._last_chunk_at)
+        self._last_chunk_at = now
 
     def note_usage(self, data: bytes) -> None:
         """Take the output token count from a chunk or body that carries usage (cheap check first)."""
@@ -58,6 +82,11 @@ class RequestRecord:
             self.status_code = status_code
         latency_ms = (time.perf_counter() - self.started) * 1000
         ttft = self.ttft_ms
+        if self.output_tokens is None and self.text_chunks:
+            self.output_tokens = self.text_chunks  # a stream without usage: one token a chunk
+        if self.metrics is not None and self.model:
+            self.metrics.finished(self, latency_ms / 1000, self._in_flight)
+            self._in_flight = False
         logger.info(
             "request %s %s model=%s version=%s replica=%s status=%s stream=%s ttft_ms=%s latency_ms=%.1f chunks=%d%s",
             self.request_id,
@@ -79,6 +108,18 @@ class RequestRecord:
                 user_bucket=user_bucket(self.user), ttft_ms=ttft, latency_ms=latency_ms,
                 output_tokens=self.output_tokens, status_code=self.status_code,
             ))
+
+
+_TEXT_KEYS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
+
+
+def has_text(data: bytes) -> bool:
+    """Whether an OpenAI stream chunk carries output text, read off the bytes (no JSON parse per chunk)."""
+    for key in _TEXT_KEYS:
+        at = data.find(key)
+        if at >= 0 and data[at + len(key): at + len(key) + 1] != b'"':
+            return True
+    return False
 
 
 def user_key(headers: Mapping[str, str], body_user: str | None) -> str | None:

@@ -41,7 +41,7 @@ class _Outcome:
 async def generate(model_name: str, request: Request) -> Response:
     state: RouterState = request.app.state.router
     request_id: str = request.state.request_id
-    record = RequestRecord(request_id, "generate", sink=state.log_sink)
+    record = RequestRecord(request_id, "generate", sink=state.log_sink, metrics=state.metrics)
     body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
     parsed: GenerateRequest = validate(GenerateRequest, parse_json_object(body))
     record.user = user_key(request.headers, parsed.user)
@@ -65,7 +65,7 @@ async def generate(model_name: str, request: Request) -> Response:
         path = "/v1/chat/completions"
         payload["messages"] = [{"role": "user", "content": parsed.prompt}]
 
-    record.model, record.version, record.stream = served.model_name, served.version, parsed.stream
+    record.begin(served.model_name, served.version, parsed.stream)
     upstream = await state.relay.open(served, path, payload, request_id)
     record.replica = upstream.replica.id
     headers = served_headers(request_id, served.version, upstream.replica.id)

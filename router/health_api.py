@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from router.state import RouterState
 
@@ -30,6 +31,16 @@ async def readyz(request: Request) -> JSONResponse:
         body["waiting_for"] = not_ready or ["a deployed model"]
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(state.settings.retry_after_s)})
     return JSONResponse(body)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of the router's metrics."""
+    state: RouterState = request.app.state.router
+    if state.metrics is None:
+        return Response("metrics are disabled (LLMSERVE_ROUTER__METRICS_ENABLED=false)\n", status_code=404,
+                        media_type="text/plain")
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/api/v1/replicas")

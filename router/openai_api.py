@@ -66,7 +66,7 @@ async def _relay_openai(
 ) -> Response:
     state: RouterState = request.app.state.router
     request_id: str = request.state.request_id
-    record = RequestRecord(request_id, path, sink=state.log_sink)
+    record = RequestRecord(request_id, path, sink=state.log_sink, metrics=state.metrics)
     body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
     payload = parse_json_object(body)
     parsed = validate(schema, payload)
@@ -79,7 +79,7 @@ async def _relay_openai(
         "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) else "max_tokens",
     )
     payload["model"] = served.versioned_name
-    record.model, record.version, record.stream = served.model_name, served.version, parsed.stream
+    record.begin(served.model_name, served.version, parsed.stream)
     upstream = await state.relay.open(served, path, payload, request_id)
     record.replica = upstream.replica.id
     headers = served_headers(request_id, served.version, upstream.replica.id)
@@ -112,7 +112,7 @@ async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncItera
     status = 200
     try:
         async for data in sse_data(upstream):
-            record.mark_chunk()
+            record.mark_chunk(data)
             record.note_usage(data)
             yield sse_bytes(data)
     except UpstreamBroken as exc:

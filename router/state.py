@@ -15,6 +15,7 @@ from router.store.base import InferenceLog
 
 if TYPE_CHECKING:
     from router.control import ControlPlane
+    from router.metrics import RouterMetrics
 
 
 class EngineBackend(Protocol):
@@ -37,3 +38,4 @@ class RouterState:
     sse_ping_s: int = 15
     control: ControlPlane | None = None
     log_sink: Callable[[InferenceLog], None] | None = None
+    metrics: RouterMetrics | None = None

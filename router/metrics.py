@@ -1,0 +1,94 @@
+"""Prometheus metrics of the router, in a registry owned by the app (no global state).
+
+Request metrics are labelled by model, version, route and status only: never
+by user or request id, so cardinality stays bounded. Latency buckets include
+the design's SLO bounds (50 ms for lightweight models, 500 ms for TTFT).
+Replica and traffic gauges are read from the catalog when scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from router.catalog import Catalog
+    from router.context import RequestRecord
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+class _CatalogCollector(Collector):
+    """Per-replica and per-version state, read from the catalog at scrape time."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        outstanding = GaugeMetricFamily("llmserve_replica_outstanding_requests",
+                                        "Requests in flight from this router to each replica",
+                                        labels=["model", "version", "replica"])
+        ready = GaugeMetricFamily("llmserve_replica_ready", "1 if the replica receives traffic",
+                                  labels=["model", "version", "replica"])
+        share = GaugeMetricFamily("llmserve_traffic_share_percent", "Traffic split per version",
+                                  labels=["model", "version"])
+        for model in self._catalog.models():
+            for version, percent in model.split.items():
+                share.add_metric([model.name, version], float(percent))
+            for served in model.versions.values():
+                for replica in served.replicas:
+                    labels = [model.name, served.version, replica.id]
+                    outstanding.add_metric(labels, float(replica.outstanding))
+                    ready.add_metric(labels, 1.0 if replica.routable else 0.0)
+        yield outstanding
+        yield ready
+        yield share
+
+
+class RouterMetrics:
+    def __init__(self, catalog: Catalog) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model", "version"]
+        self.requests = Counter("llmserve_requests", "Inference requests answered",
+                                ["model", "version", "route", "status"], registry=self.registry)
+        self.in_flight = Gauge("llmserve_requests_in_flight", "Inference requests being served",
+                               labels, registry=self.registry)
+        self.ttft = Histogram("llmserve_time_to_first_token_seconds", "Time to first token, as the router sees it",
+                              labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("llmserve_inter_token_latency_seconds", "Gaps between streamed chunks",
+                             labels, buckets=TOKEN_GAP_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("llmserve_time_per_output_token_seconds", "(E2E - TTFT) / (output tokens - 1)",
+                              labels, buckets=TOKEN_GAP_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("llmserve_e2e_latency_seconds", "Request latency from arrival to the last byte",
+                             ["model", "version", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.output_tokens = Counter("llmserve_output_tokens", "Generated tokens", labels, registry=self.registry)
+        self.registry.register(_CatalogCollector(catalog))
+
+    def started(self, model: str, version: str) -> None:
+        self.in_flight.labels(model, version).inc()
+
+    def finished(self, record: RequestRecord, latency_s: float, counted_in_flight: bool) -> None:
+        model, version = record.model, record.version
+        if counted_in_flight:
+            self.in_flight.labels(model, version).dec()
+        self.requests.labels(model, version, record.route, str(record.status_code)).inc()
+        self.e2e.labels(model, version, record.route).observe(latency_s)
+        ttft = record.ttft_ms
+        if ttft is not None:
+            self.ttft.labels(model, version).observe(ttft / 1000)
+        itl = self.itl.labels(model, version)
+        for gap in record.gaps_s:
+            itl.observe(gap)
+        if record.output_tokens:
+            self.output_tokens.labels(model, version).inc(record.output_tokens)
+            if ttft is not None and record.output_tokens > 1:
+                self.tpot.labels(model, version).observe(
+                    (latency_s - ttft / 1000) / (record.output_tokens - 1))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

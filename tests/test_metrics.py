@@ -1,0 +1,71 @@
+"""/metrics: Prometheus text that parses, and histograms that count what was sent."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmserve.settings import RouterSettings
+from llmserve.stack import Deployment
+from loadtest.sim import SimEngineProgram
+from tests.conftest import free_port, run_router
+
+CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(all_samples: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in all_samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+async def test_metrics_count_what_was_sent(tmp_path: Path) -> None:
+    deployments = [Deployment(SimEngineProgram("demo", "v1", ttft_ms=10, itl_ms=3), 2048, 2)]
+    async with run_router(deployments, tmp_path) as router, httpx.AsyncClient() as client:
+        streams = [client.post(f"{router.url}/v1/chat/completions",
+                               json={**CHAT, "stream": True, "max_tokens": 5, "user": f"u{i}"}) for i in range(6)]
+        plain = [client.post(f"{router.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 3})
+                 for _ in range(4)]
+        responses = await asyncio.gather(*streams, *plain)
+        assert all(r.status_code == 200 for r in responses)
+        bad = await client.post(f"{router.url}/v1/chat/completions", json={**CHAT, "model": "nope"})
+        assert bad.status_code == 404
+        scrape = await client.get(f"{router.url}/metrics")
+    assert scrape.status_code == 200 and scrape.headers["content-type"].startswith("text/plain")
+    found = samples(scrape.text)
+    assert value(found, "llmserve_requests_total", route="/v1/chat/completions", status="200", version="v1") == 6
+    assert value(found, "llmserve_requests_total", route="/v1/completions", status="200") == 4
+    assert value(found, "llmserve_time_to_first_token_seconds_count", model="demo", version="v1") == 6
+    assert value(found, "llmserve_e2e_latency_seconds_count", model="demo") == 10
+    assert value(found, "llmserve_inter_token_latency_seconds_count", model="demo") == 6 * 4
+    # TPOT needs a first-token time: streamed requests only
+    assert value(found, "llmserve_time_per_output_token_seconds_count", model="demo") == 6
+    assert value(found, "llmserve_output_tokens_total", model="demo") == 6 * 5 + 4 * 3
+    assert value(found, "llmserve_requests_in_flight", model="demo") == 0
+    assert value(found, "llmserve_traffic_share_percent", model="demo", version="v1") == 100
+    assert value(found, "llmserve_replica_ready", model="demo") == 2
+    # SLO bounds are bucket edges; no per-user or per-request labels anywhere
+    ttft_buckets = {dict(ls)["le"] for (n, ls) in found if n == "llmserve_time_to_first_token_seconds_bucket"}
+    assert {"0.05", "0.5"} <= ttft_buckets
+    assert not any(k in dict(ls) for (_n, ls) in found for k in ("user", "request_id"))
+    # a TTFT of ~10 ms lands at or under the 50 ms bucket for every streamed request
+    assert value(found, "llmserve_time_to_first_token_seconds_bucket", le="0.05") == 6
+
+
+async def test_metrics_can_be_turned_off(tmp_path: Path) -> None:
+    port = free_port()
+    settings = RouterSettings(port=port, metrics_enabled=False)
+    deployments = [Deployment(SimEngineProgram("demo", "v1"), 2048, 1)]
+    async with run_router(deployments, tmp_path, router_settings=settings) as router, httpx.AsyncClient() as client:
+        answer = await client.post(f"{router.url}/v1/chat/completions", json={**CHAT, "max_tokens": 1})
+        assert answer.status_code == 200
+        assert (await client.get(f"{router.url}/metrics")).status_code == 404
