@@ -89,6 +89,7 @@ class Supervisor:
         self._processes: dict[Replica, asyncio.subprocess.Process] = {}
         self._ready_events: dict[Replica, asyncio.Event] = {}
         self._stopping: set[Replica] = set()
+        self._stop_tasks: dict[Replica, asyncio.Future[None]] = {}
         self._on_change = on_change
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0), trust_env=False)
         self.replicas: list[Replica] = []
@@ -126,12 +127,18 @@ class Supervisor:
             self._set_state(replica, ReplicaState.UNHEALTHY)
 
     async def stop(self, replica: Replica, drain: bool = True) -> None:
-        """Drain (bounded) and stop one replica; it is not restarted."""
-        if replica in self._stopping:
-            task = self._tasks.get(replica)
-            if task:
-                await asyncio.shield(task)
-            return
+        """Drain (bounded) and stop one replica; it is not restarted.
+
+        The stop runs as its own task: a caller that is cancelled (a shutdown
+        overtaking a drain) does not leave the replica half-stopped, and a
+        second caller waits for the same stop.
+        """
+        task = self._stop_tasks.get(replica)
+        if task is None:
+            task = self._stop_tasks[replica] = asyncio.ensure_future(self._stop(replica, drain))
+        await asyncio.shield(task)
+
+    async def _stop(self, replica: Replica, drain: bool) -> None:
         self._stopping.add(replica)
         if drain and replica.state is not ReplicaState.STOPPED:
             self._set_state(replica, ReplicaState.DRAINING)

@@ -18,6 +18,7 @@ from router.inference_log import InferenceLogWriter
 from router.metrics import RouterMetrics
 from router.middleware import RequestIdMiddleware
 from router.relay import Relay
+from router.samples import SampleWindows
 from router.state import EngineBackend, RouterState
 from router.store import Store
 
@@ -53,7 +54,8 @@ def create_app(
         log_writer: InferenceLogWriter | None = None
         if store is not None:
             launcher: ReplicaLauncher = backend  # type: ignore[assignment]
-            state.control = ControlPlane(store, launcher, catalog, models_dir or Path("."))
+            state.samples = SampleWindows()
+            state.control = ControlPlane(store, launcher, catalog, models_dir or Path("."), state.samples)
             await state.control.start()
             log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)
             log_writer.start()

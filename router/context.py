@@ -13,6 +13,7 @@ from router.split import user_bucket
 
 if TYPE_CHECKING:
     from router.metrics import RouterMetrics
+    from router.samples import SampleWindows
 from router.store.base import InferenceLog
 
 logger = logging.getLogger("router.requests")
@@ -37,6 +38,7 @@ class RequestRecord:
     output_tokens: int | None = None
     sink: Callable[[InferenceLog], None] | None = field(default=None, repr=False)
     metrics: RouterMetrics | None = field(default=None, repr=False)
+    samples: SampleWindows | None = field(default=None, repr=False)
     gaps_s: list[float] = field(default_factory=list, repr=False)
     text_chunks: int = 0
     _last_chunk_at: float | None = field(default=None, repr=False)
@@ -102,6 +104,8 @@ class RequestRecord:
             f" error={self.error}" if self.error else "",
             extra={"request_id": self.request_id},
         )
+        if self.samples is not None and self.model and self.status_code != 499:
+            self.samples.record(self.model, self.version, ttft, self.status_code)
         if self.sink is not None and self.model:
             self.sink(InferenceLog(
                 request_id=self.request_id, model_name=self.model, version=self.version, replica=self.replica,

@@ -29,7 +29,10 @@ from typing import Any, Protocol
 
 from llmserve.errors import LLMServeError
 from llmserve.repository import Manifest
+from router.canary import CanaryPolicy
+from router.canary_rollout import CanaryRollout, CanaryState
 from router.catalog import Catalog, ServedVersion
+from router.samples import SampleWindows
 from router.split import validate_split
 from router.store import (
     Conflict,
@@ -88,8 +91,13 @@ class RollbackResult:
 
 
 class ControlPlane:
-    def __init__(self, store: Store, launcher: ReplicaLauncher, catalog: Catalog, models_dir: Path) -> None:
+    def __init__(
+        self, store: Store, launcher: ReplicaLauncher, catalog: Catalog, models_dir: Path,
+        samples: SampleWindows | None = None,
+    ) -> None:
         self.store = store
+        self.samples = samples or SampleWindows()
+        self.canaries: dict[str, CanaryRollout] = {}
         self._launcher = launcher
         self._catalog = catalog
         self._models_dir = Path(models_dir)
@@ -154,7 +162,7 @@ class ControlPlane:
 
     async def deploy(
         self, model_name: str, version: str, traffic_percent: int, replicas: int, gpu: int, actor: str,
-        engine: dict[str, Any] | None = None,
+        engine: dict[str, Any] | None = None, canary: CanaryPolicy | None = None,
     ) -> DeploymentRecord:
         await self.require_model(model_name)
         record = DeploymentRecord(
@@ -171,10 +179,12 @@ class ControlPlane:
         await self.store.append_history(HistoryEntry(
             model_name, "deploy", actor, {"version": version, "traffic_percent": traffic_percent,
                                           "replicas": replicas, "deployment_id": record.id}))
-        self._spawn(self._rollout(record, traffic_percent, actor), name=f"rollout {model_name}:{version}")
+        self._spawn(self._rollout(record, traffic_percent, actor, canary), name=f"rollout {model_name}:{version}")
         return record
 
-    async def _rollout(self, record: DeploymentRecord, traffic_percent: int, actor: str) -> None:
+    async def _rollout(
+        self, record: DeploymentRecord, traffic_percent: int, actor: str, canary: CanaryPolicy | None = None
+    ) -> None:
         started = time.monotonic()
         served: ServedVersion | None = None
         try:
@@ -194,7 +204,15 @@ class ControlPlane:
             await self.store.update_deployment(record.id, DeploymentStatus.ACTIVE)
             ready_s = time.monotonic() - started
             logger.info("deployment %s:%s ready in %.1fs", record.model_name, record.version, ready_s)
-            await self._update_split(
+            split = (await self.store.get_traffic(record.model_name)).split
+            stable = max((v for v in split if split[v] > 0 and v != record.version), key=split.get, default=None)
+            if canary is not None and stable is not None:
+                state = CanaryState(record.model_name, record.version, stable, canary)
+                rollout = CanaryRollout(self, self.samples, state, actor)
+                self.canaries[record.model_name] = rollout
+                self._spawn(rollout.run(), name=f"canary {record.model_name}:{record.version}")
+                return
+            await self.update_split(
                 record.model_name,
                 lambda split: rebalance(split, record.version, traffic_percent),
                 HistoryEntry(record.model_name, "activate", actor,
@@ -235,7 +253,7 @@ class ControlPlane:
         self._catalog.set_split(model_name, record.split)
         return record
 
-    async def _update_split(self, model_name: str, change: Any, entry: HistoryEntry) -> TrafficRecord:
+    async def update_split(self, model_name: str, change: Any, entry: HistoryEntry) -> TrafficRecord:
         """Apply ``change(split) -> split`` with compare-and-set, retrying when another writer won."""
         for _ in range(_CAS_ATTEMPTS):
             current = await self.store.get_traffic(model_name)
@@ -272,7 +290,7 @@ class ControlPlane:
             if not older:
                 raise Conflict(f"{model_name}:{newest.version} is the only active version; nothing to roll back to")
             target = max(older, key=lambda d: d.created_at).version
-        record = await self._update_split(
+        record = await self.update_split(
             model_name, lambda _split: {target: 100},
             HistoryEntry(model_name, "rollback", actor, {"from_version": newest.version, "to_version": target}))
         applied_ms = (time.perf_counter() - started) * 1000
@@ -355,7 +373,9 @@ class ControlPlane:
                 "ready_replicas": len(served.ready_replicas) if served else 0,
             })
         history = await self.store.history(model_name)
+        rollout = self.canaries.get(model_name)
         return {
+            "canary": rollout.state.to_dict() if rollout else None,
             "model_name": model_name,
             "split": traffic.split,
             "revision": traffic.revision,

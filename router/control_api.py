@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from router.canary import CanaryPolicy
 from router.control import ControlPlane
 from router.errors import APIError, InvalidRequest, ModelNotFound, VersionNotFound
 from router.protocol import parse_json_object, read_body, validate
@@ -51,6 +52,27 @@ class EngineOverrides(BaseModel):
     enforce_eager: bool | None = None
 
 
+class Strategy(BaseModel):
+    """How a new version earns its traffic: ``direct`` (all at once when ready) or ``canary``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["direct", "canary"] = "direct"
+    steps: list[int] = Field(default_factory=lambda: [5, 25, 50, 100], min_length=1, max_length=20)
+    bake_s: float = Field(60.0, ge=0)
+    min_samples: int = Field(50, ge=20)
+    max_samples: int = Field(2000, ge=20)
+    ttft_tolerance: float = Field(0.10, ge=0, le=5)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    error_margin: float = Field(0.01, ge=0, le=1)
+
+    def policy(self) -> CanaryPolicy | None:
+        if self.type != "canary":
+            return None
+        return CanaryPolicy(steps=tuple(self.steps), bake_s=self.bake_s, min_samples=self.min_samples,
+                            max_samples=self.max_samples, ttft_tolerance=self.ttft_tolerance,
+                            confidence=self.confidence, error_margin=self.error_margin)
+
+
 class CreateDeployment(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model_name: str = Field(pattern=_NAME)
@@ -58,6 +80,7 @@ class CreateDeployment(BaseModel):
     traffic_percent: int = Field(0, ge=0, le=100)
     resources: Resources = Field(default_factory=Resources)
     engine: EngineOverrides = Field(default_factory=EngineOverrides)
+    strategy: Strategy = Field(default_factory=Strategy)
 
 
 class RollbackBody(BaseModel):
@@ -129,9 +152,13 @@ async def get_model(model_name: str, request: Request) -> dict[str, Any]:
 async def create_deployment(request: Request) -> JSONResponse:
     body: CreateDeployment = validate(CreateDeployment, await _body(request))
     try:
+        canary = body.strategy.policy()
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="strategy") from None
+    try:
         record = await _control(request).deploy(
             body.model_name, body.version, body.traffic_percent, body.resources.replicas, body.resources.gpu,
-            _actor(request), engine=body.engine.model_dump(exclude_none=True),
+            _actor(request), engine=body.engine.model_dump(exclude_none=True), canary=canary,
         )
     except (Conflict, NotFound) as exc:
         raise _translate(exc) from None
@@ -150,6 +177,20 @@ async def get_deployments(model_name: str, request: Request) -> dict[str, Any]:
         return await _control(request).describe(model_name)
     except NotFound as exc:
         raise _translate(exc) from None
+
+
+@router.get("/deployments/{model_name}/canary")
+async def get_canary(model_name: str, request: Request) -> dict[str, Any]:
+    control = _control(request)
+    try:
+        await control.require_model(model_name)
+    except NotFound as exc:
+        raise _translate(exc) from None
+    rollout = control.canaries.get(model_name)
+    if rollout is None:
+        raise VersionNotFound(f"model {model_name!r} has no canary rollout; deploy with "
+                              '"strategy": {"type": "canary"}', param="model_name")
+    return rollout.state.to_dict()
 
 
 @router.put("/deployments/{model_name}/traffic")

@@ -24,7 +24,7 @@ from sse_starlette import EventSourceResponse
 from router.context import RequestRecord, served_headers, user_key
 from router.errors import UpstreamFailed
 from router.protocol import GenerateRequest, check_output_limit, parse_json_object, read_body, validate
-from router.relay import Upstream, UpstreamBroken, error_event, sse_bytes, sse_data
+from router.relay import Upstream, UpstreamBroken, engine_failure, error_event, sse_bytes, sse_data
 from router.state import RouterState
 
 router = APIRouter(prefix="/api/v1", tags=["generate"])
@@ -41,7 +41,8 @@ class _Outcome:
 async def generate(model_name: str, request: Request) -> Response:
     state: RouterState = request.app.state.router
     request_id: str = request.state.request_id
-    record = RequestRecord(request_id, "generate", sink=state.log_sink, metrics=state.metrics)
+    record = RequestRecord(request_id, "generate", sink=state.log_sink, metrics=state.metrics,
+                           samples=state.samples)
     body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
     parsed: GenerateRequest = validate(GenerateRequest, parse_json_object(body))
     record.user = user_key(request.headers, parsed.user)
@@ -72,6 +73,11 @@ async def generate(model_name: str, request: Request) -> Response:
     if upstream.status_code != 200:
         content = await upstream.read()
         await upstream.aclose()
+        if upstream.status_code >= 500:
+            failure = engine_failure(upstream, content)
+            failure.headers = headers
+            record.finish(failure.status_code)
+            return failure.response()
         record.finish(upstream.status_code)
         return Response(content, status_code=upstream.status_code, media_type="application/json", headers=headers)
 

@@ -20,7 +20,7 @@ from router.protocol import (
     read_body,
     validate,
 )
-from router.relay import Upstream, UpstreamBroken, error_event, sse_bytes, sse_data
+from router.relay import Upstream, UpstreamBroken, engine_failure, error_event, sse_bytes, sse_data
 from router.state import RouterState
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -66,7 +66,7 @@ async def _relay_openai(
 ) -> Response:
     state: RouterState = request.app.state.router
     request_id: str = request.state.request_id
-    record = RequestRecord(request_id, path, sink=state.log_sink, metrics=state.metrics)
+    record = RequestRecord(request_id, path, sink=state.log_sink, metrics=state.metrics, samples=state.samples)
     body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
     payload = parse_json_object(body)
     parsed = validate(schema, payload)
@@ -103,6 +103,11 @@ async def _buffered(upstream: Upstream, record: RequestRecord, headers: dict[str
         return UpstreamFailed(message, headers=headers).response()
     finally:
         await upstream.aclose()
+    if upstream.status_code >= 500:
+        failure = engine_failure(upstream, content)
+        failure.headers = headers
+        record.finish(failure.status_code)
+        return failure.response()
     record.note_usage(content)
     record.finish(upstream.status_code)
     return Response(content, status_code=upstream.status_code, media_type="application/json", headers=headers)

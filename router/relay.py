@@ -140,7 +140,8 @@ class Relay:
             except BaseException:
                 replica.outstanding -= 1
                 raise
-            if response.status >= 500 and len(tried) <= self._settings.retry_before_first_token:
+            another = self._balancer.pick(served.replicas, exclude=tried) is not None
+            if response.status >= 500 and another and len(tried) <= self._settings.retry_before_first_token:
                 text = (await response.read())[:300].decode(errors="replace")
                 response.release()
                 replica.outstanding -= 1
@@ -173,6 +174,16 @@ async def sse_data(upstream: Upstream) -> AsyncIterator[bytes]:
                 if line.startswith(_DATA_PREFIX):
                     yield line[len(_DATA_PREFIX):]
         buffer = buffer[start:]
+
+
+def engine_failure(upstream: Upstream, content: bytes) -> UpstreamFailed:
+    """An engine's 5xx as the router's 502: the client learns which replica failed and why."""
+    try:
+        detail = json.loads(content)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        detail = content[:200].decode(errors="replace")
+    return UpstreamFailed(f"replica {upstream.replica.id} failed ({upstream.status_code}: {detail}); "
+                          "retry the request")
 
 
 def error_event(message: str, code: str, error_type: str = "server_error") -> str:

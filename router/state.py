@@ -16,6 +16,7 @@ from router.store.base import InferenceLog
 if TYPE_CHECKING:
     from router.control import ControlPlane
     from router.metrics import RouterMetrics
+    from router.samples import SampleWindows
 
 
 class EngineBackend(Protocol):
@@ -39,3 +40,4 @@ class RouterState:
     control: ControlPlane | None = None
     log_sink: Callable[[InferenceLog], None] | None = None
     metrics: RouterMetrics | None = None
+    samples: SampleWindows | None = None

@@ -61,7 +61,13 @@ async def deploy(client: httpx.AsyncClient, url: str, version: str, percent: int
         "model_name": MODEL, "version": version, "traffic_percent": percent, "resources": {"replicas": 1}})
     assert response.status_code == 202, response.text
     assert response.json()["status"] == "deploying"
-    return await wait_status(client, url, version, "active")
+    state = await wait_status(client, url, version, "active")
+    deadline = time.monotonic() + 10
+    while percent and version not in state["split"] and time.monotonic() < deadline:
+        # the split changes just after the status turns active
+        await asyncio.sleep(0.02)
+        state = (await client.get(f"{url}/api/v1/deployments/{MODEL}")).json()
+    return state
 
 
 async def setup_v1(client: httpx.AsyncClient, router: RunningRouter, tmp_path: Path) -> None:

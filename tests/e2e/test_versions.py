@@ -56,6 +56,9 @@ def test_two_real_versions_split_by_user_then_roll_back(stack: Stack) -> None:
     assert response.status_code == 202, response.text
     state = wait_for(stack, "v2", "active")
     deploy_to_ready_s = time.monotonic() - started
+    while "v2" not in state["split"] and time.monotonic() - started < 620:
+        time.sleep(0.05)  # the split changes just after the status turns active
+        state = httpx.get(f"{stack.url}/api/v1/deployments/{MODEL}", timeout=10).json()
     assert state["split"] == {"v1": 50, "v2": 50}
     v2 = next(v for v in state["versions"] if v["version"] == "v2")
     assert v2["engine"] == {"enable_prefix_caching": False} and v2["ready_replicas"] == 1

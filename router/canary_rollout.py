@@ -1,0 +1,110 @@
+"""A canary rollout: step the new version's traffic up while the analysis says it is healthy.
+
+Loop, per step of the policy (for example 5%, 25%, 50%, 100%):
+1. give the canary the step's share (taken from the others in proportion);
+2. bake: wait ``bake_s``, then analyse the window since the step began
+   (TTFT of this step; errors since the rollout began) every ``interval_s``;
+3. PROMOTE -> next step; ROLLBACK -> the control plane's instant rollback to
+   stable; HOLD -> keep waiting.
+Each promote or rollback decision is written to the history with its
+evidence; the latest evidence is readable at ``/api/v1/deployments/{model}/canary``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from router.canary import CanaryPolicy, Decision, analyze
+from router.samples import SampleWindows
+from router.store import HistoryEntry
+
+if TYPE_CHECKING:
+    from router.control import ControlPlane
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CanaryState:
+    model_name: str
+    canary_version: str
+    stable_version: str
+    policy: CanaryPolicy
+    status: str = "running"  # running | promoted | rolled_back | aborted
+    step: int = 0
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    latest: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name, "canary_version": self.canary_version,
+            "stable_version": self.stable_version, "status": self.status, "step_percent": self.step,
+            "policy": {**self.policy.__dict__, "steps": list(self.policy.steps)},
+            "latest_analysis": self.latest, "decisions": self.decisions,
+        }
+
+
+class CanaryRollout:
+    def __init__(
+        self,
+        control: ControlPlane,
+        samples: SampleWindows,
+        state: CanaryState,
+        actor: str,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        interval_s: float = 0.5,
+    ) -> None:
+        self._control = control
+        self._samples = samples
+        self.state = state
+        self._actor = actor
+        self._sleep = sleep
+        self._interval_s = interval_s
+
+    async def run(self) -> None:
+        from router.control import rebalance
+
+        s = self.state
+        began = self._samples.now()
+        for step in s.policy.steps:
+            s.step = step
+            await self._control.update_split(
+                s.model_name, lambda split, step=step: rebalance(split, s.canary_version, step),
+                HistoryEntry(s.model_name, "canary_step", self._actor, {"version": s.canary_version, "percent": step}),
+            )
+            if step == 100:
+                s.status = "promoted"
+                logger.info("canary %s:%s promoted to 100%%", s.model_name, s.canary_version)
+                return
+            step_began = self._samples.now()
+            await self._sleep(s.policy.bake_s)
+            while True:
+                decision = await self._analyze(began, step_began)
+                if decision is Decision.ROLLBACK:
+                    s.status = "rolled_back"
+                    await self._control.rollback(s.model_name, s.stable_version, f"canary ({self._actor})")
+                    logger.warning("canary %s:%s rolled back at %d%%: %s", s.model_name, s.canary_version, step,
+                                   (s.latest or {}).get("reason"))
+                    return
+                if decision is Decision.PROMOTE:
+                    break
+                await self._sleep(self._interval_s)
+
+    async def _analyze(self, began: float, step_began: float) -> Decision:
+        s = self.state
+        stable_ttft, _, _ = self._samples.since(s.model_name, s.stable_version, step_began)
+        canary_ttft, _, _ = self._samples.since(s.model_name, s.canary_version, step_began)
+        _, stable_failed, stable_total = self._samples.since(s.model_name, s.stable_version, began)
+        _, canary_failed, canary_total = self._samples.since(s.model_name, s.canary_version, began)
+        evidence = analyze(stable_ttft, canary_ttft, stable_failed, canary_failed, s.policy,
+                           stable_total, canary_total)
+        s.latest = {"step_percent": s.step, **evidence.to_dict()}
+        if evidence.decision is not Decision.HOLD:
+            s.decisions.append(s.latest)
+            await self._control.store.append_history(
+                HistoryEntry(s.model_name, f"canary_{evidence.decision.value}", "canary", s.latest))
+        return evidence.decision
