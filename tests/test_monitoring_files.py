@@ -25,7 +25,8 @@ def metric_names(expr: str) -> set[str]:
 def test_the_exposed_set_is_what_the_router_registers() -> None:
     text = RouterMetrics(Catalog()).exposition().decode()
     declared = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
-    assert {"llmserve_requests_total", "llmserve_time_to_first_token_seconds", "llmserve_requests_in_flight"} <= declared
+    expected = {"llmserve_requests_total", "llmserve_time_to_first_token_seconds", "llmserve_requests_in_flight"}
+    assert expected <= declared
 
 
 def test_alert_rules_parse_and_query_exposed_metrics() -> None:
