@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmserve.errors import PrepareError
+from llmserve.logs import configure as configure_logging
 from llmserve.settings import Settings
 
 if TYPE_CHECKING:
     from router.state import RouterState
     from router.store import Store
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # One line per proxied request from httpx would drown the router's own log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _prepare(settings: Settings, source: str | None, force: bool = False) -> Path:
@@ -216,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"llmserve: invalid setting: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         return int(args.func(args, settings) or 0)
     except PrepareError as exc:

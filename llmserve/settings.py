@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir, description="Store, logs and models live here.")
     models_dir: Path | None = Field(None, description="Model repository; default: <data_dir>/models.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object a line, with request ids.")
     redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("LLMSERVE_REDIS_URL", "REDIS_URL"),
