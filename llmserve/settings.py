@@ -73,6 +73,7 @@ class RouterSettings(BaseModel):
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when no replica is ready.")
     max_connections_per_replica: int = Field(512, ge=1, description="HTTP connection pool size per replica.")
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics on /metrics.")
+    engine_metrics_interval_s: float = Field(5.0, gt=0, description="How often engines' own metrics are scraped.")
     inference_log_retention_days: int = Field(30, ge=1, description="Days of inference logs kept in the store.")
 
 

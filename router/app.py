@@ -13,6 +13,7 @@ from llmserve.settings import RouterSettings
 from router import control_api, generate_api, health_api, openai_api
 from router.catalog import Catalog
 from router.control import ControlPlane, ReplicaLauncher
+from router.engine_metrics import EngineMetricsScraper
 from router.errors import install_error_handlers
 from router.inference_log import InferenceLogWriter
 from router.metrics import RouterMetrics
@@ -47,8 +48,12 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         relay = Relay(settings, on_replica_failure=backend.report_failure)
         state = RouterState(settings=settings, catalog=catalog, relay=relay, backend=backend)
+        scraper: EngineMetricsScraper | None = None
         if settings.metrics_enabled:
             state.metrics = RouterMetrics(catalog)
+            scraper = EngineMetricsScraper(catalog, settings.engine_metrics_interval_s)
+            state.metrics.registry.register(scraper)
+            scraper.start()
         app.state.router = state
         await backend.start(catalog)
         log_writer: InferenceLogWriter | None = None
@@ -70,6 +75,8 @@ def create_app(
                 await state.control.stop()
             if log_writer is not None:
                 await log_writer.close()
+            if scraper is not None:
+                await scraper.close()
             await backend.stop()
             await relay.aclose()
             if store is not None:

@@ -57,8 +57,9 @@ async def test_metrics_count_what_was_sent(tmp_path: Path) -> None:
     ttft_buckets = {dict(ls)["le"] for (n, ls) in found if n == "llmserve_time_to_first_token_seconds_bucket"}
     assert {"0.05", "0.5"} <= ttft_buckets
     assert not any(k in dict(ls) for (_n, ls) in found for k in ("user", "request_id"))
-    # a TTFT of ~10 ms lands at or under the 50 ms bucket for every streamed request
-    assert value(found, "llmserve_time_to_first_token_seconds_bucket", le="0.05") == 6
+    # a TTFT of ~10 ms lands at or under the 500 ms bucket for every streamed request, even on a busy machine
+    assert value(found, "llmserve_time_to_first_token_seconds_bucket", le="0.5") == 6
+    assert value(found, "llmserve_time_to_first_token_seconds_bucket", le="+Inf") == 6
 
 
 async def test_metrics_can_be_turned_off(tmp_path: Path) -> None:
@@ -69,3 +70,35 @@ async def test_metrics_can_be_turned_off(tmp_path: Path) -> None:
         answer = await client.post(f"{router.url}/v1/chat/completions", json={**CHAT, "max_tokens": 1})
         assert answer.status_code == 200
         assert (await client.get(f"{router.url}/metrics")).status_code == 404
+
+
+async def test_engine_metrics_are_re_exposed_per_replica(tmp_path: Path) -> None:
+    settings = RouterSettings(port=free_port(), engine_metrics_interval_s=0.1)
+    deployments = [Deployment(SimEngineProgram("demo", "v1"), 2048, 2)]
+    async with run_router(deployments, tmp_path, router_settings=settings) as router, httpx.AsyncClient() as client:
+        await client.post(f"{router.url}/v1/chat/completions", json={**CHAT, "max_tokens": 1})
+        found: dict = {}
+        for _ in range(50):
+            found = samples((await client.get(f"{router.url}/metrics")).text)
+            if value(found, "llmserve_engine_requests_running", model="demo") == 0 and any(
+                    n == "llmserve_engine_kv_cache_usage_ratio" for n, _ in found):
+                break
+            await asyncio.sleep(0.1)
+    replicas = {dict(ls)["replica"] for (n, ls) in found if n == "llmserve_engine_requests_waiting"}
+    assert replicas == {"demo:v1/0", "demo:v1/1"}
+    assert value(found, "llmserve_engine_requests_running", version="v1") == 0
+
+
+def test_vllm_metric_names_are_parsed() -> None:
+    from router.engine_metrics import parse_engine_metrics
+
+    text = (
+        '# TYPE vllm:num_requests_running gauge\n'
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+        '# TYPE vllm:num_preemptions counter\n'
+        'vllm:num_preemptions_total{engine="0",model_name="m"} 7.0\n'
+        '# TYPE vllm:prefix_cache_hits counter\n'
+        'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 40.0\n'
+    )
+    assert parse_engine_metrics(text) == {"vllm:num_requests_running": 3.0, "vllm:num_preemptions_total": 7.0,
+                                          "vllm:prefix_cache_hits_total": 40.0}

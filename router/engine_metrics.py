@@ -1,0 +1,102 @@
+"""The engines' own vLLM metrics, scraped by the router and re-exposed per version and replica.
+
+One background loop scrapes every replica's ``/metrics`` every few seconds
+(never on the request path, never inside a Prometheus scrape) and keeps the
+latest values; the collector turns them into gauges labelled with model,
+version and replica, so one Prometheus job on the router sees everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import aiohttp
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from router.catalog import Catalog
+
+logger = logging.getLogger(__name__)
+
+# vLLM sample name -> (router metric name, help)
+ENGINE_SAMPLES: dict[str, tuple[str, str]] = {
+    "vllm:num_requests_running": ("llmserve_engine_requests_running", "Sequences the engine is running"),
+    "vllm:num_requests_waiting": ("llmserve_engine_requests_waiting", "Requests queued in the engine"),
+    "vllm:kv_cache_usage_perc": ("llmserve_engine_kv_cache_usage_ratio", "Fraction of the paged KV cache in use"),
+    "vllm:num_preemptions_total": ("llmserve_engine_preemptions", "Sequences preempted (cumulative)"),
+    "vllm:prefix_cache_queries_total": ("llmserve_engine_prefix_cache_queries", "Prefix-cache lookups (tokens)"),
+    "vllm:prefix_cache_hits_total": ("llmserve_engine_prefix_cache_hits", "Prefix-cache hits (tokens)"),
+    "vllm:spec_decode_num_draft_tokens_total": ("llmserve_engine_spec_draft_tokens", "Draft tokens proposed"),
+    "vllm:spec_decode_num_accepted_tokens_total": ("llmserve_engine_spec_accepted_tokens", "Draft tokens accepted"),
+}
+
+
+def parse_engine_metrics(text: str) -> dict[str, float]:
+    """Sum each wanted vLLM sample over its labels (one engine per replica)."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ENGINE_SAMPLES:
+                values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
+    return values
+
+
+class EngineMetricsScraper(Collector):
+    def __init__(self, catalog: Catalog, interval_s: float = 5.0) -> None:
+        self._catalog = catalog
+        self._interval_s = interval_s
+        self._latest: dict[str, tuple[str, str, dict[str, float]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="engine metrics scraper")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def scrape_once(self, session: aiohttp.ClientSession) -> None:
+        seen = set()
+        for model in self._catalog.models():
+            for served in model.versions.values():
+                for replica in served.replicas:
+                    if replica.state.value not in ("ready", "unhealthy", "draining"):
+                        continue
+                    seen.add(replica.id)
+                    try:
+                        async with session.get(f"{replica.base_url}/metrics") as response:
+                            text = await response.text()
+                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                        continue
+                    try:
+                        self._latest[replica.id] = (model.name, served.version, parse_engine_metrics(text))
+                    except ValueError:
+                        logger.warning("replica %s served metrics that do not parse", replica.id)
+        for gone in set(self._latest) - seen:
+            del self._latest[gone]
+
+    async def _run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+            while True:
+                try:
+                    await self.scrape_once(session)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.exception("scraping engine metrics failed; will retry")
+                await asyncio.sleep(self._interval_s)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = {source: GaugeMetricFamily(name, text, labels=["model", "version", "replica"])
+                    for source, (name, text) in ENGINE_SAMPLES.items()}
+        for replica_id, (model, version, values) in self._latest.items():
+            for source, value in values.items():
+                families[source].add_metric([model, version, replica_id], value)
+        yield from families.values()
