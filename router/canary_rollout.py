@@ -13,8 +13,8 @@ evidence; the latest evidence is readable at ``/api/v1/deployments/{model}/canar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ class CanaryState:
     canary_version: str
     stable_version: str
     policy: CanaryPolicy
-    status: str = "running"  # running | promoted | rolled_back | aborted
+    status: str = "running"  # running | paused | promoted | rolled_back | aborted
     step: int = 0
     decisions: list[dict[str, Any]] = field(default_factory=list)
     latest: dict[str, Any] | None = None
@@ -55,15 +55,55 @@ class CanaryRollout:
         samples: SampleWindows,
         state: CanaryState,
         actor: str,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         interval_s: float = 0.5,
     ) -> None:
         self._control = control
         self._samples = samples
         self.state = state
         self._actor = actor
-        self._sleep = sleep
         self._interval_s = interval_s
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        self._wake = asyncio.Event()
+        self._command: str | None = None
+
+    # -- manual control -------------------------------------------------------
+
+    def pause(self) -> None:
+        self._require_active()
+        self.state.status = "paused"
+        self._unpaused.clear()
+
+    def resume(self) -> None:
+        self._require_active()
+        self.state.status = "running"
+        self._unpaused.set()
+
+    def promote_now(self) -> None:
+        self._require_active()
+        self._command = "promote"
+        self._wake.set()
+        self._unpaused.set()
+        self.state.status = "running"
+
+    def abort(self) -> None:
+        self._require_active()
+        self._command = "abort"
+        self._wake.set()
+        self._unpaused.set()
+
+    def _require_active(self) -> None:
+        if self.state.status not in ("running", "paused"):
+            raise ValueError(f"the canary is {self.state.status}; nothing to change")
+
+    async def _wait(self, seconds: float) -> str | None:
+        """Sleep, waking early for a manual command; stay here while paused. Returns the command."""
+        self._wake.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        await self._unpaused.wait()
+        command, self._command = self._command, None
+        return command
 
     async def run(self) -> None:
         from router.control import rebalance
@@ -81,8 +121,16 @@ class CanaryRollout:
                 logger.info("canary %s:%s promoted to 100%%", s.model_name, s.canary_version)
                 return
             step_began = self._samples.now()
-            await self._sleep(s.policy.bake_s)
+            command = await self._wait(s.policy.bake_s)
             while True:
+                if command == "abort":
+                    s.status = "aborted"
+                    await self._record_manual("abort")
+                    await self._control.rollback(s.model_name, s.stable_version, f"canary abort ({self._actor})")
+                    return
+                if command == "promote":
+                    await self._record_manual("promote")
+                    break
                 decision = await self._analyze(began, step_began)
                 if decision is Decision.ROLLBACK:
                     s.status = "rolled_back"
@@ -92,7 +140,13 @@ class CanaryRollout:
                     return
                 if decision is Decision.PROMOTE:
                     break
-                await self._sleep(self._interval_s)
+                command = await self._wait(self._interval_s)
+
+    async def _record_manual(self, action: str) -> None:
+        s = self.state
+        entry = {"step_percent": s.step, "decision": action, "reason": f"manual {action}", "manual": True}
+        s.decisions.append(entry)
+        await self._control.store.append_history(HistoryEntry(s.model_name, f"canary_{action}", self._actor, entry))
 
     async def _analyze(self, began: float, step_began: float) -> Decision:
         s = self.state

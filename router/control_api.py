@@ -193,6 +193,25 @@ async def get_canary(model_name: str, request: Request) -> dict[str, Any]:
     return rollout.state.to_dict()
 
 
+@router.post("/deployments/{model_name}/canary/{action}")
+async def control_canary(model_name: str, action: str, request: Request) -> dict[str, Any]:
+    """Manual control of a running canary: pause, resume, promote (the current step, now) or abort (= rollback)."""
+    control = _control(request)
+    rollout = control.canaries.get(model_name)
+    if rollout is None:
+        raise VersionNotFound(f"model {model_name!r} has no canary rollout", param="model_name")
+    actions = {"pause": rollout.pause, "resume": rollout.resume, "promote": rollout.promote_now,
+               "abort": rollout.abort}
+    if action not in actions:
+        raise InvalidRequest(f"unknown canary action {action!r}; use pause, resume, promote or abort",
+                             param="action")
+    try:
+        actions[action]()
+    except ValueError as exc:
+        raise ConflictError(str(exc)) from None
+    return rollout.state.to_dict()
+
+
 @router.put("/deployments/{model_name}/traffic")
 async def set_traffic(model_name: str, request: Request) -> dict[str, Any]:
     split = await _body(request)

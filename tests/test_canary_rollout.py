@@ -101,3 +101,41 @@ async def test_a_canary_with_errors_is_rolled_back(tmp_path: Path, error_rate: f
     assert "error rate" in result["canary"]["decisions"][-1]["reason"]
     assert result["state"]["split"] == {"v1": 100}
     assert all(f.endswith("v2") for f in failures)  # only the canary's own errors reached users
+
+
+async def test_manual_pause_resume_promote_and_abort(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db")
+    for version in ("v1", "v2"):
+        make_version(tmp_path / "models", version)
+    async with run_router([], tmp_path, store=store, program_factory=factory_for(STABLE_TTFT_MS)) as r, \
+            httpx.AsyncClient(timeout=30) as client:
+        assert (await client.post(f"{r.url}/api/v1/models", json={"model_name": MODEL})).status_code == 201
+        await deploy(client, r.url, "v1", 100)
+        response = await client.post(f"{r.url}/api/v1/deployments", json={
+            "model_name": MODEL, "version": "v2",
+            "strategy": {"type": "canary", "steps": [10, 50, 100], "bake_s": 60, "min_samples": 30}})
+        assert response.status_code == 202
+        base = f"{r.url}/api/v1/deployments/{MODEL}"
+
+        async def canary_state(predicate, timeout: float = 20) -> dict:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                got = await client.get(f"{base}/canary")
+                if got.status_code == 200 and predicate(got.json()):
+                    return got.json()
+                await asyncio.sleep(0.05)
+            raise AssertionError("the canary never got there")
+
+        await canary_state(lambda c: c["step_percent"] == 10)
+        assert (await client.post(f"{base}/canary/pause")).json()["status"] == "paused"
+        assert (await client.post(f"{base}/canary/resume")).json()["status"] == "running"
+        await client.post(f"{base}/canary/promote")
+        await canary_state(lambda c: c["step_percent"] == 50)
+        assert (await client.get(base)).json()["split"] == {"v1": 50, "v2": 50}
+        await client.post(f"{base}/canary/abort")
+        done = await canary_state(lambda c: c["status"] == "aborted")
+        assert [d["decision"] for d in done["decisions"]] == ["promote", "abort"]
+        assert (await client.get(base)).json()["split"] == {"v1": 100}
+        late = await client.post(f"{base}/canary/resume")
+        assert late.status_code == 409
+        assert (await client.post(f"{base}/canary/explode")).status_code in (400, 409)
