@@ -163,6 +163,7 @@ class ControlPlane:
     async def deploy(
         self, model_name: str, version: str, traffic_percent: int, replicas: int, gpu: int, actor: str,
         engine: dict[str, Any] | None = None, canary: CanaryPolicy | None = None,
+        blue_green_grace_s: float | None = None,
     ) -> DeploymentRecord:
         await self.require_model(model_name)
         record = DeploymentRecord(
@@ -179,11 +180,13 @@ class ControlPlane:
         await self.store.append_history(HistoryEntry(
             model_name, "deploy", actor, {"version": version, "traffic_percent": traffic_percent,
                                           "replicas": replicas, "deployment_id": record.id}))
-        self._spawn(self._rollout(record, traffic_percent, actor, canary), name=f"rollout {model_name}:{version}")
+        self._spawn(self._rollout(record, traffic_percent, actor, canary, blue_green_grace_s),
+                    name=f"rollout {model_name}:{version}")
         return record
 
     async def _rollout(
-        self, record: DeploymentRecord, traffic_percent: int, actor: str, canary: CanaryPolicy | None = None
+        self, record: DeploymentRecord, traffic_percent: int, actor: str, canary: CanaryPolicy | None = None,
+        blue_green_grace_s: float | None = None,
     ) -> None:
         started = time.monotonic()
         served: ServedVersion | None = None
@@ -206,6 +209,15 @@ class ControlPlane:
             logger.info("deployment %s:%s ready in %.1fs", record.model_name, record.version, ready_s)
             split = (await self.store.get_traffic(record.model_name)).split
             stable = max((v for v in split if split[v] > 0 and v != record.version), key=split.get, default=None)
+            if blue_green_grace_s is not None and stable is not None:
+                # Blue/green: all traffic at once, now that every replica is ready and warm; the old
+                # versions stay ready for an instant rollback through the grace period, then drain.
+                await self.update_split(record.model_name, lambda _split: {record.version: 100},
+                                        HistoryEntry(record.model_name, "blue_green_switch", actor,
+                                                     {"version": record.version, "grace_s": blue_green_grace_s}))
+                self._spawn(self._retire_after_grace(record, blue_green_grace_s),
+                            name=f"blue/green grace {record.model_name}:{record.version}")
+                return
             if canary is not None and stable is not None:
                 state = CanaryState(record.model_name, record.version, stable, canary)
                 rollout = CanaryRollout(self, self.samples, state, actor)
@@ -232,6 +244,18 @@ class ControlPlane:
             self._owned_rollouts.discard(record.id)
 
     # -- traffic --------------------------------------------------------------
+
+    async def _retire_after_grace(self, record: DeploymentRecord, grace_s: float) -> None:
+        await asyncio.sleep(grace_s)
+        split = (await self.store.get_traffic(record.model_name)).split
+        if split.get(record.version) != 100:
+            return  # rolled back or re-split during the grace period: leave the others be
+        for old in await self.store.list_deployments(record.model_name):
+            if old.status is DeploymentStatus.ACTIVE and old.version != record.version:
+                await self.store.update_deployment(old.id, DeploymentStatus.DRAINING)
+                await self.store.append_history(HistoryEntry(
+                    record.model_name, "blue_green_retire", "blue_green", {"version": old.version}))
+                self._spawn(self._retire(old), name=f"retire {old.model_name}:{old.version}")
 
     async def set_traffic(
         self, model_name: str, split: dict[str, Any], actor: str, expected_revision: int | None = None

@@ -53,10 +53,12 @@ class EngineOverrides(BaseModel):
 
 
 class Strategy(BaseModel):
-    """How a new version earns its traffic: ``direct`` (all at once when ready) or ``canary``."""
+    """How a new version earns its traffic: ``direct`` (its ``traffic_percent`` when ready),
+    ``canary`` (stepped up while the analysis allows) or ``blue_green`` (100% at once when ready,
+    the old version kept ready for ``grace_s``)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["direct", "canary"] = "direct"
+    type: Literal["direct", "canary", "blue_green"] = "direct"
     steps: list[int] = Field(default_factory=lambda: [5, 25, 50, 100], min_length=1, max_length=20)
     bake_s: float = Field(60.0, ge=0)
     min_samples: int = Field(50, ge=20)
@@ -64,6 +66,7 @@ class Strategy(BaseModel):
     ttft_tolerance: float = Field(0.10, ge=0, le=5)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     error_margin: float = Field(0.01, ge=0, le=1)
+    grace_s: float = Field(300.0, ge=0, description="blue_green: how long the old version stays ready")
 
     def policy(self) -> CanaryPolicy | None:
         if self.type != "canary":
@@ -159,6 +162,7 @@ async def create_deployment(request: Request) -> JSONResponse:
         record = await _control(request).deploy(
             body.model_name, body.version, body.traffic_percent, body.resources.replicas, body.resources.gpu,
             _actor(request), engine=body.engine.model_dump(exclude_none=True), canary=canary,
+            blue_green_grace_s=body.strategy.grace_s if body.strategy.type == "blue_green" else None,
         )
     except (Conflict, NotFound) as exc:
         raise _translate(exc) from None

@@ -302,3 +302,22 @@ async def test_concurrent_conflicting_traffic_changes_one_wins_one_gets_409(tmp_
         assert after["split"] == winner.json()["split"] and after["revision"] == int(revision) + 1
         bad = await client.put(url, json={"v1": 100, "v2": 0}, headers={"If-Match": "abc"})
         assert bad.status_code == 400
+
+
+async def test_blue_green_switches_at_once_and_retires_the_old_after_the_grace(tmp_path: Path) -> None:
+    async with control_router(tmp_path) as router, httpx.AsyncClient(timeout=30) as client:
+        await setup_v1(client, router, tmp_path)
+        response = await client.post(f"{router.url}/api/v1/deployments", json={
+            "model_name": MODEL, "version": "v2", "strategy": {"type": "blue_green", "grace_s": 1.0}})
+        assert response.status_code == 202
+        state = await wait_status(client, router.url, "v2", "active")
+        deadline = time.monotonic() + 10
+        while state["split"] != {"v2": 100} and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            state = (await client.get(f"{router.url}/api/v1/deployments/{MODEL}")).json()
+        assert state["split"] == {"v2": 100}
+        # during the grace period the old version is still ready: rollback is instant
+        v1 = next(v for v in state["versions"] if v["version"] == "v1")
+        assert v1["status"] == "active" and v1["ready_replicas"] == 1
+        state = await wait_status(client, router.url, "v1", "retired")
+        assert "blue_green_retire" in [h["action"] for h in state["history"]]
