@@ -88,3 +88,60 @@ def test_two_real_versions_split_by_user_then_roll_back(stack: Stack) -> None:
     wait_for(stack, "v2", "retired", timeout=120)
     print(json.dumps({"deploy_to_ready_s": round(deploy_to_ready_s, 1), "rollback_applied_in_ms":
                       body["applied_in_ms"], "v2_share": share_v2}))
+
+
+def test_a_canary_of_a_real_version_reaches_100_percent_under_load(stack: Stack) -> None:
+    import threading
+
+    repository = Settings().model_repository
+    subprocess.run(
+        [sys.executable, "-m", "llmserve.cli", "--models-dir", str(repository), "prepare",
+         "--name", MODEL, "--version", "v3", "--source", str(repository / MODEL / "v1")],
+        check=True, capture_output=True, timeout=300,
+    )
+    failures: list[str] = []
+    done = threading.Event()
+    sent = [0]
+
+    def user(number: int) -> None:
+        with httpx.Client(timeout=120) as client:
+            i = 0
+            while not done.is_set():
+                i += 1
+                body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4,
+                        "stream": True, "user": f"load-{number}-{i}"}
+                with client.stream("POST", f"{stack.url}/v1/chat/completions", json=body) as response:
+                    lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+                sent[0] += 1
+                if response.status_code != 200 or lines[-1] != "data: [DONE]" or any('"error"' in x for x in lines):
+                    failures.append(f"{response.status_code}: {lines[-2:]}")
+
+    users = [threading.Thread(target=user, args=(n,)) for n in range(4)]
+    for thread in users:
+        thread.start()
+    try:
+        response = httpx.post(f"{stack.url}/api/v1/deployments", timeout=30, json={
+            "model_name": MODEL, "version": "v3",
+            "strategy": {"type": "canary", "steps": [20, 60, 100], "bake_s": 1, "min_samples": 20,
+                         "max_samples": 5000, "ttft_tolerance": 0.25}})
+        assert response.status_code == 202, response.text
+        deadline = time.monotonic() + 600
+        canary: dict = {}
+        while time.monotonic() < deadline:
+            got = httpx.get(f"{stack.url}/api/v1/deployments/{MODEL}/canary", timeout=10)
+            if got.status_code == 200:
+                canary = got.json()
+                if canary["status"] not in ("running", "paused"):
+                    break
+            time.sleep(0.5)
+    finally:
+        done.set()
+        for thread in users:
+            thread.join(timeout=180)
+    assert canary.get("status") == "promoted", canary.get("latest_analysis")
+    assert failures == [] and sent[0] > 40
+    state = httpx.get(f"{stack.url}/api/v1/deployments/{MODEL}", timeout=10).json()
+    assert state["split"] == {"v3": 100}
+    print(json.dumps({"canary_requests_sent": sent[0], "decisions": [
+        {k: d.get(k) for k in ("step_percent", "decision", "canary_samples", "ttft_p50_ratio", "p_within")}
+        for d in canary["decisions"]]}))
