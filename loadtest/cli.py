@@ -211,10 +211,34 @@ async def cmd_run(args: argparse.Namespace) -> int:
                                                   args.warmup)
     out = _output_dir(args)
     result = {"started_at": started, "settings": _settings(args), "duration": duration, "targets": summaries}
+    if len(summaries) > 1:
+        result["comparison"] = compare(summaries)
     _write(out, result, records, None)
     print(_table(summaries))
+    for name, ratios in result.get("comparison", {}).items():
+        print(f"{name}: " + ", ".join(f"{k} {v:+.2f}" if "added" in k else f"{k} {v:.3f}"
+                                      for k, v in ratios.items()))
     print(f"report: {out / 'report.html'}")
     return 0
+
+
+def compare(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each target against the first, side by side (targets were interleaved in the same run)."""
+    names = list(summaries)
+    base = summaries[names[0]]
+    out = {}
+    for name in names[1:]:
+        other = summaries[name]
+        out[f"{name}_vs_{names[0]}"] = {
+            "added_ttft_p50_ms": other["p50_ttft_ms"] - base["p50_ttft_ms"],
+            "added_ttft_p99_ms": other["p99_ttft_ms"] - base["p99_ttft_ms"],
+            "added_tpot_p50_ms": other["p50_tpot_ms"] - base["p50_tpot_ms"],
+            "output_throughput_ratio": other["output_throughput"] / base["output_throughput"]
+            if base["output_throughput"] else float("nan"),
+            "goodput_ratio": other["request_goodput"] / base["request_goodput"]
+            if base["request_goodput"] else float("nan"),
+        }
+    return out
 
 
 def saturation_point(runs: list[dict[str, Any]]) -> float | None:

@@ -231,3 +231,17 @@ def test_metrics_agree_with_vllm_bench_serve(sim_url: str, tmp_path: Path) -> No
     assert ours["completed"] == theirs.completed > 50
     for key, value in pairs.items():
         assert ours[key] == pytest.approx(value, rel=0.01), key
+
+
+def test_two_targets_are_interleaved_and_compared(sim_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "pair"
+    code = cli.main(["run", "--target", f"a={sim_url}/v1", "--target", f"b@completions={sim_url}/v1",
+                     "--model", "sim", "--rate", "20", "--duration", "1.5", "--output-len", "fixed:4",
+                     "--output-dir", str(out)])
+    assert code == 0
+    result = json.loads((out / "result.json").read_text())
+    a, b = result["targets"]["a"], result["targets"]["b"]
+    assert abs(a["num_prompts"] - b["num_prompts"]) <= 1  # round robin over one schedule
+    ratios = result["comparison"]["b_vs_a"]
+    assert set(ratios) >= {"added_ttft_p50_ms", "output_throughput_ratio", "goodput_ratio"}
+    assert 0.5 < ratios["output_throughput_ratio"] < 2
