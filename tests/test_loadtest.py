@@ -70,3 +70,12 @@ def test_routing_benchmark_measures_every_split() -> None:
     assert result["requests"] == 2000
     assert 0 < result["p50_us"] <= result["p99_us"] <= result["p999_us"]
     assert routing_main(["--requests", "200"]) == 0
+
+
+async def test_metrics_overhead_benchmark_runs() -> None:
+    from loadtest.metrics_overhead import measure
+
+    report = await measure(requests=20, concurrency=4)
+    comparison = report["comparison"]["metrics_on_vs_metrics_off"]
+    assert report["targets"]["metrics_on"]["failed"] == 0 and report["targets"]["metrics_off"]["failed"] == 0
+    assert 0.5 < comparison["output_throughput_ratio"] < 2.0

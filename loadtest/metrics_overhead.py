@@ -1,0 +1,74 @@
+"""The router's cost of Prometheus metrics: two routers, metrics on and off, same simulated engine setup.
+
+    python -m loadtest.metrics_overhead [--requests 600 --concurrency 8]
+
+Each router fronts its own simulated engine (20 ms TTFT, 5 ms ITL); the
+requests are interleaved between them in rounds and the JSON reports the
+on-router relative to the off-router.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import uvicorn
+
+from llmserve.settings import EngineSettings, RouterSettings
+from llmserve.stack import Deployment, LocalStack
+from loadtest.bench import BenchConfig, Target, run
+from loadtest.sim import SimEngineProgram
+from router.app import create_app
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def _router(metrics: bool, logs: Path) -> AsyncIterator[str]:
+    port = _port()
+    stack = LocalStack(EngineSettings(first_port=_port(), health_interval_s=1.0), logs,
+                       [Deployment(SimEngineProgram("demo", "v1", ttft_ms=20, itl_ms=5), 2048, 1)])
+    app = create_app(RouterSettings(port=port, metrics_enabled=metrics), stack)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    await asyncio.gather(*(stack.supervisor.wait_ready(r) for r in stack.supervisor.replicas))
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def measure(requests: int, concurrency: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        async with _router(False, Path(tmp) / "off") as off, _router(True, Path(tmp) / "on") as on:
+            config = BenchConfig(model="demo", requests=requests, concurrency=concurrency, max_tokens=16,
+                                 rounds=10, seed=0)
+            return await run([Target("metrics_off", off), Target("metrics_on", on)], config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.metrics_overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args(argv)
+    report = asyncio.run(measure(args.requests, args.concurrency))
+    print(json.dumps(report["comparison"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
