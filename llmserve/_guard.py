@@ -19,6 +19,7 @@ the command to exit, then SIGKILLs the group.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -45,26 +46,24 @@ def _kill_group(sig: int) -> None:
 
 
 def _terminate(child: subprocess.Popen[bytes], grace_s: float) -> int:
+    """SIGTERM the group, wait for all of it to go (bounded), SIGKILL whatever is left but ourselves."""
     # Ignore our own copy of the group-wide SIGTERM we are about to send.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if child.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             child.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     _kill_group(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while child.poll() is None and time.monotonic() < deadline:
+    while (child.poll() is None or _group_has_others()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    code = child.poll()
-    # Leftover grandchildren (engine core, workers) and a child that ignored
-    # SIGTERM both end here; SIGKILL reaches the guard too, which is fine.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if code is None or _group_has_others():
-        sys.stdout.flush()
-        _kill_group(signal.SIGKILL)
-    return code if code is not None else -signal.SIGKILL
+    # Leftover grandchildren (engine core, workers) and a child that ignored SIGTERM end here.
+    # They are killed one by one, not with the group, so the guard lives to report the exit code.
+    for pid in group_members(os.getpgrp()):
+        if pid != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return child.wait()
 
 
 def group_members(pgid: int) -> list[int]:

@@ -117,24 +117,24 @@ class CanaryRollout:
                 HistoryEntry(s.model_name, "canary_step", self._actor, {"version": s.canary_version, "percent": step}),
             )
             if step == 100:
-                s.status = "promoted"
+                s.status = "promoted"  # the split above is already in effect
                 logger.info("canary %s:%s promoted to 100%%", s.model_name, s.canary_version)
                 return
             step_began = self._samples.now()
             command = await self._wait(s.policy.bake_s)
             while True:
                 if command == "abort":
-                    s.status = "aborted"
                     await self._record_manual("abort")
                     await self._control.rollback(s.model_name, s.stable_version, f"canary abort ({self._actor})")
+                    s.status = "aborted"  # only once the rollback is in effect
                     return
                 if command == "promote":
                     await self._record_manual("promote")
                     break
                 decision = await self._analyze(began, step_began)
                 if decision is Decision.ROLLBACK:
-                    s.status = "rolled_back"
                     await self._control.rollback(s.model_name, s.stable_version, f"canary ({self._actor})")
+                    s.status = "rolled_back"  # only once the rollback is in effect
                     logger.warning("canary %s:%s rolled back at %d%%: %s", s.model_name, s.canary_version, step,
                                    (s.latest or {}).get("reason"))
                     return
