@@ -46,7 +46,7 @@ def _kill_group(sig: int) -> None:
 
 
 def _terminate(child: subprocess.Popen[bytes], grace_s: float) -> int:
-    """SIGTERM the group, wait for all of it to go (bounded), SIGKILL whatever is left but ourselves."""
+    """SIGTERM the group, give the command the grace period, then SIGKILL whatever is left but ourselves."""
     # Ignore our own copy of the group-wide SIGTERM we are about to send.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -55,10 +55,11 @@ def _terminate(child: subprocess.Popen[bytes], grace_s: float) -> int:
             child.send_signal(signal.SIGTERM)
     _kill_group(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while (child.poll() is None or _group_has_others()) and time.monotonic() < deadline:
+    while child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    # Leftover grandchildren (engine core, workers) and a child that ignored SIGTERM end here.
-    # They are killed one by one, not with the group, so the guard lives to report the exit code.
+    # Once the command is gone, its leftovers (engine core, workers) go at once: they may hold
+    # what a restart needs. They are killed one by one, not with the group, so that the guard
+    # lives to report the command's exit code.
     for pid in group_members(os.getpgrp()):
         if pid != os.getpid():
             with contextlib.suppress(ProcessLookupError):
