@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -24,20 +23,15 @@ import uvicorn
 from llmserve.settings import EngineSettings, RouterSettings
 from llmserve.stack import Deployment, LocalStack
 from loadtest.bench import BenchConfig, Target, run
+from loadtest.overhead import free_port
 from loadtest.sim import SimEngineProgram
 from router.app import create_app
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.asynccontextmanager
 async def _router(metrics: bool, logs: Path) -> AsyncIterator[str]:
-    port = _port()
-    stack = LocalStack(EngineSettings(first_port=_port(), health_interval_s=1.0), logs,
+    port = free_port()
+    stack = LocalStack(EngineSettings(first_port=free_port(), health_interval_s=1.0), logs,
                        [Deployment(SimEngineProgram("demo", "v1", ttft_ms=20, itl_ms=5), 2048, 1)])
     app = create_app(RouterSettings(port=port, metrics_enabled=metrics), stack)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))

@@ -50,14 +50,14 @@ FULL = (
 QUICK = (Scenario("single-stream", 1, 4, 8, 2), Scenario("4-concurrent", 4, 8, 8, 2))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def _start_stack() -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "llmserve.cli", "up", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from loadtest.workload import RequestSpec, Workload
+from router.context import has_text
 
 LATE_SEND_MS = 10.0  # a send this late against its intended time counts as not on time
 
@@ -88,19 +89,6 @@ def _request_body(target: Target, model: str, spec: RequestSpec) -> tuple[str, d
     return f"{target.base_url}/chat/completions", body
 
 
-_TEXT_KEYS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
-
-
-def _has_text(data: bytes) -> bool:
-    """Whether a chunk carries output text, read off the bytes: a JSON parse per chunk would make
-    the harness, not the server, the bottleneck at tens of thousands of tokens per second."""
-    for key in _TEXT_KEYS:
-        at = data.find(key)
-        if at >= 0 and data[at + len(key): at + len(key) + 1] != b'"':
-            return True
-    return False
-
-
 async def send(
     session: aiohttp.ClientSession, target: Target, model: str, spec: RequestSpec, record: Record,
     clock: Callable[[], float],
@@ -136,7 +124,7 @@ async def send(
                         if isinstance(usage, dict):
                             record.output_tokens = int(usage.get("completion_tokens") or 0)
                             record.input_tokens = int(usage.get("prompt_tokens") or 0)
-                    if _has_text(data):
+                    if has_text(data):
                         pieces += 1
                         if record.first_token_s is None:
                             record.first_token_s = now
