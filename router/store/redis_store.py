@@ -14,6 +14,8 @@ Layout (prefix ``llmserve:`` by default):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -57,8 +59,12 @@ class RedisStore:
                 if message.get("type") == "message":
                     yield str(message["data"])
         finally:
-            await pubsub.unsubscribe()
-            await pubsub.aclose()
+            # A listener cancelled mid-read can leave the connection waiting for a reply that
+            # never comes; bound the goodbye so a shutdown cannot hang on it.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.unsubscribe(), timeout=2)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.aclose(), timeout=2)
 
     # -- models ---------------------------------------------------------------
 
