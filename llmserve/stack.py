@@ -50,11 +50,14 @@ class LocalStack:
         self._max_model_len = engine_settings.max_model_len
         self.supervisor = Supervisor(engine_settings, logs_dir)
         self._ready_task: asyncio.Task[None] | None = None
+        # What each version runs, so a rolling update can add replicas one at a time.
+        self._programs: dict[tuple[str, str], ReplicaProgram] = {}
 
     async def start(self, catalog: Catalog) -> None:
         for deployment in self._deployments:
             program = deployment.program
             served = ServedVersion(program.model_name, program.version, deployment.max_model_len)
+            self._programs[(program.model_name, program.version)] = program
             for index in range(deployment.replicas):
                 served.replicas.append(self.supervisor.start(program, index))
             catalog.add_version(served)
@@ -69,12 +72,34 @@ class LocalStack:
             raise RuntimeError("this stack was built without a program factory; it cannot launch versions")
         engine = engine or {}
         program = self._program_factory(model_name, version, model_dir, engine)
+        self._programs[(model_name, version)] = program
         served = ServedVersion(model_name, version, int(engine.get("max_model_len", self._max_model_len)))
         served.replicas = [self.supervisor.start(program, index) for index in range(replicas)]
         return served
 
     async def wait_ready(self, served: ServedVersion) -> None:
         await asyncio.gather(*(self.supervisor.wait_ready(r) for r in served.replicas))
+
+    def add_replica(self, served: ServedVersion) -> Replica:
+        """Start one more replica of a launched version (state STARTING); it joins ``served`` at once."""
+        program = self._programs.get((served.model_name, served.version))
+        if program is None:
+            raise RuntimeError(f"{served.versioned_name} was not launched by this stack")
+        index = max((r.index for r in served.replicas), default=-1) + 1
+        replica = self.supervisor.start(program, index)
+        served.replicas.append(replica)
+        return replica
+
+    async def wait_replica_ready(self, replica: Replica) -> None:
+        await self.supervisor.wait_ready(replica)
+
+    async def remove_replica(self, served: ServedVersion, replica: Replica, drain: bool = True) -> None:
+        """Drain (in-flight requests finish) and stop one replica, then forget it."""
+        await self.supervisor.stop(replica, drain=drain)
+        if replica in served.replicas:
+            served.replicas.remove(replica)
+        if replica in self.supervisor.replicas:
+            self.supervisor.replicas.remove(replica)
 
     async def retire(self, served: ServedVersion, drain: bool = True) -> None:
         await asyncio.gather(*(self.supervisor.stop(r, drain=drain) for r in served.replicas))

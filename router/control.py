@@ -11,6 +11,11 @@ router's (``_watch``). The router that accepted a deploy drives the rollout:
 3. mark it ``active`` and give it its share of traffic, taken from the other
    versions in proportion, in one compare-and-set of the split.
 
+Strategies change step 3: ``canary`` steps the share up while the analysis
+allows (``router.canary_rollout``); ``blue_green`` gives 100% at once and keeps
+the old version ready for a grace period; ``rolling`` replaces the stable
+version's replicas one at a time (``_roll``), never below the desired ready count.
+
 Rollback is one compare-and-set that gives the previous stable version 100%;
 the catalog switches in the same call, and the version rolled back from
 drains (in-flight streams finish) before its replicas stop.
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmserve.errors import LLMServeError
+from llmserve.replica import Replica
 from llmserve.repository import Manifest
 from router.canary import CanaryPolicy
 from router.canary_rollout import CanaryRollout, CanaryState
@@ -60,6 +66,12 @@ class ReplicaLauncher(Protocol):
     async def wait_ready(self, served: ServedVersion) -> None: ...
 
     async def retire(self, served: ServedVersion, drain: bool = True) -> None: ...
+
+    def add_replica(self, served: ServedVersion) -> Replica: ...
+
+    async def wait_replica_ready(self, replica: Replica) -> None: ...
+
+    async def remove_replica(self, served: ServedVersion, replica: Replica, drain: bool = True) -> None: ...
 
 
 def rebalance(split: dict[str, int], version: str, percent: int) -> dict[str, int]:
@@ -163,7 +175,7 @@ class ControlPlane:
     async def deploy(
         self, model_name: str, version: str, traffic_percent: int, replicas: int, gpu: int, actor: str,
         engine: dict[str, Any] | None = None, canary: CanaryPolicy | None = None,
-        blue_green_grace_s: float | None = None,
+        blue_green_grace_s: float | None = None, rolling: bool = False,
     ) -> DeploymentRecord:
         await self.require_model(model_name)
         record = DeploymentRecord(
@@ -180,13 +192,13 @@ class ControlPlane:
         await self.store.append_history(HistoryEntry(
             model_name, "deploy", actor, {"version": version, "traffic_percent": traffic_percent,
                                           "replicas": replicas, "deployment_id": record.id}))
-        self._spawn(self._rollout(record, traffic_percent, actor, canary, blue_green_grace_s),
+        self._spawn(self._rollout(record, traffic_percent, actor, canary, blue_green_grace_s, rolling),
                     name=f"rollout {model_name}:{version}")
         return record
 
     async def _rollout(
         self, record: DeploymentRecord, traffic_percent: int, actor: str, canary: CanaryPolicy | None = None,
-        blue_green_grace_s: float | None = None,
+        blue_green_grace_s: float | None = None, rolling: bool = False,
     ) -> None:
         started = time.monotonic()
         served: ServedVersion | None = None
@@ -196,6 +208,17 @@ class ControlPlane:
             except LLMServeError as exc:
                 raise _RolloutFailed(f"{exc}; prepare it with `llmserve prepare --name {record.model_name} "
                                      f"--version {record.version} --source ...`") from None
+            if rolling:
+                split = (await self.store.get_traffic(record.model_name)).split
+                stable = max((v for v in split if split[v] > 0), key=split.get, default=None)
+                old = self._local.get((record.model_name, stable)) if stable else None
+                if old is not None:
+                    served = await self._launcher.launch(record.model_name, record.version,
+                                                         Path(record.model_dir), 0, record.engine)
+                    self._local[(record.model_name, record.version)] = served
+                    self._catalog.add_version(served)
+                    await self._roll(record, served, old, actor)
+                    return
             served = await self._launcher.launch(record.model_name, record.version, Path(record.model_dir),
                                                  record.replicas, record.engine)
             self._local[(record.model_name, record.version)] = served
@@ -242,6 +265,64 @@ class ControlPlane:
                 record.model_name, "deploy_failed", actor, {"version": record.version, "reason": str(exc)}))
         finally:
             self._owned_rollouts.discard(record.id)
+
+    async def _roll(self, record: DeploymentRecord, new: ServedVersion, old: ServedVersion, actor: str) -> None:
+        """Rolling update: for i in 1..N, start the i-th new replica and wait until it is ready,
+        give the new version i/N of the traffic, then drain old replicas down to N - i.
+
+        Ready replicas never fall below N (N + 1 while one warms up). A replica that fails
+        to start, or a rollback made meanwhile, gives the old version its traffic and its
+        replicas back.
+        """
+        model, wanted = record.model_name, record.replicas
+        share = 0
+        for step in range(1, wanted + 1):
+            replica = self._launcher.add_replica(new)
+            failure = None
+            try:
+                await self._launcher.wait_replica_ready(replica)
+            except LLMServeError as exc:
+                failure = str(exc)
+            if step > 1 and (await self.store.get_traffic(model)).split.get(record.version, 0) < share:
+                # Rolled back meanwhile (which also stops the new replicas): put the old ones back.
+                logger.warning("rolling update of %s:%s stopped: its traffic was taken away", model, record.version)
+                self._restore_replicas(old, wanted)
+                return
+            if failure is not None:
+                if step == 1:
+                    raise _RolloutFailed(failure)
+                await self._abandon_roll(record, old, wanted, f"replica {step} of {wanted} failed: {failure}", actor)
+                return
+            if step == 1:
+                await self.store.update_deployment(record.id, DeploymentStatus.ACTIVE)
+            share = round(100 * step / wanted)
+            await self.update_split(model, lambda split, share=share: rebalance(split, record.version, share),
+                                    HistoryEntry(model, "rolling_step", actor, {
+                                        "version": record.version, "percent": share,
+                                        "ready_replicas": step, "of": wanted}))
+            while old.replicas and len(old.replicas) + step > wanted:
+                await self._launcher.remove_replica(old, old.replicas[0], drain=True)
+        for previous in await self.store.list_deployments(model):
+            if previous.version == old.version and previous.status is DeploymentStatus.ACTIVE:
+                await self.store.update_deployment(previous.id, DeploymentStatus.RETIRED)
+        await self.store.append_history(HistoryEntry(model, "rolling_done", actor,
+                                                     {"version": record.version, "replaced": old.version}))
+        await self._retire_local((model, old.version))
+
+    async def _abandon_roll(
+        self, record: DeploymentRecord, old: ServedVersion, wanted: int, reason: str, actor: str
+    ) -> None:
+        logger.warning("rolling update of %s:%s failed: %s", record.model_name, record.version, reason)
+        await self.update_split(record.model_name, lambda _split: {old.version: 100},
+                                HistoryEntry(record.model_name, "rolling_failed", actor,
+                                             {"version": record.version, "reason": reason}))
+        self._restore_replicas(old, wanted)
+        await self.store.update_deployment(record.id, DeploymentStatus.FAILED, reason)
+        await self._retire_local((record.model_name, record.version))
+
+    def _restore_replicas(self, old: ServedVersion, wanted: int) -> None:
+        for _ in range(wanted - len(old.replicas)):
+            self._launcher.add_replica(old)
 
     # -- traffic --------------------------------------------------------------
 

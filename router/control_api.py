@@ -54,11 +54,13 @@ class EngineOverrides(BaseModel):
 
 class Strategy(BaseModel):
     """How a new version earns its traffic: ``direct`` (its ``traffic_percent`` when ready),
-    ``canary`` (stepped up while the analysis allows) or ``blue_green`` (100% at once when ready,
-    the old version kept ready for ``grace_s``)."""
+    ``canary`` (stepped up while the analysis allows), ``blue_green`` (100% at once when ready,
+    the old version kept ready for ``grace_s``) or ``rolling`` (the stable version's replicas
+    replaced one at a time, traffic following the ready count, never below ``resources.replicas``
+    ready)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["direct", "canary", "blue_green"] = "direct"
+    type: Literal["direct", "canary", "blue_green", "rolling"] = "direct"
     steps: list[int] = Field(default_factory=lambda: [5, 25, 50, 100], min_length=1, max_length=20)
     bake_s: float = Field(60.0, ge=0)
     min_samples: int = Field(50, ge=20)
@@ -163,6 +165,7 @@ async def create_deployment(request: Request) -> JSONResponse:
             body.model_name, body.version, body.traffic_percent, body.resources.replicas, body.resources.gpu,
             _actor(request), engine=body.engine.model_dump(exclude_none=True), canary=canary,
             blue_green_grace_s=body.strategy.grace_s if body.strategy.type == "blue_green" else None,
+            rolling=body.strategy.type == "rolling",
         )
     except (Conflict, NotFound) as exc:
         raise _translate(exc) from None
