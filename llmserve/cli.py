@@ -72,6 +72,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from router.app import create_app
 
     _prepare(settings, args.source)
+    examples = _build_examples(settings) if settings.examples else []
     model = settings.model
 
     def engine_program(name: str, version: str, model_dir: Path, overrides: dict[str, Any]) -> EngineSpec:
@@ -86,6 +87,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     async def bootstrap(state: RouterState) -> None:
         """First start: register the bundled model and deploy it; later starts: the store has it all."""
+        from router.predict.schema import PredictManifest
         from router.store import ModelRecord
         from router.store.base import LIVE_STATUSES
 
@@ -96,6 +98,13 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         deployments = await control.store.list_deployments(model.name)
         if not any(d.status in LIVE_STATUSES for d in deployments):
             await control.deploy(model.name, model.version, 100, model.replicas, 0, "llmserve up")
+        for folder in examples:  # the traditional example models, served in the router
+            manifest = PredictManifest.read(folder)
+            if await control.store.get_model(manifest.name) is None:
+                await control.register_model(ModelRecord(manifest.name, "example fraud classifier",
+                                                         manifest.framework, "llmserve"))
+            if not any(d.status in LIVE_STATUSES for d in await control.store.list_deployments(manifest.name)):
+                await control.deploy(manifest.name, manifest.version, 100, 1, 0, "llmserve up")
         asyncio.create_task(_announce_when_ready(state, router_settings.host, router_settings.port, model.name))
 
     app = create_app(router_settings, stack, store=store, models_dir=settings.model_repository,
@@ -109,6 +118,20 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         timeout_graceful_shutdown=int(settings.engine.drain_timeout_s),
     )
     uvicorn.Server(config).run()
+    return 0
+
+
+def _build_examples(settings: Settings) -> list[Path]:
+    from llmserve.examples import build_examples
+
+    folders = build_examples(settings.model_repository)
+    print(f"example predict models: {', '.join(f.parent.name for f in folders)}", flush=True)
+    return folders
+
+
+def cmd_examples(args: argparse.Namespace, settings: Settings) -> int:
+    for folder in _build_examples(settings):
+        print(folder)
     return 0
 
 
@@ -165,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="router port (default 8000)")
     up.add_argument("--replicas", type=int, help="engine replicas (default 1)")
     up.set_defaults(func=cmd_up)
+
+    examples = sub.add_parser("examples", help="build the example traditional models (fraud classifiers)")
+    examples.set_defaults(func=cmd_examples)
 
     bench = sub.add_parser("bench", help="streamed-request benchmark (same as python -m loadtest bench)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)

@@ -52,6 +52,26 @@ class EngineSettings(BaseModel):
         "compute yields to the router's short, latency-critical work.",
     )
     first_port: int = Field(8100, ge=1024, le=65535, description="Engines take free ports from here up.")
+    spread_cpus: bool = Field(
+        True,
+        description="CPU builds: pin each replica's compute threads to the least-used core "
+        "(VLLM_CPU_OMP_THREADS_BIND), so two engines never share one core while another idles.",
+    )
+
+
+class PredictSettings(BaseModel):
+    """Defaults for traditional models served in the router (a deployment's ``batching`` overrides them)."""
+
+    batching: bool = Field(True, description="Run queued requests together; off: each request alone.")
+    max_batch_size: int = Field(1024, ge=1, description="Most rows run by the model at once.")
+    max_wait_ms: float = Field(2.0, ge=0, description="Longest a row waits for its batch to fill.")
+    adaptive: bool = Field(True, description="Wait for more rows only while it pays off (learned latency).")
+    instances: int = Field(1, ge=1, le=64, description="Threads running batches of one model version at once.")
+    max_queue_rows: int = Field(65536, ge=1, description="Queued rows beyond this get 429 with Retry-After.")
+    max_request_rows: int = Field(65536, ge=1, description="Rows one request may carry (more: 413).")
+    default_deadline_ms: float | None = Field(
+        None, gt=0, description="Refuse (503) a request the queue cannot answer within this; None: no deadline."
+    )
 
 
 class RouterSettings(BaseModel):
@@ -75,6 +95,8 @@ class RouterSettings(BaseModel):
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics on /metrics.")
     engine_metrics_interval_s: float = Field(5.0, gt=0, description="How often engines' own metrics are scraped.")
     inference_log_retention_days: int = Field(30, ge=1, description="Days of inference logs kept in the store.")
+    max_predict_body_bytes: int = Field(256 << 20, ge=1024, description="Larger predict bodies get 413.")
+    predict: PredictSettings = Field(default_factory=PredictSettings)
 
 
 class ModelSettings(BaseModel):
@@ -103,6 +125,7 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("LLMSERVE_REDIS_URL", "REDIS_URL"),
         description="Keep the control plane in Redis (shared by several routers) instead of SQLite.",
     )
+    examples: bool = Field(True, description="`llmserve up` builds and serves the example fraud classifiers.")
     engine: EngineSettings = Field(default_factory=EngineSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)

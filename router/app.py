@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from llmserve.settings import RouterSettings
-from router import control_api, generate_api, health_api, openai_api
+from router import control_api, generate_api, health_api, openai_api, predict_api
 from router.catalog import Catalog
 from router.control import ControlPlane, ReplicaLauncher
 from router.engine_metrics import EngineMetricsScraper
@@ -18,6 +18,8 @@ from router.errors import install_error_handlers
 from router.inference_log import InferenceLogWriter
 from router.metrics import RouterMetrics
 from router.middleware import RequestIdMiddleware
+from router.predict.batcher import BatchingConfig
+from router.predict.host import PredictLauncher
 from router.relay import Relay
 from router.samples import SampleWindows
 from router.state import EngineBackend, RouterState
@@ -60,7 +62,15 @@ def create_app(
         if store is not None:
             launcher: ReplicaLauncher = backend  # type: ignore[assignment]
             state.samples = SampleWindows()
-            state.control = ControlPlane(store, launcher, catalog, models_dir or Path("."), state.samples)
+            predict = settings.predict
+            batching = BatchingConfig(
+                enabled=predict.batching, max_batch_size=predict.max_batch_size, max_wait_ms=predict.max_wait_ms,
+                adaptive=predict.adaptive, instances=predict.instances, max_queue_rows=predict.max_queue_rows,
+                default_deadline_ms=predict.default_deadline_ms)
+            metrics = state.metrics
+            predict_launcher = PredictLauncher(batching, metrics.batch_observer if metrics is not None else None)
+            state.control = ControlPlane(store, launcher, catalog, models_dir or Path("."), state.samples,
+                                         predict_launcher=predict_launcher)
             await state.control.start()
             log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)
             log_writer.start()
@@ -93,5 +103,6 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(generate_api.router)
     app.include_router(control_api.router)
+    app.include_router(predict_api.router)
     app.add_middleware(RequestIdMiddleware)
     return app

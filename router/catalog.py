@@ -10,10 +10,14 @@ to the versions that can answer rather than failing the request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llmserve.replica import Replica
-from router.errors import ModelNotFound, NoReplicaReady, VersionNotFound
+from router.errors import InvalidRequest, ModelNotFound, NoReplicaReady, VersionNotFound
 from router.split import choose_version
+
+if TYPE_CHECKING:
+    from router.predict.host import Predictor
 
 
 @dataclass
@@ -22,6 +26,7 @@ class ServedVersion:
     version: str
     max_model_len: int
     replicas: list[Replica] = field(default_factory=list)
+    predictor: Predictor | None = None  # a traditional model served in the router process
 
     @property
     def versioned_name(self) -> str:
@@ -31,12 +36,20 @@ class ServedVersion:
     def ready_replicas(self) -> list[Replica]:
         return [r for r in self.replicas if r.routable]
 
+    @property
+    def can_answer(self) -> bool:
+        return self.predictor is not None or any(r.routable for r in self.replicas)
+
 
 @dataclass
 class ServedModel:
     name: str
     versions: dict[str, ServedVersion] = field(default_factory=dict)
     split: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_predict(self) -> bool:
+        return any(v.predictor is not None for v in self.versions.values())
 
     @property
     def default_version(self) -> str | None:
@@ -81,11 +94,22 @@ class Catalog:
         return model
 
     def resolve(
-        self, requested: str, pinned_version: str | None = None, user_key: str | None = None, retry_after_s: int = 5
+        self, requested: str, pinned_version: str | None = None, user_key: str | None = None, retry_after_s: int = 5,
+        predict: bool = False,
     ) -> ServedVersion:
-        """Map a request's model (``name`` or ``name:version``), pin and user to a version."""
+        """Map a request's model (``name`` or ``name:version``), pin and user to a version.
+
+        ``predict`` says which API asks: a generative model on the predict API, or a
+        traditional model on a generation API, is the caller's mistake (400).
+        """
         name, _, suffix = requested.partition(":")
         model = self.get_model(name)
+        if model.versions and model.is_predict != predict:
+            raise InvalidRequest(
+                f"model {name!r} is a traditional model: POST /api/v1/models/{name}/predict or "
+                f"/v2/models/{name}/infer" if model.is_predict else
+                f"model {name!r} is a generative model: use /v1/chat/completions, /v1/completions or "
+                f"/api/v1/models/{name}/generate", param="model")
         if suffix and pinned_version and suffix != pinned_version:
             raise VersionNotFound(
                 f"the model asks for version {suffix!r} but the request pins {pinned_version!r}; use one",
@@ -95,7 +119,7 @@ class Catalog:
         if not version:
             split = model.split
             answering = {v: w for v, w in split.items() if w > 0 and v in model.versions
-                         and model.versions[v].ready_replicas}
+                         and model.versions[v].can_answer}
             if answering:
                 split = answering
             if not any(w > 0 for w in split.values()):

@@ -105,7 +105,9 @@ class RequestRecord:
             extra={"request_id": self.request_id},
         )
         if self.samples is not None and self.model and self.status_code != 499:
-            self.samples.record(self.model, self.version, ttft, self.status_code)
+            # A prediction arrives whole: its latency is what a canary of a predict model is judged on.
+            signal = latency_ms if self.route in ("predict", "v2_infer") else ttft
+            self.samples.record(self.model, self.version, signal, self.status_code)
         if self.sink is not None and self.model:
             self.sink(InferenceLog(
                 request_id=self.request_id, model_name=self.model, version=self.version, replica=self.replica,

@@ -105,9 +105,10 @@ class RollbackResult:
 class ControlPlane:
     def __init__(
         self, store: Store, launcher: ReplicaLauncher, catalog: Catalog, models_dir: Path,
-        samples: SampleWindows | None = None,
+        samples: SampleWindows | None = None, predict_launcher: ReplicaLauncher | None = None,
     ) -> None:
         self.store = store
+        self._predict_launcher = predict_launcher
         self.samples = samples or SampleWindows()
         self.canaries: dict[str, CanaryRollout] = {}
         self._launcher = launcher
@@ -142,6 +143,15 @@ class ControlPlane:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def _launcher_for(self, model_name: str) -> ReplicaLauncher:
+        """Engine replicas for generative models; in-process predictors for traditional ones."""
+        model = await self.store.get_model(model_name)
+        if model is not None and model.framework != "vllm":
+            if self._predict_launcher is None:
+                raise _RolloutFailed("this router does not host traditional models")
+            return self._predict_launcher
+        return self._launcher
 
     def _lock(self, model_name: str) -> asyncio.Lock:
         return self._locks.setdefault(model_name, asyncio.Lock())
@@ -202,7 +212,19 @@ class ControlPlane:
     ) -> None:
         started = time.monotonic()
         served: ServedVersion | None = None
+        launcher = self._launcher
         try:
+            launcher = await self._launcher_for(record.model_name)
+            if launcher is self._predict_launcher:
+                try:  # loading checks the folder, the file and a first prediction
+                    served = await launcher.launch(record.model_name, record.version, Path(record.model_dir),
+                                                   record.replicas, record.engine)
+                except LLMServeError as exc:
+                    raise _RolloutFailed(str(exc)) from None
+                self._local[(record.model_name, record.version)] = served
+                self._catalog.add_version(served)
+                await self._activate(record, served, traffic_percent, actor, canary, blue_green_grace_s, started)
+                return
             try:
                 Manifest.read(Path(record.model_dir))
             except LLMServeError as exc:
@@ -227,44 +249,51 @@ class ControlPlane:
                 await self._launcher.wait_ready(served)
             except LLMServeError as exc:
                 raise _RolloutFailed(str(exc)) from None
-            await self.store.update_deployment(record.id, DeploymentStatus.ACTIVE)
-            ready_s = time.monotonic() - started
-            logger.info("deployment %s:%s ready in %.1fs", record.model_name, record.version, ready_s)
-            split = (await self.store.get_traffic(record.model_name)).split
-            stable = max((v for v in split if split[v] > 0 and v != record.version), key=split.get, default=None)
-            if blue_green_grace_s is not None and stable is not None:
-                # Blue/green: all traffic at once, now that every replica is ready and warm; the old
-                # versions stay ready for an instant rollback through the grace period, then drain.
-                await self.update_split(record.model_name, lambda _split: {record.version: 100},
-                                        HistoryEntry(record.model_name, "blue_green_switch", actor,
-                                                     {"version": record.version, "grace_s": blue_green_grace_s}))
-                self._spawn(self._retire_after_grace(record, blue_green_grace_s),
-                            name=f"blue/green grace {record.model_name}:{record.version}")
-                return
-            if canary is not None and stable is not None:
-                state = CanaryState(record.model_name, record.version, stable, canary)
-                rollout = CanaryRollout(self, self.samples, state, actor)
-                self.canaries[record.model_name] = rollout
-                self._spawn(rollout.run(), name=f"canary {record.model_name}:{record.version}")
-                return
-            await self.update_split(
-                record.model_name,
-                lambda split: rebalance(split, record.version, traffic_percent),
-                HistoryEntry(record.model_name, "activate", actor,
-                             {"version": record.version, "traffic_percent": traffic_percent,
-                              "ready_after_s": round(ready_s, 2)}),
-            )
+            await self._activate(record, served, traffic_percent, actor, canary, blue_green_grace_s, started)
         except _RolloutFailed as exc:
             logger.warning("deployment %s:%s failed: %s", record.model_name, record.version, exc)
             if served is not None:
                 self._local.pop((record.model_name, record.version), None)
                 self._catalog.remove_version(record.model_name, record.version)
-                await self._launcher.retire(served, drain=False)
+                await launcher.retire(served, drain=False)
             await self.store.update_deployment(record.id, DeploymentStatus.FAILED, str(exc))
             await self.store.append_history(HistoryEntry(
                 record.model_name, "deploy_failed", actor, {"version": record.version, "reason": str(exc)}))
         finally:
             self._owned_rollouts.discard(record.id)
+
+    async def _activate(
+        self, record: DeploymentRecord, served: ServedVersion, traffic_percent: int, actor: str,
+        canary: CanaryPolicy | None, blue_green_grace_s: float | None, started: float,
+    ) -> None:
+        """Every replica is ready: mark the version active and give it traffic by its strategy."""
+        await self.store.update_deployment(record.id, DeploymentStatus.ACTIVE)
+        ready_s = time.monotonic() - started
+        logger.info("deployment %s:%s ready in %.1fs", record.model_name, record.version, ready_s)
+        split = (await self.store.get_traffic(record.model_name)).split
+        stable = max((v for v in split if split[v] > 0 and v != record.version), key=split.get, default=None)
+        if blue_green_grace_s is not None and stable is not None:
+            # Blue/green: all traffic at once, now that every replica is ready and warm; the old
+            # versions stay ready for an instant rollback through the grace period, then drain.
+            await self.update_split(record.model_name, lambda _split: {record.version: 100},
+                                    HistoryEntry(record.model_name, "blue_green_switch", actor,
+                                                 {"version": record.version, "grace_s": blue_green_grace_s}))
+            self._spawn(self._retire_after_grace(record, blue_green_grace_s),
+                        name=f"blue/green grace {record.model_name}:{record.version}")
+            return
+        if canary is not None and stable is not None:
+            state = CanaryState(record.model_name, record.version, stable, canary)
+            rollout = CanaryRollout(self, self.samples, state, actor)
+            self.canaries[record.model_name] = rollout
+            self._spawn(rollout.run(), name=f"canary {record.model_name}:{record.version}")
+            return
+        await self.update_split(
+            record.model_name,
+            lambda split: rebalance(split, record.version, traffic_percent),
+            HistoryEntry(record.model_name, "activate", actor,
+                         {"version": record.version, "traffic_percent": traffic_percent,
+                          "ready_after_s": round(ready_s, 2)}),
+        )
 
     async def _roll(self, record: DeploymentRecord, new: ServedVersion, old: ServedVersion, actor: str) -> None:
         """Rolling update: for i in 1..N, start the i-th new replica and wait until it is ready,
@@ -434,8 +463,9 @@ class ControlPlane:
                 key = (record.model_name, record.version)
                 if record.status is DeploymentStatus.ACTIVE and key not in self._local:
                     # After a restart, or a deploy accepted by another router: run it here too.
-                    served = await self._launcher.launch(record.model_name, record.version,
-                                                         Path(record.model_dir), record.replicas, record.engine)
+                    launcher = await self._launcher_for(model_name)
+                    served = await launcher.launch(record.model_name, record.version,
+                                                   Path(record.model_dir), record.replicas, record.engine)
                     self._local[key] = served
                     self._catalog.add_version(served)
                 elif record.status in (DeploymentStatus.RETIRED, DeploymentStatus.FAILED) and key in self._local:
@@ -459,7 +489,9 @@ class ControlPlane:
     async def _drain_and_stop(self, key: tuple[str, str]) -> None:
         served = self._local.pop(key, None)
         if served is not None:
-            await self._launcher.retire(served, drain=True)
+            launcher = self._predict_launcher if served.predictor is not None else self._launcher
+            assert launcher is not None
+            await launcher.retire(served, drain=True)
             self._catalog.remove_version(*key)
 
     # -- reading --------------------------------------------------------------

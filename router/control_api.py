@@ -31,7 +31,7 @@ class RegisterModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model_name: str = Field(pattern=_NAME)
     description: str = Field("", max_length=2000)
-    framework: str = Field("vllm", max_length=64)
+    framework: Literal["vllm", "onnx", "xgboost", "pytorch", "sklearn", "tensorflow"] = "vllm"
     owner: str = Field("", max_length=256)
 
 
@@ -78,6 +78,19 @@ class Strategy(BaseModel):
                             confidence=self.confidence, error_margin=self.error_margin)
 
 
+class BatchingOverrides(BaseModel):
+    """Dynamic batching of a traditional model's version, instead of the router's defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    enabled: bool | None = None
+    max_batch_size: int | None = Field(None, ge=1, le=1 << 20)
+    max_wait_ms: float | None = Field(None, ge=0, le=10_000)
+    adaptive: bool | None = None
+    instances: int | None = Field(None, ge=1, le=64)
+    max_queue_rows: int | None = Field(None, ge=1)
+    default_deadline_ms: float | None = Field(None, gt=0)
+
+
 class CreateDeployment(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model_name: str = Field(pattern=_NAME)
@@ -86,6 +99,7 @@ class CreateDeployment(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     engine: EngineOverrides = Field(default_factory=EngineOverrides)
     strategy: Strategy = Field(default_factory=Strategy)
+    batching: BatchingOverrides = Field(default_factory=BatchingOverrides)
 
 
 class RollbackBody(BaseModel):
@@ -160,10 +174,26 @@ async def create_deployment(request: Request) -> JSONResponse:
         canary = body.strategy.policy()
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="strategy") from None
+    control = _control(request)
+    engine = body.engine.model_dump(exclude_none=True)
+    batching = body.batching.model_dump(exclude_none=True)
     try:
-        record = await _control(request).deploy(
+        model = await control.require_model(body.model_name)
+    except NotFound as exc:
+        raise _translate(exc) from None
+    if model.framework != "vllm":
+        if body.strategy.type == "rolling":
+            raise InvalidRequest("rolling replaces engine replicas; a traditional model's version loads in the "
+                                 "router: use direct, canary or blue_green", param="strategy.type")
+        if engine:
+            raise InvalidRequest("engine settings apply to generative models; use batching", param="engine")
+        engine = {"batching": batching} if batching else {}
+    elif batching:
+        raise InvalidRequest("batching applies to traditional models; vLLM batches continuously", param="batching")
+    try:
+        record = await control.deploy(
             body.model_name, body.version, body.traffic_percent, body.resources.replicas, body.resources.gpu,
-            _actor(request), engine=body.engine.model_dump(exclude_none=True), canary=canary,
+            _actor(request), engine=engine, canary=canary,
             blue_green_grace_s=body.strategy.grace_s if body.strategy.type == "blue_green" else None,
             rolling=body.strategy.type == "rolling",
         )

@@ -21,9 +21,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Ready only when every served model has at least one ready replica."""
+    """Ready only when every served model has at least one ready replica (or loaded predictor)."""
     state: RouterState = request.app.state.router
-    models = {m.name: sum(len(v.ready_replicas) for v in m.versions.values()) for m in state.catalog.models()}
+    models = {m.name: sum(len(v.ready_replicas) + (v.predictor is not None) for v in m.versions.values())
+              for m in state.catalog.models()}
     not_ready = sorted(name for name, ready in models.items() if ready == 0)
     ready = bool(models) and not not_ready
     body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "ready_replicas": models}

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from router.catalog import Catalog
     from router.context import RequestRecord
 
+BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+PREDICT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
@@ -67,7 +69,19 @@ class RouterMetrics:
         self.e2e = Histogram("llmserve_e2e_latency_seconds", "Request latency from arrival to the last byte",
                              ["model", "version", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.output_tokens = Counter("llmserve_output_tokens", "Generated tokens", labels, registry=self.registry)
+        self.predict_queue = Histogram("llmserve_predict_queue_seconds", "Time a predict request waited for its batch",
+                                       labels, buckets=PREDICT_BUCKETS, registry=self.registry)
+        self.predict_compute = Histogram("llmserve_predict_compute_seconds", "Model time per batch",
+                                         labels, buckets=PREDICT_BUCKETS, registry=self.registry)
+        self.predict_batch_rows = Histogram("llmserve_predict_batch_rows", "Rows per batch run by the model",
+                                            labels, buckets=BATCH_ROWS_BUCKETS, registry=self.registry)
+        self.predict_rows = Counter("llmserve_predict_rows", "Rows predicted", labels, registry=self.registry)
+        self.predict_rejected = Counter("llmserve_predict_rejected", "Predict requests refused at admission",
+                                        ["model", "version", "status"], registry=self.registry)
         self.registry.register(_CatalogCollector(catalog))
+
+    def batch_observer(self, model: str, version: str) -> _BatchMetrics:
+        return _BatchMetrics(self, model, version)
 
     def started(self, model: str, version: str) -> None:
         self.in_flight.labels(model, version).inc()
@@ -92,3 +106,20 @@ class RouterMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BatchMetrics:
+    """The batcher's per-batch figures, for one model version."""
+
+    def __init__(self, metrics: RouterMetrics, model: str, version: str) -> None:
+        self._queue = metrics.predict_queue.labels(model, version)
+        self._compute = metrics.predict_compute.labels(model, version)
+        self._rows_hist = metrics.predict_batch_rows.labels(model, version)
+        self._rows = metrics.predict_rows.labels(model, version)
+
+    def batch_done(self, rows: int, queue_s: list[float], compute_s: float) -> None:
+        for wait in queue_s:
+            self._queue.observe(wait)
+        self._compute.observe(compute_s)
+        self._rows_hist.observe(rows)
+        self._rows.inc(rows)

@@ -34,6 +34,8 @@ async def list_models(request: Request) -> dict[str, Any]:
     created = int(request.app.state.router.started_at)
     data: list[dict[str, Any]] = []
     for model in catalog.models():
+        if model.is_predict:
+            continue  # traditional models are not OpenAI models; GET /v2/models/{name} describes them
         data.append({"id": model.name, "object": "model", "created": created, "owned_by": "llmserve",
                      "default_version": model.default_version})
         for served in model.versions.values():

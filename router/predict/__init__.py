@@ -1,0 +1,1 @@
+"""Traditional models hosted in the router: manifests, runtimes, the dynamic batcher, the predict APIs."""

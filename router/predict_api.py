@@ -1,0 +1,252 @@
+"""Predict APIs for traditional models: the design's ``/api/v1/models/{name}/predict`` and the
+Open Inference Protocol v2 (``/v2/...``) that KServe, Triton and MLServer clients speak.
+
+Both resolve the version like the LLM APIs (traffic split by user, or a pinned
+version), validate the tensors against the version's schema (400 naming the
+field), and queue them on the version's dynamic batcher. A full queue is a 429
+and a deadline the queue cannot meet a 503, both with Retry-After, at once.
+Priority: ``X-Priority: critical|standard|batch``; deadline: ``X-Deadline-Ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from router.catalog import ServedVersion
+from router.context import RequestRecord, served_headers, user_key
+from router.errors import APIError, InvalidRequest, PayloadTooLarge
+from router.predict.batcher import PRIORITIES, Overloaded
+from router.predict.codec import NPY_TYPES, decode_npy, decode_rows, decode_v2, encode_v2, unknown_outputs
+from router.predict.host import InvalidInput, Predictor
+from router.protocol import parse_json_object, read_body
+from router.state import RouterState
+
+router = APIRouter(tags=["predict"])
+
+
+class ServiceOverloaded(APIError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "overloaded"
+
+
+class TooManyRequests(APIError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+
+def _priority(request: Request) -> str:
+    value = request.headers.get("x-priority", "standard").strip().lower()
+    if value not in PRIORITIES:
+        raise InvalidRequest(f"X-Priority must be one of {', '.join(PRIORITIES)}, got {value!r}", param="X-Priority")
+    return value
+
+
+def _deadline_ms(request: Request, params: dict[str, Any]) -> float | None:
+    raw = request.headers.get("x-deadline-ms", params.get("deadline_ms"))
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise InvalidRequest("the deadline (X-Deadline-Ms or params.deadline_ms) must be a number of "
+                             "milliseconds", param="deadline_ms") from None
+    if not value > 0:
+        raise InvalidRequest("the deadline must be above 0 ms", param="deadline_ms")
+    return value
+
+
+async def _body(request: Request, state: RouterState) -> bytes:
+    return await read_body(request.stream(), request.headers.get("content-length"),
+                           state.settings.max_predict_body_bytes)
+
+
+def _predictor(served: ServedVersion) -> Predictor:
+    assert served.predictor is not None  # resolve(predict=True) only returns predict versions
+    return served.predictor
+
+
+async def _run(state: RouterState, served: ServedVersion, inputs: dict[str, np.ndarray], priority: str,
+               deadline_ms: float | None, record: RequestRecord) -> dict[str, np.ndarray]:
+    predictor = _predictor(served)
+    try:
+        rows = predictor.check(inputs)
+    except InvalidInput as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
+    limit = state.settings.predict.max_request_rows
+    if rows > limit:
+        raise PayloadTooLarge(f"the request has {rows} rows; the limit is {limit} "
+                              "(LLMSERVE_ROUTER__PREDICT__MAX_REQUEST_ROWS); split it")
+    record.begin(served.model_name, served.version, False)
+    record.output_tokens = rows
+    try:
+        return await predictor.batcher.submit(inputs, priority, deadline_ms)
+    except Overloaded as exc:
+        if state.metrics is not None:
+            state.metrics.predict_rejected.labels(served.model_name, served.version, str(exc.status)).inc()
+        error = TooManyRequests if exc.status == 429 else ServiceOverloaded
+        raise error(f"{served.versioned_name} is overloaded: {exc.reason}; retry in {exc.retry_after_s}s",
+                    headers={"Retry-After": str(exc.retry_after_s)}) from None
+
+
+def _record(state: RouterState, request: Request, route: str) -> RequestRecord:
+    return RequestRecord(request.state.request_id, route, sink=state.log_sink, metrics=state.metrics,
+                         samples=state.samples)
+
+
+def _finish_on_error(record: RequestRecord, exc: BaseException) -> None:
+    status = exc.status_code if isinstance(exc, APIError) else 499 if isinstance(exc, asyncio.CancelledError) else 500
+    record.error = str(exc)[:200] if status >= 500 else None
+    record.finish(status)
+
+
+# -- the design's API ---------------------------------------------------------------
+
+
+def _predictions(outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    columns = {name: value.tolist() for name, value in outputs.items()}
+    rows = len(next(iter(columns.values())))
+    binary = "probabilities" in columns and len(columns["probabilities"][0]) == 2 if rows else False
+    result = []
+    for i in range(rows):
+        row = {name: column[i] for name, column in columns.items()}
+        if binary:
+            row["score"] = row["probabilities"][1]  # the positive class's probability
+        result.append(row)
+    return result
+
+
+@router.post("/api/v1/models/{model_name}/predict")
+async def predict(model_name: str, request: Request) -> Response:
+    """``{"inputs": [{"features": [...]}, ...], "params": {"version": "v3"}}`` or an ``.npy`` body."""
+    state: RouterState = request.app.state.router
+    record = _record(state, request, "predict")
+    try:
+        raw = await _body(request, state)
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        npy = content_type in NPY_TYPES or raw[:6] == b"\x93NUMPY"
+        params: dict[str, Any] = {}
+        body: dict[str, Any] = {}
+        if not npy:
+            body = parse_json_object(raw)
+            params = body.get("params") or {}
+            if not isinstance(params, dict):
+                raise InvalidRequest('"params" must be an object such as {"version": "v3"}', param="params")
+        version = params.get("version") or request.query_params.get("version") or \
+            request.headers.get("x-model-version")
+        record.user = user_key(request.headers, body.get("user") if isinstance(body.get("user"), str) else None)
+        served = state.catalog.resolve(model_name, version, record.user, predict=True)
+        manifest = _predictor(served).manifest
+        try:
+            inputs = decode_npy(raw, manifest) if npy else decode_rows(body, manifest)
+        except InvalidInput as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
+        outputs = await _run(state, served, inputs, _priority(request), _deadline_ms(request, params), record)
+    except BaseException as exc:
+        _finish_on_error(record, exc)
+        raise
+    headers = served_headers(record.request_id, served.version, "router")
+    record.finish(200)
+    if npy:  # a columnar answer: no per-row objects at high row counts
+        return JSONResponse({"model_name": served.model_name, "version": served.version, "id": record.request_id,
+                             "outputs": {name: value.tolist() for name, value in outputs.items()}}, headers=headers)
+    return JSONResponse({"model_name": served.model_name, "version": served.version, "id": record.request_id,
+                         "predictions": _predictions(outputs)}, headers=headers)
+
+
+# -- Open Inference Protocol v2 ---------------------------------------------------
+
+
+def _v2_error(exc: APIError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _v2_served(state: RouterState, model_name: str, version: str | None, request: Request) -> ServedVersion:
+    return state.catalog.resolve(model_name, version, user_key(request.headers, None), predict=True)
+
+
+def _metadata(served: ServedVersion, versions: list[str]) -> dict[str, Any]:
+    manifest = _predictor(served).manifest
+    return {"name": served.model_name, "versions": versions, "platform": manifest.framework,
+            "inputs": [t.to_dict() for t in manifest.inputs], "outputs": [t.to_dict() for t in manifest.outputs]}
+
+
+@router.get("/v2")
+async def v2_server_metadata() -> dict[str, Any]:
+    return {"name": "llmserve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/v2/health/live")
+async def v2_live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/v2/health/ready")
+async def v2_ready(request: Request) -> JSONResponse:
+    state: RouterState = request.app.state.router
+    ready = any(v.can_answer for m in state.catalog.models() for v in m.versions.values())
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+@router.get("/v2/models/{model_name}")
+@router.get("/v2/models/{model_name}/versions/{version}")
+async def v2_model_metadata(model_name: str, request: Request, version: str | None = None) -> JSONResponse:
+    state: RouterState = request.app.state.router
+    try:
+        served = _v2_served(state, model_name, version, request)
+    except APIError as exc:
+        return _v2_error(exc)
+    model = state.catalog.get_model(model_name)
+    return JSONResponse(_metadata(served, sorted(model.versions)))
+
+
+@router.get("/v2/models/{model_name}/ready")
+@router.get("/v2/models/{model_name}/versions/{version}/ready")
+async def v2_model_ready(model_name: str, request: Request, version: str | None = None) -> JSONResponse:
+    state: RouterState = request.app.state.router
+    try:
+        served = _v2_served(state, model_name, version, request)
+    except APIError as exc:
+        return _v2_error(exc)
+    return JSONResponse({"name": model_name, "ready": served.can_answer})
+
+
+@router.post("/v2/models/{model_name}/infer")
+@router.post("/v2/models/{model_name}/versions/{version}/infer")
+async def v2_infer(model_name: str, request: Request, version: str | None = None) -> Response:
+    state: RouterState = request.app.state.router
+    record = _record(state, request, "v2_infer")
+    try:
+        raw = await _body(request, state)
+        record.user = user_key(request.headers, None)
+        served = _v2_served(state, model_name, version, request)
+        header_length = request.headers.get("inference-header-content-length")
+        try:
+            length = int(header_length) if header_length is not None else None
+        except ValueError:
+            raise InvalidRequest("Inference-Header-Content-Length must be a number of bytes") from None
+        try:
+            parsed = decode_v2(raw, length, _predictor(served).manifest, binary_default=False)
+        except InvalidInput as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
+        outputs = await _run(state, served, parsed.inputs, _priority(request),
+                             _deadline_ms(request, parsed.parameters), record)
+        missing = unknown_outputs(parsed.outputs, outputs)
+        if missing:
+            raise InvalidRequest(f"unknown outputs {missing}; this model gives {sorted(outputs)}", param="outputs")
+    except APIError as exc:
+        _finish_on_error(record, exc)
+        return _v2_error(exc)
+    except BaseException as exc:
+        _finish_on_error(record, exc)
+        raise
+    body, headers = encode_v2(served.model_name, served.version, parsed.id, outputs, parsed.outputs,
+                              parsed.binary_outputs)
+    record.finish(200)
+    return Response(body, headers={**headers, **served_headers(record.request_id, served.version, "router")})
