@@ -110,6 +110,16 @@ async def run_router(
         assert not leftover, f"replicas left running: {leftover}"
 
 
+@pytest.fixture(scope="session")
+def example_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example traditional models (fraud classifiers in four frameworks), built once per session."""
+    from llmserve.examples import build_examples
+
+    models = tmp_path_factory.mktemp("predict-models")
+    build_examples(models, rows=4000)
+    return models
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -7,7 +7,6 @@ import asyncio
 import io
 import json
 import shutil
-import struct
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,12 +14,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 
 from llmserve.examples import EXAMPLES, fraud_dataset
 from router.store.sqlite import SQLiteStore
 from tests.conftest import RunningRouter, run_router
-from tests.test_predict_runtimes import example_models  # noqa: F401  (the session fixture)
 
 XGB = "fraud-xgboost"
 

@@ -10,17 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmserve.examples import EXAMPLES, build_examples, fraud_dataset
+from llmserve.examples import EXAMPLES, fraud_dataset
 from router.predict.batcher import BatchingConfig, DynamicBatcher, Overloaded
 from router.predict.runtimes import load_runtime
 from router.predict.schema import ManifestError, PredictManifest
-
-
-@pytest.fixture(scope="session")
-def example_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    models = tmp_path_factory.mktemp("predict-models")
-    build_examples(models, rows=4000)
-    return models
 
 
 def test_every_example_model_loads_and_agrees_with_its_training_figures(example_models: Path) -> None:
