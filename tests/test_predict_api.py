@@ -258,3 +258,42 @@ def test_the_predict_benchmark_runs_on_a_tiny_configuration(tmp_path: Path, exam
     for name, figures in report["single_row"].items():
         assert figures["batching_on"]["errors"] == 0 and figures["batching_off"]["errors"] == 0, name
         assert figures["throughput_ratio"] > 0
+
+
+async def test_a_predict_canary_is_judged_on_latency_and_promoted(tmp_path: Path, example_models: Path) -> None:
+    async with predict_router(tmp_path, example_models) as (router, client):
+        repo = tmp_path / "models" / XGB
+        shutil.copytree(repo / "v1", repo / "v2")
+        row = features(1)[0]
+        stop = asyncio.Event()
+        statuses: list[int] = []
+
+        async def load(index: int) -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                response = await client.post(f"/api/v1/models/{XGB}/predict", json={"inputs": [{"features": row}]},
+                                             headers={"x-user-id": f"user-{index}-{n}"})
+                statuses.append(response.status_code)
+
+        users = [asyncio.create_task(load(i)) for i in range(4)]
+        created = await client.post("/api/v1/deployments", json={
+            "model_name": XGB, "version": "v2",
+            "strategy": {"type": "canary", "steps": [25, 100], "bake_s": 0.2, "min_samples": 30,
+                         "ttft_tolerance": 0.5}})
+        assert created.status_code == 202
+        deadline = time.monotonic() + 60
+        canary: dict = {}
+        while time.monotonic() < deadline:
+            got = await client.get(f"/api/v1/deployments/{XGB}/canary")
+            if got.status_code == 200 and got.json()["status"] != "running":
+                canary = got.json()
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(*users)
+        assert canary.get("status") == "promoted", canary
+        decision = canary["decisions"][0]
+        assert decision["decision"] == "promote" and decision["canary_samples"] >= 30
+        assert (await client.get(f"/api/v1/deployments/{XGB}")).json()["split"] == {"v2": 100}
+        assert set(statuses) == {200}
