@@ -72,6 +72,15 @@ def payloads(x: np.ndarray, model: str) -> dict[str, Payload]:
     }
 
 
+def mlserver_payload(x: np.ndarray) -> Payload:
+    """The same v2 JSON request for MLServer's XGBoost runtime, asking for the probabilities
+    (without ``outputs`` it answers only labels; its output is named ``predict_proba``)."""
+    body = json.dumps({"inputs": [{"name": "features", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.reshape(-1).tolist()}],
+                       "outputs": [{"name": "predict_proba"}]}).encode()
+    return Payload("/v2/models/fraud-xgboost/infer", body, {"content-type": "application/json"}, len(x))
+
+
 async def closed_loop(base_url: str, payload: Payload, concurrency: int, duration_s: float) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
@@ -189,10 +198,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                       2)}
         for m in MODELS}
     if args.mlserver:
-        ml_single = await closed_loop(args.mlserver, payloads(single, "fraud-xgboost")["v2_json"],
-                                      args.single_concurrency, args.duration)
-        ml_batch = await closed_loop(args.mlserver, payloads(batch, "fraud-xgboost")["v2_json"],
-                                     args.batched_concurrency, args.duration)
+        ml_single = await closed_loop(args.mlserver, mlserver_payload(single), args.single_concurrency,
+                                      args.duration)
+        ml_batch = await closed_loop(args.mlserver, mlserver_payload(batch), args.batched_concurrency,
+                                     args.duration)
         ours_batch = report["batched_1000_rows"]["fraud-xgboost v2_json"]
         report["mlserver_xgboost"] = {
             "single_row_v2_json": {"llmserve": single_v2_on, "mlserver": ml_single,

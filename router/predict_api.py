@@ -14,6 +14,7 @@ import asyncio
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -21,9 +22,18 @@ from router.catalog import ServedVersion
 from router.context import RequestRecord, served_headers, user_key
 from router.errors import APIError, InvalidRequest, PayloadTooLarge
 from router.predict.batcher import PRIORITIES, Overloaded
-from router.predict.codec import NPY_TYPES, decode_npy, decode_rows, decode_v2, encode_v2, unknown_outputs
+from router.predict.codec import (
+    NPY_TYPES,
+    decode_npy,
+    decode_rows,
+    decode_v2,
+    encode_v2,
+    may_hold_booleans,
+    parse_object,
+    unknown_outputs,
+)
 from router.predict.host import InvalidInput, Predictor
-from router.protocol import parse_json_object, read_body
+from router.protocol import read_body
 from router.state import RouterState
 
 router = APIRouter(tags=["predict"])
@@ -134,7 +144,10 @@ async def predict(model_name: str, request: Request) -> Response:
         params: dict[str, Any] = {}
         body: dict[str, Any] = {}
         if not npy:
-            body = parse_json_object(raw)
+            try:
+                body = parse_object(raw)
+            except InvalidInput as exc:
+                raise InvalidRequest(str(exc), param=exc.param, code="invalid_json") from None
             params = body.get("params") or {}
             if not isinstance(params, dict):
                 raise InvalidRequest('"params" must be an object such as {"version": "v3"}', param="params")
@@ -144,7 +157,7 @@ async def predict(model_name: str, request: Request) -> Response:
         served = state.catalog.resolve(model_name, version, record.user, predict=True)
         manifest = _predictor(served).manifest
         try:
-            inputs = decode_npy(raw, manifest) if npy else decode_rows(body, manifest)
+            inputs = decode_npy(raw, manifest) if npy else decode_rows(body, manifest, may_hold_booleans(raw))
         except InvalidInput as exc:
             raise InvalidRequest(str(exc), param=exc.param) from None
         outputs = await _run(state, served, inputs, _priority(request), _deadline_ms(request, params), record)
@@ -153,11 +166,13 @@ async def predict(model_name: str, request: Request) -> Response:
         raise
     headers = served_headers(record.request_id, served.version, "router")
     record.finish(200)
+    answer: dict[str, Any] = {"model_name": served.model_name, "version": served.version, "id": record.request_id}
     if npy:  # a columnar answer: no per-row objects at high row counts
-        return JSONResponse({"model_name": served.model_name, "version": served.version, "id": record.request_id,
-                             "outputs": {name: value.tolist() for name, value in outputs.items()}}, headers=headers)
-    return JSONResponse({"model_name": served.model_name, "version": served.version, "id": record.request_id,
-                         "predictions": _predictions(outputs)}, headers=headers)
+        answer["outputs"] = {name: np.ascontiguousarray(value) for name, value in outputs.items()}
+    else:
+        answer["predictions"] = _predictions(outputs)
+    return Response(orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
+                    headers=headers)
 
 
 # -- Open Inference Protocol v2 ---------------------------------------------------
