@@ -74,6 +74,41 @@ class PredictSettings(BaseModel):
     )
 
 
+class KeyPolicy(BaseModel):
+    """What one API key's requests may ask for."""
+
+    name: str = ""
+    default: Literal["critical", "standard", "batch"] = "standard"
+    allowed: list[Literal["critical", "standard", "batch"]] = Field(
+        default_factory=lambda: ["critical", "standard", "batch"])
+
+
+class AdmissionSettings(BaseModel):
+    """Priority classes and load shedding (see router.admission)."""
+
+    enabled: bool = Field(True, description="Shed load when a version is saturated; off: admit everything.")
+    api_keys: dict[str, KeyPolicy] = Field(
+        default_factory=dict, description="API key -> default priority and allowed classes (JSON in the env).")
+    anonymous: KeyPolicy = Field(
+        default_factory=lambda: KeyPolicy(name="anonymous"),
+        description="Requests without a known key: their default and allowed classes.")
+    fallbacks: dict[str, str] = Field(
+        default_factory=dict, description="model -> the smaller model that answers its standard traffic "
+        "when it is saturated (also for predict models).")
+    max_outstanding_per_replica: float = Field(
+        16, gt=0, description="Saturated at this many router requests in flight per ready replica.")
+    max_engine_waiting: float = Field(8, gt=0, description="Saturated at this many requests queued per engine.")
+    max_kv_cache_usage: float = Field(0.95, gt=0, le=1, description="Saturated at this KV-cache usage.")
+    ttft_slo_ms: float = Field(500, gt=0, description="Saturated when recent TTFT p90 passes this.")
+    ttft_window_s: float = Field(10, gt=0, description="How far back the TTFT signal looks.")
+    clear_ratio: float = Field(
+        0.7, gt=0, lt=1, description="Hysteresis: saturation clears once every signal is below this share "
+        "of its threshold ...")
+    min_hold_s: float = Field(2.0, ge=0, description="... and it has held at least this long.")
+    queue_wait_s: float = Field(
+        2.0, ge=0, description="How long a standard request waits for room when the fallback is saturated too.")
+
+
 class RouterSettings(BaseModel):
     """The HTTP surface."""
 
@@ -97,6 +132,7 @@ class RouterSettings(BaseModel):
     inference_log_retention_days: int = Field(30, ge=1, description="Days of inference logs kept in the store.")
     max_predict_body_bytes: int = Field(256 << 20, ge=1024, description="Larger predict bodies get 413.")
     predict: PredictSettings = Field(default_factory=PredictSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
 
 
 class ModelSettings(BaseModel):

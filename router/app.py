@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from llmserve.settings import RouterSettings
 from router import control_api, generate_api, health_api, openai_api, predict_api
+from router.admission import Admission
 from router.catalog import Catalog
 from router.control import ControlPlane, ReplicaLauncher
 from router.engine_metrics import EngineMetricsScraper
@@ -56,12 +57,13 @@ def create_app(
             scraper = EngineMetricsScraper(catalog, settings.engine_metrics_interval_s)
             state.metrics.registry.register(scraper)
             scraper.start()
+        state.samples = SampleWindows()
+        state.admission = Admission(settings.admission, catalog, state.samples, scraper, state.metrics)
         app.state.router = state
         await backend.start(catalog)
         log_writer: InferenceLogWriter | None = None
         if store is not None:
             launcher: ReplicaLauncher = backend  # type: ignore[assignment]
-            state.samples = SampleWindows()
             predict = settings.predict
             batching = BatchingConfig(
                 enabled=predict.batching, max_batch_size=predict.max_batch_size, max_wait_ms=predict.max_wait_ms,

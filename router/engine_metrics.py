@@ -81,6 +81,10 @@ class EngineMetricsScraper(Collector):
         for gone in set(self._latest) - seen:
             del self._latest[gone]
 
+    def values_for(self, model: str, version: str) -> list[dict[str, float]]:
+        """The latest scraped values of each replica of one version (for admission control)."""
+        return [values for m, v, values in self._latest.values() if m == model and v == version]
+
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=2.0)
         async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
+from router.admission import admit_request
 from router.context import RequestRecord, served_headers, user_key
 from router.errors import UpstreamFailed
 from router.protocol import GenerateRequest, check_output_limit, parse_json_object, read_body, validate
@@ -47,6 +48,7 @@ async def generate(model_name: str, request: Request) -> Response:
     parsed: GenerateRequest = validate(GenerateRequest, parse_json_object(body))
     record.user = user_key(request.headers, parsed.user)
     served = state.catalog.resolve(model_name, parsed.params.version, record.user)
+    served, admission_headers = await admit_request(state.admission, request.headers, served, record.user)
     check_output_limit(parsed.max_tokens, served.max_model_len)
 
     sampling = parsed.params.model_dump(exclude_unset=True, exclude={"version", "raw"})
@@ -69,7 +71,7 @@ async def generate(model_name: str, request: Request) -> Response:
     record.begin(served.model_name, served.version, parsed.stream)
     upstream = await state.relay.open(served, path, payload, request_id)
     record.replica = upstream.replica.id
-    headers = served_headers(request_id, served.version, upstream.replica.id)
+    headers = {**served_headers(request_id, served.version, upstream.replica.id), **admission_headers}
     if upstream.status_code != 200:
         content = await upstream.read()
         await upstream.aclose()

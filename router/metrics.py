@@ -78,6 +78,9 @@ class RouterMetrics:
         self.predict_rows = Counter("llmserve_predict_rows", "Rows predicted", labels, registry=self.registry)
         self.predict_rejected = Counter("llmserve_predict_rejected", "Predict requests refused at admission",
                                         ["model", "version", "status"], registry=self.registry)
+        self.admission = Counter("llmserve_admission", "Requests by priority class and what admission did: "
+                                 "full (the chosen model), fallback, rejected (429), expired (503)",
+                                 ["model", "priority", "outcome"], registry=self.registry)
         self.registry.register(_CatalogCollector(catalog))
 
     def batch_observer(self, model: str, version: str) -> _BatchMetrics:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
+from router.admission import admit_request
 from router.catalog import Catalog
 from router.context import RequestRecord, served_headers, user_key
 from router.errors import UpstreamFailed
@@ -75,6 +76,7 @@ async def _relay_openai(
     pinned = request.headers.get(VERSION_HEADER) or None
     user = record.user = user_key(request.headers, parsed.user)
     served = state.catalog.resolve(parsed.model, pinned, user)
+    served, admission_headers = await admit_request(state.admission, request.headers, served, user)
     check_output_limit(
         parsed.output_limit(),
         served.max_model_len,
@@ -84,7 +86,7 @@ async def _relay_openai(
     record.begin(served.model_name, served.version, parsed.stream)
     upstream = await state.relay.open(served, path, payload, request_id)
     record.replica = upstream.replica.id
-    headers = served_headers(request_id, served.version, upstream.replica.id)
+    headers = {**served_headers(request_id, served.version, upstream.replica.id), **admission_headers}
     if upstream.status_code != 200 or not parsed.stream:
         return await _buffered(upstream, record, headers)
     return EventSourceResponse(

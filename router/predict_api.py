@@ -18,10 +18,11 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from router.admission import resolve_priority
 from router.catalog import ServedVersion
 from router.context import RequestRecord, served_headers, user_key
 from router.errors import APIError, InvalidRequest, PayloadTooLarge
-from router.predict.batcher import PRIORITIES, Overloaded
+from router.predict.batcher import Overloaded
 from router.predict.codec import (
     NPY_TYPES,
     decode_npy,
@@ -51,11 +52,8 @@ class TooManyRequests(APIError):
     code = "queue_full"
 
 
-def _priority(request: Request) -> str:
-    value = request.headers.get("x-priority", "standard").strip().lower()
-    if value not in PRIORITIES:
-        raise InvalidRequest(f"X-Priority must be one of {', '.join(PRIORITIES)}, got {value!r}", param="X-Priority")
-    return value
+def _priority(request: Request, state: RouterState) -> str:
+    return resolve_priority(request.headers, state.settings.admission)
 
 
 def _deadline_ms(request: Request, params: dict[str, Any]) -> float | None:
@@ -83,7 +81,12 @@ def _predictor(served: ServedVersion) -> Predictor:
 
 
 async def _run(state: RouterState, served: ServedVersion, inputs: dict[str, np.ndarray], priority: str,
-               deadline_ms: float | None, record: RequestRecord) -> dict[str, np.ndarray]:
+               deadline_ms: float | None, record: RequestRecord, user: str | None
+               ) -> tuple[ServedVersion, dict[str, np.ndarray], dict[str, str]]:
+    """Validate and predict; when the version's queue is full, its fallback model answers if it has one.
+
+    Returns the version that answered, the outputs, and headers to add (priority, fallback).
+    """
     predictor = _predictor(served)
     try:
         rows = predictor.check(inputs)
@@ -95,14 +98,41 @@ async def _run(state: RouterState, served: ServedVersion, inputs: dict[str, np.n
                               "(LLMSERVE_ROUTER__PREDICT__MAX_REQUEST_ROWS); split it")
     record.begin(served.model_name, served.version, False)
     record.output_tokens = rows
+    extra = {"x-priority": priority}
     try:
-        return await predictor.batcher.submit(inputs, priority, deadline_ms)
+        return served, await predictor.batcher.submit(inputs, priority, deadline_ms), extra
     except Overloaded as exc:
         if state.metrics is not None:
             state.metrics.predict_rejected.labels(served.model_name, served.version, str(exc.status)).inc()
+        fallback = _fallback(state, served, user, priority) if exc.status == 429 else None
+        if fallback is not None:
+            try:
+                outputs = await _predictor(fallback).batcher.submit(inputs, priority, deadline_ms)
+            except Overloaded:
+                pass
+            else:
+                if state.admission is not None:
+                    state.admission.count(served.model_name, priority, "fallback")
+                return fallback, outputs, {**extra, "x-fallback": fallback.versioned_name}
         error = TooManyRequests if exc.status == 429 else ServiceOverloaded
         raise error(f"{served.versioned_name} is overloaded: {exc.reason}; retry in {exc.retry_after_s}s",
                     headers={"Retry-After": str(exc.retry_after_s)}) from None
+
+
+def _fallback(state: RouterState, served: ServedVersion, user: str | None, priority: str) -> ServedVersion | None:
+    """The predict fallback for a full queue: a model with the same inputs; never for batch traffic."""
+    if state.admission is None or not state.settings.admission.enabled or priority == "batch":
+        return None
+    name = state.admission.fallback_model(served.model_name)
+    if name is None or state.catalog.find(name) is None:
+        return None
+    try:
+        candidate = state.catalog.resolve(name, None, user, predict=True)
+    except APIError:
+        return None
+    if candidate.predictor is None or candidate.predictor.manifest.inputs != _predictor(served).manifest.inputs:
+        return None
+    return candidate
 
 
 def _record(state: RouterState, request: Request, route: str) -> RequestRecord:
@@ -160,11 +190,12 @@ async def predict(model_name: str, request: Request) -> Response:
             inputs = decode_npy(raw, manifest) if npy else decode_rows(body, manifest, may_hold_booleans(raw))
         except InvalidInput as exc:
             raise InvalidRequest(str(exc), param=exc.param) from None
-        outputs = await _run(state, served, inputs, _priority(request), _deadline_ms(request, params), record)
+        served, outputs, extra = await _run(state, served, inputs, _priority(request, state),
+                                            _deadline_ms(request, params), record, record.user)
     except BaseException as exc:
         _finish_on_error(record, exc)
         raise
-    headers = served_headers(record.request_id, served.version, "router")
+    headers = {**served_headers(record.request_id, served.version, "router"), **extra}
     record.finish(200)
     answer: dict[str, Any] = {"model_name": served.model_name, "version": served.version, "id": record.request_id}
     if npy:  # a columnar answer: no per-row objects at high row counts
@@ -250,8 +281,8 @@ async def v2_infer(model_name: str, request: Request, version: str | None = None
             parsed = decode_v2(raw, length, _predictor(served).manifest, binary_default=False)
         except InvalidInput as exc:
             raise InvalidRequest(str(exc), param=exc.param) from None
-        outputs = await _run(state, served, parsed.inputs, _priority(request),
-                             _deadline_ms(request, parsed.parameters), record)
+        served, outputs, extra = await _run(state, served, parsed.inputs, _priority(request, state),
+                                            _deadline_ms(request, parsed.parameters), record, record.user)
         missing = unknown_outputs(parsed.outputs, outputs)
         if missing:
             raise InvalidRequest(f"unknown outputs {missing}; this model gives {sorted(outputs)}", param="outputs")
@@ -264,4 +295,4 @@ async def v2_infer(model_name: str, request: Request, version: str | None = None
     body, headers = encode_v2(served.model_name, served.version, parsed.id, outputs, parsed.outputs,
                               parsed.binary_outputs)
     record.finish(200)
-    return Response(body, headers={**headers, **served_headers(record.request_id, served.version, "router")})
+    return Response(body, headers={**headers, **served_headers(record.request_id, served.version, "router"), **extra})

@@ -14,6 +14,7 @@ from router.relay import Relay
 from router.store.base import InferenceLog
 
 if TYPE_CHECKING:
+    from router.admission import Admission
     from router.control import ControlPlane
     from router.metrics import RouterMetrics
     from router.samples import SampleWindows
@@ -41,3 +42,4 @@ class RouterState:
     log_sink: Callable[[InferenceLog], None] | None = None
     metrics: RouterMetrics | None = None
     samples: SampleWindows | None = None
+    admission: Admission | None = None

@@ -1,0 +1,250 @@
+"""Admission control: priority classes, saturation with hysteresis, and load shedding.
+
+Every request has a class, ``critical``, ``standard`` or ``batch``: its API
+key's default, or the ``X-Priority`` header within what the key allows (a
+class it may not use is a 403, a malformed header a 400).
+
+A version is *saturated* when any of its signals passes its threshold: the
+router's requests in flight per ready replica (immediate), the engines' own
+waiting queues and KV-cache usage (scraped every few seconds), and recent
+TTFT p90 against the SLO. It stops being saturated only once every signal is
+below ``clear_ratio`` of its threshold and the state has held ``min_hold_s``,
+so it does not flap at the boundary.
+
+While the chosen version is saturated:
+
+- ``critical`` goes to it anyway: the full model keeps its latency for them;
+- ``standard`` goes to the model's fallback (a distilled student), saying so
+  in ``X-Fallback`` and the response's ``model``; if the fallback is saturated
+  too (or there is none) it waits up to ``queue_wait_s`` for room on either,
+  then gets 429 with Retry-After;
+- ``batch`` gets 429 at once, with Retry-After from the current drain rate.
+
+A request that waited past its deadline (``X-Deadline-Ms``) gets 503 with
+Retry-After. Nothing is dropped silently and nothing waits unbounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from llmserve.settings import AdmissionSettings, KeyPolicy
+from llmserve.stats import percentile
+from router.catalog import Catalog, ServedVersion
+from router.errors import APIError, InvalidRequest
+
+if TYPE_CHECKING:
+    from router.engine_metrics import EngineMetricsScraper
+    from router.metrics import RouterMetrics
+    from router.samples import SampleWindows
+
+PRIORITIES = ("critical", "standard", "batch")
+
+
+class PriorityForbidden(APIError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "priority_not_allowed"
+
+
+class UnknownApiKey(APIError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Shed(APIError):
+    """Refused under overload: 429 (no room) or 503 (deadline passed), always with Retry-After."""
+
+    error_type = "rate_limit_error"
+    code = "overloaded"
+
+    def __init__(self, status: int, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+        self.status_code = status
+        if status == 503:
+            self.error_type, self.code = "service_unavailable", "deadline_exceeded"
+
+
+def api_key(headers: Mapping[str, str]) -> str | None:
+    authorization = headers.get("authorization", "")
+    if authorization.lower().startswith("bearer ") and len(authorization) > 7:
+        return authorization[7:].strip()
+    return headers.get("x-api-key") or None
+
+
+def resolve_priority(headers: Mapping[str, str], settings: AdmissionSettings) -> str:
+    """The request's class: the key's default, or ``X-Priority`` within what the key allows."""
+    key = api_key(headers)
+    policy: KeyPolicy = settings.api_keys.get(key, settings.anonymous) if key else settings.anonymous
+    wanted = headers.get("x-priority")
+    if wanted is None:
+        return policy.default
+    value = wanted.strip().lower()
+    if value not in PRIORITIES:
+        raise InvalidRequest(f"X-Priority must be one of {', '.join(PRIORITIES)}, got {wanted!r}",
+                             param="X-Priority")
+    if value not in policy.allowed:
+        who = f"the API key {policy.name or 'given'}" if key in settings.api_keys else "requests without an API key"
+        raise PriorityForbidden(f"{who} may not use priority {value!r}; allowed: {', '.join(policy.allowed)}",
+                                param="X-Priority")
+    return value
+
+
+@dataclass
+class Saturation:
+    saturated: bool = False
+    changed_at: float = 0.0
+    reasons: list[str] = field(default_factory=list)
+    checked_at: float = -1.0
+
+
+@dataclass(frozen=True)
+class Admitted:
+    served: ServedVersion
+    fallback_from: str | None = None  # the model whose traffic this fallback takes
+
+
+class Admission:
+    def __init__(self, settings: AdmissionSettings, catalog: Catalog, samples: SampleWindows,
+                 engines: EngineMetricsScraper | None = None, metrics: RouterMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._catalog = catalog
+        self._samples = samples
+        self._engines = engines
+        self._metrics = metrics
+        self._clock = clock
+        self._state: dict[tuple[str, str], Saturation] = {}
+
+    # -- signals --------------------------------------------------------------
+
+    def signals(self, served: ServedVersion) -> dict[str, float]:
+        """Each signal as a fraction of its threshold (1.0 = at the threshold)."""
+        s = self.settings
+        ready = served.ready_replicas or served.replicas
+        n = max(len(ready), 1)
+        values = {"outstanding": sum(r.outstanding for r in served.replicas) / n / s.max_outstanding_per_replica}
+        if self._engines is not None:
+            engine = self._engines.values_for(served.model_name, served.version)
+            if engine:
+                values["engine_waiting"] = (sum(v.get("vllm:num_requests_waiting", 0.0) for v in engine)
+                                            / len(engine) / s.max_engine_waiting)
+                values["kv_cache"] = max(v.get("vllm:kv_cache_usage_perc", 0.0) for v in engine) / s.max_kv_cache_usage
+        ttfts, _, _ = self._samples.since(served.model_name, served.version, self._clock() - s.ttft_window_s)
+        if len(ttfts) >= 10:
+            values["ttft_p90"] = percentile(ttfts, 90) / s.ttft_slo_ms
+        return values
+
+    def saturation(self, served: ServedVersion) -> Saturation:
+        """The version's state, with hysteresis; re-evaluated at most every 50 ms."""
+        key = (served.model_name, served.version)
+        state = self._state.setdefault(key, Saturation())
+        now = self._clock()
+        if now - state.checked_at < 0.05:
+            return state
+        state.checked_at = now
+        signals = self.signals(served)
+        over = [name for name, value in signals.items() if value >= 1.0]
+        if not state.saturated and over:
+            state.saturated, state.changed_at, state.reasons = True, now, over
+        elif state.saturated:
+            if over:
+                state.reasons = over
+            elif all(v < self.settings.clear_ratio for v in signals.values()) \
+                    and now - state.changed_at >= self.settings.min_hold_s:
+                state.saturated, state.changed_at, state.reasons = False, now, []
+        return state
+
+    def retry_after_s(self, served: ServedVersion) -> int:
+        """Seconds until the work in flight drains at the recent completion rate (1 to 60)."""
+        window = 10.0
+        _, _, done = self._samples.since(served.model_name, served.version, self._clock() - window)
+        in_flight = sum(r.outstanding for r in served.replicas)
+        rate = done / window
+        if rate <= 0:
+            return 5
+        return max(1, min(60, math.ceil(in_flight / rate)))
+
+    # -- the decision -----------------------------------------------------------
+
+    async def admit(self, served: ServedVersion, priority: str, user: str | None,
+                    deadline_s: float | None = None) -> Admitted:
+        """Where this request goes, or a Shed error. ``deadline_s``: seconds it may wait."""
+        if not self.settings.enabled or priority == "critical" or not self.saturation(served).saturated:
+            self.count(served.model_name, priority, "full")
+            return Admitted(served)
+        if priority == "batch":
+            self.count(served.model_name, priority, "rejected")
+            raise Shed(429, f"{served.versioned_name} is saturated ({', '.join(self.saturation(served).reasons)}); "
+                            "batch traffic is refused until it drains", self.retry_after_s(served))
+        fallback = self._fallback(served, user)
+        if fallback is not None and not self.saturation(fallback).saturated:
+            self.count(served.model_name, priority, "fallback")
+            return Admitted(fallback, fallback_from=served.model_name)
+        # Both saturated: wait (bounded) for room on either.
+        started = self._clock()
+        limit = self.settings.queue_wait_s if deadline_s is None else min(self.settings.queue_wait_s, deadline_s)
+        while self._clock() - started < limit:
+            await asyncio.sleep(0.05)
+            if not self.saturation(served).saturated:
+                self.count(served.model_name, priority, "full")
+                return Admitted(served)
+            if fallback is not None and not self.saturation(fallback).saturated:
+                self.count(served.model_name, priority, "fallback")
+                return Admitted(fallback, fallback_from=served.model_name)
+        if deadline_s is not None and deadline_s <= self.settings.queue_wait_s:
+            self.count(served.model_name, priority, "expired")
+            raise Shed(503, f"{served.versioned_name} stayed saturated past the request's deadline",
+                       self.retry_after_s(served))
+        self.count(served.model_name, priority, "rejected")
+        where = f"{served.versioned_name} and its fallback are" if fallback else f"{served.versioned_name} is"
+        raise Shed(429, f"{where} saturated; waited {limit:.1f}s for room", self.retry_after_s(served))
+
+    def fallback_model(self, model_name: str) -> str | None:
+        return self.settings.fallbacks.get(model_name)
+
+    def _fallback(self, served: ServedVersion, user: str | None) -> ServedVersion | None:
+        name = self.settings.fallbacks.get(served.model_name)
+        if name is None or self._catalog.find(name) is None:
+            return None
+        try:
+            candidate = self._catalog.resolve(name, None, user, predict=served.predictor is not None)
+        except APIError:
+            return None
+        return candidate if candidate.can_answer else None
+
+    def count(self, model: str, priority: str, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.admission.labels(model, priority, outcome).inc()
+
+
+def deadline_s(headers: Mapping[str, str]) -> float | None:
+    raw = headers.get("x-deadline-ms")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidRequest("X-Deadline-Ms must be a number of milliseconds", param="X-Deadline-Ms") from None
+    if not value > 0:
+        raise InvalidRequest("X-Deadline-Ms must be above 0", param="X-Deadline-Ms")
+    return value / 1000
+
+
+async def admit_request(admission: Admission | None, headers: Mapping[str, str], served: ServedVersion,
+                        user: str | None) -> tuple[ServedVersion, dict[str, str]]:
+    """The version that answers (the chosen one or its fallback) and the headers that say so."""
+    if admission is None:
+        return served, {}
+    priority = resolve_priority(headers, admission.settings)
+    admitted = await admission.admit(served, priority, user, deadline_s(headers))
+    extra = {"x-priority": priority}
+    if admitted.fallback_from is not None:
+        extra["x-fallback"] = admitted.served.versioned_name
+    return admitted.served, extra

@@ -1,0 +1,157 @@
+"""Priority classes, saturation with hysteresis, and shedding to the fallback model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmserve.replica import Replica, ReplicaState
+from llmserve.settings import AdmissionSettings, KeyPolicy, RouterSettings
+from llmserve.stack import Deployment
+from loadtest.sim import SimEngineProgram
+from router.admission import Admission, PriorityForbidden, resolve_priority
+from router.catalog import Catalog, ServedVersion
+from router.errors import InvalidRequest
+from router.samples import SampleWindows
+from router.store.sqlite import SQLiteStore
+from tests.conftest import free_port, run_router
+from tests.test_predict_api import deploy, features
+
+KEYS = {"batch-key": KeyPolicy(name="nightly-jobs", default="batch", allowed=["batch", "standard"]),
+        "vip-key": KeyPolicy(name="checkout", default="critical")}
+
+
+def test_priority_comes_from_the_key_and_the_header_within_what_it_allows() -> None:
+    settings = AdmissionSettings(api_keys=KEYS)
+    assert resolve_priority({}, settings) == "standard"
+    assert resolve_priority({"authorization": "Bearer batch-key"}, settings) == "batch"
+    assert resolve_priority({"authorization": "Bearer batch-key", "x-priority": "Standard"}, settings) == "standard"
+    assert resolve_priority({"x-api-key": "vip-key"}, settings) == "critical"
+    with pytest.raises(PriorityForbidden) as forbidden:
+        resolve_priority({"authorization": "Bearer batch-key", "x-priority": "critical"}, settings)
+    assert forbidden.value.status_code == 403 and "nightly-jobs" in forbidden.value.message
+    with pytest.raises(InvalidRequest):
+        resolve_priority({"x-priority": "urgent!"}, settings)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def served_with(outstanding: int) -> ServedVersion:
+    replica = Replica(program=SimEngineProgram("chat", "v1"), index=0, state=ReplicaState.READY)
+    replica.outstanding = outstanding
+    return ServedVersion("chat", "v1", 2048, [replica])
+
+
+def test_saturation_has_hysteresis() -> None:
+    clock = Clock()
+    served = served_with(0)
+    catalog = Catalog()
+    catalog.add_version(served)
+    admission = Admission(AdmissionSettings(max_outstanding_per_replica=10, clear_ratio=0.7, min_hold_s=2),
+                          catalog, SampleWindows(clock=clock), clock=clock)
+
+    def at(outstanding: int, advance: float = 0.1) -> bool:
+        clock.now += advance
+        served.replicas[0].outstanding = outstanding
+        return admission.saturation(served).saturated
+
+    assert not at(9)
+    assert at(10)  # at the threshold
+    assert at(8)  # below the threshold but above 70% of it: still saturated
+    assert at(5, advance=0.5)  # below 70%, but it has held only 0.7 s
+    assert not at(5, advance=2.0)
+    assert not at(9)  # not saturated again until the threshold itself
+    assert admission.saturation(served).reasons == []
+
+
+async def test_under_saturation_critical_keeps_the_full_model_standard_gets_the_fallback_batch_a_429(
+        tmp_path: Path) -> None:
+    settings = RouterSettings(port=free_port(), retry_after_s=2, admission=AdmissionSettings(
+        api_keys=KEYS, fallbacks={"chat": "chat-small"}, max_outstanding_per_replica=3, queue_wait_s=0.4,
+        min_hold_s=0, clear_ratio=0.5))
+    deployments = [Deployment(SimEngineProgram("chat", "v1", ttft_ms=5, itl_ms=20), 2048),
+                   Deployment(SimEngineProgram("chat-small", "v1", ttft_ms=5, itl_ms=2), 2048)]
+    async with run_router(deployments, tmp_path, router_settings=settings) as router, \
+            httpx.AsyncClient(base_url=router.url, timeout=30) as client:
+        def ask(model: str = "chat", priority: str | None = None, max_tokens: int = 2, **headers: str):
+            extra = {"x-priority": priority} if priority else {}
+            return client.post("/v1/chat/completions", headers={**extra, **headers}, json={
+                "model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]})
+
+        calm = await ask()
+        assert calm.status_code == 200 and "x-fallback" not in calm.headers
+        assert calm.headers["x-priority"] == "standard"
+        # Four long critical requests saturate chat's only replica (threshold 3 in flight).
+        hogs = [asyncio.create_task(ask(priority="critical", max_tokens=100)) for _ in range(4)]
+        await asyncio.sleep(0.3)
+        standard = await ask()
+        assert standard.status_code == 200
+        assert standard.headers["x-fallback"] == "chat-small:v1"
+        assert standard.json()["model"] == "chat-small:v1"
+        batch = await ask(authorization="Bearer batch-key")
+        assert batch.status_code == 429 and int(batch.headers["retry-after"]) >= 1
+        assert "batch traffic is refused" in batch.json()["error"]["message"]
+        critical = await ask(priority="critical")
+        assert critical.status_code == 200 and "x-fallback" not in critical.headers
+        forbidden = await ask(priority="critical", authorization="Bearer batch-key")
+        assert forbidden.status_code == 403
+
+        # The fallback saturated too: standard waits (bounded), then 429; with a short deadline, 503.
+        small_hogs = [asyncio.create_task(ask("chat-small", priority="critical", max_tokens=1000))
+                      for _ in range(4)]
+        await asyncio.sleep(0.3)
+        waited = await ask()
+        assert waited.status_code == 429 and "its fallback are saturated" in waited.json()["error"]["message"]
+        assert "retry-after" in waited.headers
+        late = await ask(**{"x-deadline-ms": "100"})
+        assert late.status_code == 503 and "deadline" in late.json()["error"]["message"]
+        assert "retry-after" in late.headers
+
+        results = await asyncio.gather(*hogs, *small_hogs)
+        assert all(r.status_code == 200 for r in results)
+        await asyncio.sleep(0.2)
+        after = await ask()
+        assert after.status_code == 200 and "x-fallback" not in after.headers
+        metrics = (await client.get("/metrics")).text
+        for outcome in ("full", "fallback", "rejected", "expired"):
+            assert f'outcome="{outcome}"' in metrics, outcome
+
+
+async def test_a_full_predict_queue_is_answered_by_the_fallback_model(tmp_path: Path, example_models: Path) -> None:
+    settings = RouterSettings(port=free_port(), admission=AdmissionSettings(
+        fallbacks={"fraud-xgboost": "fraud-onnx"}))
+    for name in ("fraud-xgboost", "fraud-onnx"):
+        shutil.copytree(example_models / name, tmp_path / "models" / name)
+    async with run_router([], tmp_path, router_settings=settings, store=SQLiteStore(tmp_path / "db")) as router, \
+            httpx.AsyncClient(base_url=router.url, timeout=30) as client:
+        for name, framework in (("fraud-xgboost", "xgboost"), ("fraud-onnx", "onnx")):
+            await client.post("/api/v1/models", json={"model_name": name, "framework": framework})
+        await deploy(client, "fraud-onnx", "v1", 100)
+        await deploy(client, "fraud-xgboost", "v1", 100, batching={"max_queue_rows": 2, "max_batch_size": 1,
+                                                                   "enabled": False})
+        rows = features(1)
+
+        async def predict(priority: str = "standard") -> httpx.Response:
+            return await client.post("/api/v1/models/fraud-xgboost/predict", headers={"x-priority": priority},
+                                     content=json.dumps({"inputs": [{"features": r} for r in rows]}))
+
+        answers = await asyncio.gather(*(predict() for _ in range(60)))
+        assert {a.status_code for a in answers} == {200}
+        served_by = [a.headers.get("x-fallback") for a in answers]
+        assert "fraud-onnx:v1" in served_by and None in served_by
+        assert {a.json()["model_name"] for a in answers} == {"fraud-xgboost", "fraud-onnx"}
+        batch = await asyncio.gather(*(predict("batch") for _ in range(60)))
+        assert {b.status_code for b in batch} <= {200, 429}
+        assert not any(b.headers.get("x-fallback") for b in batch)
+        assert all("retry-after" in b.headers for b in batch if b.status_code == 429)
