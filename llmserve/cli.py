@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
@@ -135,6 +136,33 @@ def cmd_examples(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace, settings: Settings) -> int:
+    from fallback.distill import DistillConfig, DistillError, run
+
+    repository = settings.model_repository
+    teacher = Path(args.teacher) if args.teacher else repository / settings.model.name / args.teacher_version
+    name = args.student_name or f"{settings.model.name}-student"
+    config = DistillConfig(
+        teacher_dir=teacher, output_dir=repository / name / args.student_version,
+        work_dir=settings.data_dir / "distill" / f"{name}-{args.student_version}", name=name,
+        version=args.student_version, layers=args.layers, steps=args.steps, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, prompts=args.prompts, learning_rate=args.learning_rate,
+    )
+    if args.tiny:
+        config = DistillConfig(**{**config.__dict__, "steps": 3, "batch_size": 2, "max_new_tokens": 12,
+                                  "prompts": 10, "checkpoint_every": 2})
+    try:
+        report = run(config)
+    except DistillError as exc:
+        print(f"llmserve distill: {exc}", file=sys.stderr)
+        return 2
+    held = report["held_out"]
+    print(json.dumps({"student": report["student"], "layers_kept": report["layers_kept"], "held_out": held,
+                      "seconds": report["seconds"]}, indent=2))
+    print(f"written to {config.output_dir} (report: distillation.json there)")
+    return 0
+
+
 def _open_store(settings: Settings) -> Store:
     if settings.redis_url:
         from router.store.redis_store import RedisStore
@@ -188,6 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="router port (default 8000)")
     up.add_argument("--replicas", type=int, help="engine replicas (default 1)")
     up.set_defaults(func=cmd_up)
+
+    distill = sub.add_parser("distill", help="distil a smaller student of the served model (the fallback)")
+    distill.add_argument("--teacher", help="teacher folder (default: <models>/<model name>/<teacher version>)")
+    distill.add_argument("--teacher-version", default="v1")
+    distill.add_argument("--name", dest="student_name", help="student model name (default <model>-student)")
+    distill.add_argument("--student-version", default="v1")
+    distill.add_argument("--layers", type=int, default=6, help="teacher layers kept (evenly spaced)")
+    distill.add_argument("--steps", type=int, default=600)
+    distill.add_argument("--batch-size", type=int, default=8)
+    distill.add_argument("--learning-rate", type=float, default=3e-4)
+    distill.add_argument("--max-new-tokens", type=int, default=96, help="length of the teacher's answers")
+    distill.add_argument("--prompts", type=int, default=0, help="use only this many prompts (0: all)")
+    distill.add_argument("--tiny", action="store_true", help="a few steps on a few prompts (CI)")
+    distill.set_defaults(func=cmd_distill)
 
     examples = sub.add_parser("examples", help="build the example traditional models (fraud classifiers)")
     examples.set_defaults(func=cmd_examples)

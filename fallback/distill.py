@@ -1,0 +1,346 @@
+"""Distil a small student from the served teacher (``llmserve distill``).
+
+1. The student starts as a subset of the teacher's layers, evenly spaced with
+   the first and last kept; embeddings, final norm, LM head, tokenizer and
+   chat template are the teacher's.
+2. The teacher answers a bundled, varied prompt set (``fallback/data/prompts.txt``);
+   a tenth of the prompts is held out for the report.
+3. The student trains on those answers with knowledge distillation: KL
+   divergence to the teacher's token distributions (temperature ``T``) plus
+   the usual next-token loss, on the answer tokens.
+4. The result is a normal model version in the repository (Hugging Face folder,
+   safetensors, manifest with the teacher, layers kept, data, steps and
+   losses) and a quality report (``distillation.json``).
+
+Work goes in ``<data dir>/distill/<name>-<version>/``: the teacher's answers
+and a checkpoint every ``checkpoint_every`` steps, so an interrupted run
+resumes where it stopped. Checkpoints are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from llmserve.errors import LLMServeError
+
+logger = logging.getLogger(__name__)
+
+
+class DistillError(LLMServeError):
+    """A distillation that cannot start (checked before any work)."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher_dir: Path
+    output_dir: Path  # <models>/<name>/<version>
+    work_dir: Path
+    name: str
+    version: str
+    layers: int = 6
+    steps: int = 600
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    temperature: float = 2.0
+    kd_weight: float = 0.8  # the rest is next-token cross-entropy
+    max_new_tokens: int = 96
+    prompts: int = 0  # 0: all bundled prompts
+    holdout_fraction: float = 0.1
+    checkpoint_every: int = 50
+    seed: int = 0
+    threads: int = 0  # 0: torch's default
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed (not the step count: a run may be extended)."""
+        keep = {k: str(v) for k, v in asdict(self).items() if k not in ("steps", "checkpoint_every", "threads")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check(config: DistillConfig) -> None:
+    """Every reason not to start, as one line, before any work."""
+    teacher = config.teacher_dir
+    if not (teacher / "config.json").is_file():
+        raise DistillError(f"teacher {teacher} is not a prepared Hugging Face model folder (no config.json); "
+                           "prepare it with `llmserve prepare`")
+    if config.output_dir.exists():
+        raise DistillError(f"{config.output_dir} already exists; choose another --version or remove it")
+    for folder in (config.output_dir.parent, config.work_dir):
+        probe = folder
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK):
+            raise DistillError(f"cannot write to {folder}: {probe} is not a writable folder")
+    if config.layers < 2:
+        raise DistillError("keep at least 2 layers (the first and the last)")
+    if config.steps < 1 or config.batch_size < 1:
+        raise DistillError("steps and batch size must be at least 1")
+
+
+def bundled_prompts() -> list[str]:
+    text = (Path(__file__).parent / "data" / "prompts.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def kept_layers(total: int, keep: int) -> list[int]:
+    """Evenly spaced layer indices, the first and the last included."""
+    keep = min(keep, total)
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def make_student(teacher: Any, layers: list[int]) -> Any:
+    """A copy of the teacher with only ``layers`` (weights copied, embeddings and head shared in value)."""
+    import copy
+
+    import torch
+
+    student = copy.deepcopy(teacher)
+    student.model.layers = torch.nn.ModuleList([student.model.layers[i] for i in layers])
+    for new_index, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = new_index
+    student.config.num_hidden_layers = len(layers)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in layers]
+    return student
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    answer_ids: list[int]
+
+
+def _chat_ids(tokenizer: Any, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def teacher_answers(teacher: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, cache: Path,
+                    batch_size: int = 8) -> list[Example]:
+    """The teacher's greedy answers (cached in ``cache``, one JSON line per prompt, resumable)."""
+    import torch
+
+    done: dict[str, Example] = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            row = json.loads(line)
+            done[row["prompt"]] = Example(row["prompt_ids"], row["answer_ids"])
+    todo = [p for p in prompts if p not in done]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from tqdm import tqdm
+
+    with cache.open("a") as out, torch.inference_mode():
+        for start in tqdm(range(0, len(todo), batch_size), desc="teacher answers", unit="batch", disable=not todo):
+            batch = todo[start:start + batch_size]
+            encoded = [_chat_ids(tokenizer, p) for p in batch]
+            width = max(len(e) for e in encoded)
+            input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+            attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+            generated = teacher.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
+                                         max_new_tokens=max_new_tokens, pad_token_id=pad)
+            for prompt, ids, row in zip(batch, encoded, generated[:, width:].tolist(), strict=True):
+                answer = []
+                for token in row:
+                    answer.append(token)
+                    if token == tokenizer.eos_token_id:
+                        break
+                done[prompt] = Example(ids, answer)
+                out.write(json.dumps({"prompt": prompt, "prompt_ids": ids, "answer_ids": answer}) + "\n")
+            out.flush()
+    return [done[p] for p in prompts]
+
+
+def _batch(examples: list[Example], pad: int) -> tuple[Any, Any, Any]:
+    """input ids, attention mask, and a mask of the positions whose *next* token is an answer token."""
+    import torch
+
+    rows = [e.prompt_ids + e.answer_ids for e in examples]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    predict = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (row, e) in enumerate(zip(rows, examples, strict=True)):
+        ids[i, :len(row)] = torch.tensor(row)
+        attention[i, :len(row)] = 1
+        predict[i, len(e.prompt_ids) - 1:len(row) - 1] = True
+    return ids, attention, predict
+
+
+def distill_loss(student_logits: Any, teacher_logits: Any, ids: Any, predict: Any, temperature: float,
+                 kd_weight: float) -> tuple[Any, float, float]:
+    import torch.nn.functional as F
+
+    s = student_logits[predict]
+    t = teacher_logits[predict]
+    targets = ids[:, 1:][predict[:, :-1]]
+    kd = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                  reduction="batchmean") * temperature**2
+    ce = F.cross_entropy(s, targets)
+    return kd_weight * kd + (1 - kd_weight) * ce, float(kd), float(ce)
+
+
+def evaluate(model: Any, teacher: Any, examples: list[Example], pad: int, batch_size: int = 8) -> dict[str, float]:
+    """Next-token agreement with the teacher (argmax) and perplexity of the teacher's answers."""
+    import torch
+    import torch.nn.functional as F
+
+    agree = total = 0
+    nll = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            ids, attention, predict = _batch(examples[start:start + batch_size], pad)
+            logits = model(input_ids=ids, attention_mask=attention).logits
+            reference = logits if model is teacher else teacher(input_ids=ids, attention_mask=attention).logits
+            s, t = logits[predict], reference[predict]
+            targets = ids[:, 1:][predict[:, :-1]]
+            agree += int((s.argmax(-1) == t.argmax(-1)).sum())
+            total += len(targets)
+            nll += float(F.cross_entropy(s, targets, reduction="sum"))
+    return {"next_token_agreement": round(agree / max(total, 1), 4),
+            "perplexity": round(math.exp(nll / max(total, 1)), 3), "tokens": total}
+
+
+def greedy(model: Any, tokenizer: Any, question: str, max_new_tokens: int = 40) -> str:
+    import torch
+
+    ids = torch.tensor([_chat_ids(tokenizer, question)])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+QUESTIONS = ("What is the capital of France?", "Why is the sky blue?", "Give me three facts about honey bees.")
+
+
+def run(config: DistillConfig) -> dict[str, Any]:
+    """Distil; returns the report (also written as ``distillation.json`` in the output folder)."""
+    check(config)
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = time.monotonic()
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(config.teacher_dir))
+    teacher = AutoModelForCausalLM.from_pretrained(str(config.teacher_dir), dtype=torch.float32).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    prompts = bundled_prompts()
+    rng.shuffle(prompts)
+    if config.prompts:
+        prompts = prompts[:config.prompts]
+    held = max(1, int(len(prompts) * config.holdout_fraction))
+    examples = teacher_answers(teacher, tokenizer, prompts, config.max_new_tokens,
+                               config.work_dir / "teacher_answers.jsonl")
+    train, holdout = examples[held:], examples[:held]
+
+    layers = kept_layers(teacher.config.num_hidden_layers, config.layers)
+    student = make_student(teacher, layers)
+    untrained = evaluate(student, teacher, holdout, pad)
+    teacher_figures = evaluate(teacher, teacher, holdout, pad)
+    untrained_answers = {q: greedy(student, tokenizer, q) for q in QUESTIONS}
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    warmup = max(1, min(50, config.steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(step, config.steps) / config.steps)))
+    checkpoint = config.work_dir / "checkpoint.pt"
+    step, losses = 0, []
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=True)
+        if saved.get("fingerprint") == config.fingerprint():
+            student.load_state_dict(saved["student"])
+            optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["schedule"])
+            step, losses = int(saved["step"]), [list(map(float, row)) for row in saved["losses"].tolist()]
+            logger.info("resuming from step %d of %d", step, config.steps)
+        else:
+            logger.warning("%s belongs to another configuration; starting over", checkpoint)
+    student.train()
+    progress = tqdm(total=config.steps, initial=step, desc="distilling", unit="step")
+    order = list(range(len(train)))
+    while step < config.steps:
+        batch_rng = random.Random(config.seed * 100_003 + step)
+        picks = [train[i] for i in batch_rng.sample(order, min(config.batch_size, len(order)))]
+        ids, attention, predict = _batch(picks, pad)
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids, attention_mask=attention).logits
+        logits = student(input_ids=ids, attention_mask=attention).logits
+        loss, kd, ce = distill_loss(logits, teacher_logits, ids, predict, config.temperature, config.kd_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        losses.append([step, float(loss), kd, ce])
+        progress.update(1)
+        progress.set_postfix(loss=f"{float(loss):.3f}", kd=f"{kd:.3f}", ce=f"{ce:.3f}")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"fingerprint": config.fingerprint(), "student": student.state_dict(),
+                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
+                        "losses": torch.tensor(losses)}, tmp)
+            tmp.replace(checkpoint)
+    progress.close()
+    student.eval()
+    trained = evaluate(student, teacher, holdout, pad)
+    answers = [{"question": q, "teacher": greedy(teacher, tokenizer, q), "student": greedy(student, tokenizer, q),
+                "untrained_subset": untrained_answers[q]} for q in QUESTIONS]
+    report = {
+        "teacher": str(config.teacher_dir), "student": f"{config.name}:{config.version}", "layers_kept": layers,
+        "teacher_layers": teacher.config.num_hidden_layers,
+        "parameters": {"teacher": sum(p.numel() for p in teacher.parameters()),
+                       "student": sum(p.numel() for p in student.parameters())},
+        "data": {"prompts": len(prompts), "train": len(train), "held_out": len(holdout),
+                 "teacher_answer_tokens": sum(len(e.answer_ids) for e in examples),
+                 "max_new_tokens": config.max_new_tokens, "source": "fallback/data/prompts.txt, teacher greedy"},
+        "training": {"steps": config.steps, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+                     "temperature": config.temperature, "kd_weight": config.kd_weight,
+                     "first_loss": losses[0][1] if losses else None, "last_losses": losses[-5:]},
+        "held_out": {"teacher": teacher_figures, "untrained_subset": untrained, "student": trained},
+        "answers": answers,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    _save(config, student, tokenizer, report)
+    return report
+
+
+def _save(config: DistillConfig, student: Any, tokenizer: Any, report: dict[str, Any]) -> None:
+    """Write the student as a model version: temporary folder first, then one rename."""
+    from llmserve.repository import Manifest, weights_checksums
+
+    config.output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = config.output_dir.parent / f".{config.version}.distill-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "distillation.json").write_text(json.dumps(report, indent=2) + "\n")
+    manifest = Manifest(
+        name=config.name, version=config.version, source=f"distilled from {config.teacher_dir}",
+        source_sha256=hashlib.sha256(str(config.teacher_dir).encode()).hexdigest(),
+        weights_sha256=weights_checksums(tmp), dtype="float32",
+        parameter_count=report["parameters"]["student"], created_at=datetime.now(timezone.utc).isoformat(),
+        architecture=type(student).__name__, max_position_embeddings=int(student.config.max_position_embeddings),
+        extra={"distillation": {k: report[k] for k in ("teacher", "layers_kept", "data", "training", "held_out")}},
+    )
+    (tmp / "manifest.json").write_text(manifest.to_json())
+    tmp.rename(config.output_dir)
