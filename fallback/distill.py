@@ -62,8 +62,11 @@ class DistillConfig:
     threads: int = 0  # 0: torch's default
 
     def fingerprint(self) -> str:
-        """What a checkpoint must match to be resumed (not the step count: a run may be extended)."""
-        keep = {k: str(v) for k, v in asdict(self).items() if k not in ("steps", "checkpoint_every", "threads")}
+        """What a checkpoint must match to be resumed: the training inputs (not the step count,
+        so a run may be extended, nor where the result is written)."""
+        training = ("teacher_dir", "layers", "batch_size", "learning_rate", "temperature", "kd_weight",
+                    "max_new_tokens", "prompts", "holdout_fraction", "seed")
+        keep = {k: str(v) for k, v in asdict(self).items() if k in training}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

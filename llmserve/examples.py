@@ -10,7 +10,9 @@ manifest (framework, file, input and output schema, training figures):
 - ``fraud-xgboost``: gradient-boosted trees, XGBoost's native ``model.ubj``;
 - ``fraud-sklearn``: a scikit-learn random forest converted with skl2onnx;
 - ``fraud-onnx``: a small PyTorch network exported to ONNX;
-- ``fraud-pytorch``: the same network as a TorchScript program.
+- ``fraud-pytorch``: the same network as a TorchScript program;
+- ``fraud-xgboost-lite``: a depth-8 decision tree distilled from
+  ``fraud-xgboost`` (``fallback.tabular``), its fallback under overload.
 
 Nothing is pickled. Building is idempotent: a version already there is kept.
 """
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 N_FEATURES = 30
 EXAMPLES = ("fraud-xgboost", "fraud-sklearn", "fraud-onnx", "fraud-pytorch")
+FALLBACK_EXAMPLE = "fraud-xgboost-lite"  # a shallow tree distilled from fraud-xgboost (fallback.tabular)
 FEATURES = TensorSpec("features", "FP32", (-1, N_FEATURES))
 CLASSIFIER_OUTPUTS = (TensorSpec("probabilities", "FP32", (-1, 2)), TensorSpec("label", "INT64", (-1,)))
 
@@ -155,7 +158,7 @@ _BUILDERS: dict[str, tuple[str, Callable[[Path, Dataset], tuple[str, dict[str, A
 
 
 def build_examples(models_dir: Path, rows: int = 20_000, names: tuple[str, ...] = EXAMPLES,
-                   version: str = "v1") -> list[Path]:
+                   version: str = "v1", fallback: bool = True) -> list[Path]:
     """Train and write each example model not already in the repository; returns their folders."""
     data: Dataset | None = None
     folders = []
@@ -180,4 +183,12 @@ def build_examples(models_dir: Path, rows: int = 20_000, names: tuple[str, ...] 
             ).write(work)
             shutil.move(str(work), str(folder))  # whole folder or nothing
         logger.info("built example %s:%s (%s) %s", name, version, framework, figures)
+    if "fraud-xgboost" in names and fallback:
+        folder = Path(models_dir) / FALLBACK_EXAMPLE / version
+        if not (folder / "manifest.json").exists():
+            from fallback.tabular import distill_tabular
+
+            report = distill_tabular(Path(models_dir) / "fraud-xgboost" / version, folder, data or fraud_dataset(rows))
+            logger.info("built fallback %s: agreement %.4f with fraud-xgboost", FALLBACK_EXAMPLE, report["agreement"])
+        folders.append(folder)
     return folders

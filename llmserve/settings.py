@@ -93,8 +93,10 @@ class AdmissionSettings(BaseModel):
         default_factory=lambda: KeyPolicy(name="anonymous"),
         description="Requests without a known key: their default and allowed classes.")
     fallbacks: dict[str, str] = Field(
-        default_factory=dict, description="model -> the smaller model that answers its standard traffic "
-        "when it is saturated (also for predict models).")
+        default_factory=lambda: {"smollm2-135m-instruct": "smollm2-135m-instruct-student",
+                                 "fraud-xgboost": "fraud-xgboost-lite"},
+        description="model -> the smaller model that answers its standard traffic when it is saturated "
+        "(also for predict models); a fallback that is not deployed is skipped.")
     max_outstanding_per_replica: float = Field(
         16, gt=0, description="Saturated at this many router requests in flight per ready replica.")
     max_engine_waiting: float = Field(8, gt=0, description="Saturated at this many requests queued per engine.")

@@ -163,3 +163,18 @@ async def test_critical_rows_go_before_batch_rows() -> None:
     await asyncio.gather(blocker, *tasks)
     assert order.index("critical") < order.index("batch")
     await batcher.close()
+
+
+def test_the_distilled_tree_mimics_the_boosted_model_and_is_cheaper(example_models: Path) -> None:
+    folder = example_models / "fraud-xgboost-lite" / "v1"
+    manifest = PredictManifest.read(folder)
+    report = manifest.extra["report"]
+    assert manifest.framework == "sklearn" and report["teacher"].endswith("fraud-xgboost/v1")
+    assert report["agreement"] > 0.9
+    assert report["us_per_row_batch_1"]["student"] < report["us_per_row_batch_1"]["teacher"]
+    data = fraud_dataset(4000)
+    teacher = load_runtime(example_models / "fraud-xgboost" / "v1",
+                           PredictManifest.read(example_models / "fraud-xgboost" / "v1"))
+    student = load_runtime(folder, manifest)
+    agree = (teacher.predict({"features": data.x_test})["label"] == student.predict({"features": data.x_test})["label"])
+    assert abs(float(agree.mean()) - report["agreement"]) < 0.05
