@@ -1,0 +1,201 @@
+"""Student versus teacher in vLLM, and the student as the teacher's draft model.
+
+    python -m fallback.speed [--teacher DIR --student DIR --requests 3 --max-tokens 128]
+
+Runs one engine at a time on loopback, each configuration over three
+workloads (open chat, copying a given text, code), one stream, greedy:
+
+- ``teacher``: no speculation (the baseline);
+- ``teacher+ngram``: prompt-lookup speculation (4 tokens, n-grams 2..4);
+- ``teacher+draft``: the distilled student as the draft model (4 tokens);
+- ``student``: the student alone (the fallback's own speed).
+
+Reports per configuration and workload: decode tokens/s, TTFT, the draft
+acceptance rate (from vLLM's spec-decode counters), and whether every greedy
+output equals the teacher's without speculation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from llmserve.engine_spec import DraftModelSpeculation, EngineSpec, NgramSpeculation
+from llmserve.settings import EngineSettings, Settings
+from loadtest.overhead import free_port
+from router.engine_metrics import parse_engine_metrics
+
+PASSAGE = ("The lighthouse stood at the edge of the cliff for two hundred years. Every night its keeper climbed "
+           "the one hundred and twelve steps, trimmed the wick, polished the great lens and watched the beam "
+           "sweep across the dark water. Ships that had never seen the keeper trusted him with their lives, and "
+           "in all those years not one of them was lost on the rocks below.")
+WORKLOADS: dict[str, list[str]] = {
+    "chat": ["What is the capital of France?", "Give me three tips for sleeping better.",
+             "Explain what a rainbow is to a child."],
+    "copy": [f"Repeat the following text exactly, word for word:\n\n{PASSAGE}",
+             f"Copy this paragraph without changing anything:\n\n{PASSAGE}",
+             f"Rewrite the text below exactly as it is:\n\n{PASSAGE}"],
+    "code": ["Write a Python function that returns the factorial of n.",
+             "Write a Python function that checks whether a string is a palindrome.",
+             "Write a Python function that sums the even numbers in a list."],
+}
+
+
+def _start(spec: EngineSpec, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **spec.environment()}
+    with log.open("ab") as out:
+        return subprocess.Popen(spec.command("127.0.0.1", port), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+
+def _wait(url: str, process: subprocess.Popen[bytes], timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the engine exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the engine did not become ready")
+
+
+def _spec_counters(url: str) -> tuple[float, float]:
+    values = parse_engine_metrics(httpx.get(f"{url}/metrics", timeout=10).text)
+    return (values.get("vllm:spec_decode_num_draft_tokens_total", 0.0),
+            values.get("vllm:spec_decode_num_accepted_tokens_total", 0.0))
+
+
+def _one(url: str, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    first = None
+    text, tokens = [], 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices") or []:
+                delta = (choice.get("delta") or {}).get("content")
+                if delta:
+                    first = first or time.perf_counter()
+                    text.append(delta)
+    ended = time.perf_counter()
+    decode_s = ended - (first or ended)
+    return {"text": "".join(text), "tokens": tokens, "ttft_ms": ((first or ended) - started) * 1000,
+            "decode_tokens_per_s": (tokens - 1) / decode_s if tokens > 1 and decode_s > 0 else None}
+
+
+def measure(spec: EngineSpec, requests: int, max_tokens: int, logs: Path) -> dict[str, Any]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _start(spec, port, logs / f"{spec.model_name}-{port}.log")
+    try:
+        _wait(url, process)
+        _one(url, spec.versioned_name, "Hello", 4)  # warm-up
+        results: dict[str, Any] = {}
+        for workload, prompts in WORKLOADS.items():
+            drafted0, accepted0 = _spec_counters(url)
+            runs = [_one(url, spec.versioned_name, p, max_tokens) for p in prompts[:requests]]
+            drafted1, accepted1 = _spec_counters(url)
+            speeds = [r["decode_tokens_per_s"] for r in runs if r["decode_tokens_per_s"]]
+            drafted = drafted1 - drafted0
+            results[workload] = {
+                "decode_tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+                "ttft_ms": round(sum(r["ttft_ms"] for r in runs) / len(runs), 1),
+                "acceptance_rate": round((accepted1 - accepted0) / drafted, 3) if drafted else None,
+                "outputs": [r["text"] for r in runs],
+            }
+        return results
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def run(teacher: Path, student: Path, requests: int, max_tokens: int, logs: Path) -> dict[str, Any]:
+    engine = EngineSettings()
+    configs = {
+        "teacher": EngineSpec.from_settings(teacher, "teacher", "v1", engine),
+        "teacher+ngram": EngineSpec.from_settings(teacher, "teacher", "ngram", engine,
+                                                  speculation=NgramSpeculation()),
+        "teacher+draft": EngineSpec.from_settings(teacher, "teacher", "draft", engine,
+                                                  speculation=DraftModelSpeculation(student)),
+        "student": EngineSpec.from_settings(student, "student", "v1", engine),
+    }
+    logs.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, spec in configs.items():
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        try:
+            results[name] = measure(spec, requests, max_tokens, logs)
+        except (RuntimeError, TimeoutError, httpx.HTTPError) as exc:
+            results[name] = {"error": str(exc)}
+    baseline = results["teacher"]
+    summary: dict[str, Any] = {}
+    for name, by_workload in results.items():
+        if "error" in by_workload:
+            summary[name] = by_workload
+            continue
+        summary[name] = {}
+        for workload, figures in by_workload.items():
+            base = baseline.get(workload, {}) if "error" not in baseline else {}
+            speedup = (figures["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                       if base.get("decode_tokens_per_s") and figures["decode_tokens_per_s"] else None)
+            summary[name][workload] = {
+                **{k: v for k, v in figures.items() if k != "outputs"},
+                "speedup_vs_teacher": round(speedup, 2) if speedup else None,
+                "greedy_outputs_equal_teacher": (figures["outputs"] == base.get("outputs"))
+                if name.startswith("teacher") else None,
+            }
+    return {"teacher": str(teacher), "student": str(student), "requests_per_workload": requests,
+            "max_tokens": max_tokens, "results": summary,
+            "sample_outputs": {name: {w: r[w]["outputs"][0] for w in r} for name, r in results.items()
+                               if "error" not in r}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings()
+    repo = settings.model_repository
+    parser = argparse.ArgumentParser(prog="python -m fallback.speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default=str(repo / settings.model.name / "v1"))
+    parser.add_argument("--student", default=str(repo / f"{settings.model.name}-student" / "v1"))
+    parser.add_argument("--requests", type=int, default=3, help="prompts per workload")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--output", help="also write the JSON report here")
+    args = parser.parse_args(argv)
+    for path in (args.teacher, args.student):
+        if not (Path(path) / "config.json").is_file():
+            print(f"python -m fallback.speed: {path} is not a model folder (run llmserve distill first)",
+                  file=sys.stderr)
+            return 2
+    report = run(Path(args.teacher), Path(args.student), args.requests, args.max_tokens,
+                 settings.logs_dir / "speed")
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
