@@ -172,6 +172,7 @@ class Supervisor:
                 await self._wait_until_ready(replica)
                 self._set_state(replica, ReplicaState.READY)
                 replica.ready_at = time.monotonic()
+                replica.last_error = None
                 self._ready_events[replica].set()
                 logger.info("replica %s ready on %s (pid %s)", replica.id, replica.base_url, replica.pid)
                 # 3. watch
@@ -232,8 +233,7 @@ class Supervisor:
         self._processes[replica] = process
         replica.pid = process.pid
         replica.started_at = time.monotonic()
-        replica.ready_at = None
-        replica.last_error = None
+        replica.ready_at = None  # last_error stays until it is ready: a crash loop keeps saying why
         self._set_state(replica, ReplicaState.STARTING)
 
     def _pick_core(self, replica: Replica) -> int | None:

@@ -119,10 +119,12 @@ def test_a_real_canary_rollout_reaches_100_percent_under_load_with_no_failed_req
             n += 1
             outcomes.append(stream_once(stack.url, f"canary-user-{index}-{n}", f"Tell me fact {n} about {index}:"))
 
-    # On two shared cores both engines' TTFT is noisy; the test is about the rollout's mechanics under load
-    # (each step analysed and promoted, no request lost), so the tolerance is generous and the steps few.
+    # On two shared cores both engines' TTFT is noisy, and the second engine shares its core with the router
+    # and the load (seen: canary p50 2x stable's on a busy machine). The test is about the rollout's mechanics
+    # under load (each step analysed and promoted, no request lost), so the tolerance is generous (2x), the
+    # confidence high and the steps few; the analysis' power is measured on seeded samples instead.
     strategy = {"type": "canary", "steps": [20, 50, 100], "bake_s": 3, "min_samples": 30,
-                "max_samples": 600, "ttft_tolerance": 0.5}
+                "max_samples": 600, "ttft_tolerance": 1.0, "confidence": 0.99}
     started = time.monotonic()
     response = httpx.post(f"{stack.url}/api/v1/deployments", timeout=30, json={
         "model_name": MODEL, "version": "v3", "resources": {"replicas": 1}, "strategy": strategy})
