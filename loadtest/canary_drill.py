@@ -122,21 +122,24 @@ async def drill_once(session: aiohttp.ClientSession, url: str, version: str, arg
     while time.monotonic() < deadline:
         async with session.get(f"{url}/api/v1/deployments/{MODEL}/canary") as r:
             if r.status == 200:
-                canary = await r.json()
-                if canary["status"] not in ("running", "paused"):
-                    break
+                got = await r.json()
+                if got["canary_version"] == version:  # not the previous drill's canary
+                    canary = got
+                    if canary["status"] not in ("running", "paused"):
+                        break
         await asyncio.sleep(0.1)
     await asyncio.sleep(1.0)
     stop.set()
     await load
     await asyncio.gather(*in_flight)
     async with session.get(f"{url}/api/v1/deployments/{MODEL}") as r:
-        history = (await r.json())["history"]
+        history = sorted((await r.json())["history"], key=lambda h: h["at"])  # the API gives newest first
     first_step = next(h["at"] for h in history if h["action"] == "canary_step"
                       and h["detail"]["version"] == version)
     end = next((h["at"] for h in history if h["at"] >= first_step and (
-        h["action"] == "rollback" or (h["action"] == "canary_step" and h["detail"]["percent"] == 100
-                                      and h["detail"]["version"] == version))), None)
+        (h["action"] == "rollback" and h["detail"].get("from_version") == version)
+        or (h["action"] == "canary_step" and h["detail"]["percent"] == 100 and h["detail"]["version"] == version))),
+        None)
     users = {r.user for r in records}
     saw_canary = {r.user for r in records if r.version == version}
     return {
