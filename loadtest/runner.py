@@ -50,6 +50,8 @@ class Record:
     priority: str | None = None
     warmup: bool = False
     generator_lag_s: float = 0.0
+    retry_after: str | None = None  # on a refusal: the server's Retry-After
+    fallback: str | None = None  # X-Fallback: the model that answered instead
 
     @property
     def ttft_ms(self) -> float | None:
@@ -103,7 +105,9 @@ async def send(
             record.status = response.status
             record.version = response.headers.get("x-model-version", "")
             record.served_by = response.headers.get("x-served-by", "")
+            record.fallback = response.headers.get("x-fallback")
             if response.status != 200:
+                record.retry_after = response.headers.get("retry-after")
                 record.error = (await response.text())[:200]
                 return
             buffer = b""

@@ -155,3 +155,19 @@ async def test_a_full_predict_queue_is_answered_by_the_fallback_model(tmp_path: 
         assert {b.status_code for b in batch} <= {200, 429}
         assert not any(b.headers.get("x-fallback") for b in batch)
         assert all("retry-after" in b.headers for b in batch if b.status_code == 429)
+
+
+def test_the_shedding_benchmark_runs_on_a_tiny_spike(tmp_path: Path) -> None:
+    from loadtest.shedding_bench import main
+
+    output = tmp_path / "report.json"
+    assert main(["--quick", "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    on = report["shedding_on"]
+    for priority, figures in on.items():
+        assert figures["status_5xx"] == 0 and figures["other_failures"] == 0, priority
+        refused = round(figures["share_429"] * figures["requests"])
+        assert figures["refusals_with_retry_after"] == refused, priority
+    assert on["critical"]["share_429"] == 0 and on["critical"]["share_fallback"] == 0
+    assert on["standard"]["share_fallback"] > 0
+    assert report["standard_goodput_ratio"] > 1
