@@ -223,7 +223,7 @@ def distill_loss(student_logits: Any, teacher_values: Any, teacher_indices: Any,
     log_teacher = F.log_softmax(teacher_values / temperature, -1)
     kd = (log_teacher.exp() * (log_teacher - log_student)).sum(-1).mean() * temperature**2
     ce = F.cross_entropy(student_logits, targets)
-    return kd_weight * kd + (1 - kd_weight) * ce, float(kd), float(ce)
+    return kd_weight * kd + (1 - kd_weight) * ce, kd.item(), ce.item()
 
 
 def evaluate(model: Any, teacher: Any, examples: list[Example], pad: int, batch_size: int = 8) -> dict[str, float]:

@@ -99,6 +99,13 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         deployments = await control.store.list_deployments(model.name)
         if not any(d.status in LIVE_STATUSES for d in deployments):
             await control.deploy(model.name, model.version, 100, model.replicas, 0, "llmserve up")
+        student = f"{model.name}-student"
+        if settings.serve_student and (settings.model_repository / student / "v1" / "manifest.json").exists():
+            if await control.store.get_model(student) is None:
+                await control.register_model(ModelRecord(student, f"distilled from {model.name}", "vllm",
+                                                         "llmserve distill"))
+            if not any(d.status in LIVE_STATUSES for d in await control.store.list_deployments(student)):
+                await control.deploy(student, "v1", 100, 1, 0, "llmserve up")
         for folder in examples:  # the traditional example models, served in the router
             manifest = PredictManifest.read(folder)
             if await control.store.get_model(manifest.name) is None:

@@ -164,6 +164,9 @@ class Settings(BaseSettings):
         description="Keep the control plane in Redis (shared by several routers) instead of SQLite.",
     )
     examples: bool = Field(True, description="`llmserve up` builds and serves the example fraud classifiers.")
+    serve_student: bool = Field(
+        True, description="`llmserve up` also serves <model>-student:v1 (from `llmserve distill`) when it exists: "
+        "the fallback that standard traffic is shed to.")
     engine: EngineSettings = Field(default_factory=EngineSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)

@@ -73,6 +73,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "LLMSERVE_ENGINE__KV_CACHE_GIB": "1",
         "LLMSERVE_ROUTER__RETRY_AFTER_S": "2",
         "HF_HUB_OFFLINE": "1",
+        # one engine per version under test: a distilled student left in the shared repository stays off
+        "LLMSERVE_SERVE_STUDENT": "0",
     }
     log_path = data_dir / "stack.log"
     with log_path.open("wb") as log:
