@@ -78,7 +78,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     def engine_program(name: str, version: str, model_dir: Path, overrides: dict[str, Any]) -> EngineSpec:
         engine = settings.engine.model_copy(update=overrides) if overrides else settings.engine
-        return EngineSpec.from_settings(model_dir, name, version, engine)
+        return EngineSpec.from_settings(model_dir, name, version, engine,
+                                        speculation=speculation_for(name, engine.speculation, settings))
 
     store = _open_store(settings)
     stack = LocalStack(settings.engine, settings.logs_dir, program_factory=engine_program)
@@ -168,6 +169,18 @@ def cmd_distill(args: argparse.Namespace, settings: Settings) -> int:
                       "seconds": report["seconds"]}, indent=2))
     print(f"written to {config.output_dir} (report: distillation.json there)")
     return 0
+
+
+def speculation_for(model_name: str, kind: str, settings: Settings) -> Any:
+    """The speculative decoding a version runs with; a draft needs the model's student to exist."""
+    from llmserve.engine_spec import DraftModelSpeculation, NgramSpeculation
+
+    if kind == "ngram":
+        return NgramSpeculation()
+    student = settings.model_repository / f"{model_name}-student" / "v1"
+    if kind == "draft" and (student / "config.json").exists():
+        return DraftModelSpeculation(student)
+    return None
 
 
 def _open_store(settings: Settings) -> Store:

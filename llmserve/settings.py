@@ -52,6 +52,11 @@ class EngineSettings(BaseModel):
         "compute yields to the router's short, latency-critical work.",
     )
     first_port: int = Field(8100, ge=1024, le=65535, description="Engines take free ports from here up.")
+    speculation: Literal["none", "ngram", "draft"] = Field(
+        "none",
+        description="Speculative decoding: ngram (prompt lookup, 4 tokens) or draft (the model's distilled "
+        "student, <model>-student/v1, proposes 4 tokens); see the README's figures for the choice.",
+    )
     spread_cpus: bool = Field(
         True,
         description="CPU builds: pin each replica's compute threads to the least-used core "

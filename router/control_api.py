@@ -50,6 +50,7 @@ class EngineOverrides(BaseModel):
     max_num_seqs: int | None = Field(None, ge=1)
     enable_prefix_caching: bool | None = None
     enforce_eager: bool | None = None
+    speculation: Literal["none", "ngram", "draft"] | None = None
 
 
 class Strategy(BaseModel):

@@ -131,29 +131,38 @@ def validation_error(exc: RequestValidationError | Exception) -> InvalidRequest:
     return InvalidRequest(detail, param=param or None)
 
 
+def _respond(request: Request, error: APIError) -> JSONResponse:
+    """OpenAI-shaped errors everywhere except under /v2, where the Open Inference Protocol's
+    ``{"error": "<message>"}`` is what KServe and Triton clients parse."""
+    if request.url.path.startswith("/v2"):
+        return JSONResponse({"error": error.message}, status_code=error.status_code, headers=error.headers)
+    return error.response()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return _respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+        return _respond(request, validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            return RouteNotFound(f"no route {request.method} {request.url.path}; see /docs for the API").response()
+            return _respond(request, RouteNotFound(f"no route {request.method} {request.url.path}; "
+                                                   "see /docs for the API"))
         if exc.status_code == 405:
-            return MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}").response()
+            return _respond(request, MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
         err = APIError(str(exc.detail))
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         err.code = str(exc.status_code)
-        return err.response()
+        return _respond(request, err)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         request_id = getattr(request.state, "request_id", "-")
         logger.exception("request %s failed unexpectedly", request_id)
-        return APIError(f"internal error; quote request id {request_id} when reporting it").response()
+        return _respond(request, APIError(f"internal error; quote request id {request_id} when reporting it"))

@@ -168,8 +168,11 @@ async def test_bad_predict_input_gets_a_clear_4xx(tmp_path: Path, example_models
             body = response.json()
             message = body["error"] if isinstance(body["error"], str) else body["error"]["message"]
             assert words in message, (words, message)
-        # v2 errors are {"error": "..."}; the design API's are OpenAI-shaped with the field named
+        # v2 errors are {"error": "..."} (also for a route that does not exist); the design API's are
+        # OpenAI-shaped with the field named
         assert isinstance(v2_dtype.json()["error"], str)
+        no_route = await client.get(f"/v2/models/{XGB}/config")
+        assert no_route.status_code == 404 and isinstance(no_route.json()["error"], str)
         shape_error = cases[4][0].json()["error"]
         assert shape_error["param"] == "features"
         # a generative model on the predict API is the caller's mistake, and the other way round
