@@ -50,12 +50,12 @@ class DistillConfig:
     name: str
     version: str
     layers: int = 6
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 8
     learning_rate: float = 3e-4
     temperature: float = 2.0
     kd_weight: float = 0.8  # the rest is next-token cross-entropy
-    max_new_tokens: int = 96
+    max_new_tokens: int = 64
     prompts: int = 0  # 0: all bundled prompts
     holdout_fraction: float = 0.1
     checkpoint_every: int = 50
@@ -283,7 +283,7 @@ def run(config: DistillConfig) -> dict[str, Any]:
         prompts = prompts[:config.prompts]
     held = max(1, int(len(prompts) * config.holdout_fraction))
     examples = teacher_answers(teacher, tokenizer, prompts, config.max_new_tokens,
-                               config.work_dir / "teacher_answers.jsonl")
+                               config.work_dir / "teacher_answers.jsonl", batch_size=16)
     train, holdout = examples[held:], examples[:held]
 
     layers = kept_layers(teacher.config.num_hidden_layers, config.layers)
