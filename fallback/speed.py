@@ -164,8 +164,9 @@ def run(teacher: Path, student: Path, requests: int, max_tokens: int, logs: Path
             summary[name][workload] = {
                 **{k: v for k, v in figures.items() if k != "outputs"},
                 "speedup_vs_teacher": round(speedup, 2) if speedup else None,
-                "greedy_outputs_equal_teacher": (figures["outputs"] == base.get("outputs"))
-                if name.startswith("teacher") else None,
+                "greedy_outputs_equal_teacher": (
+                    f"{sum(a == b for a, b in zip(figures['outputs'], base.get('outputs') or [], strict=False))}"
+                    f"/{len(figures['outputs'])}") if name.startswith("teacher") else None,
             }
     return {"teacher": str(teacher), "student": str(student), "requests_per_workload": requests,
             "max_tokens": max_tokens, "results": summary,
