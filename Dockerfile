@@ -26,8 +26,9 @@ COPY loadtest ./loadtest
 RUN LLMSERVE_VLLM=${VLLM} bash scripts/install.sh
 ENV PATH=/opt/llmserve/.venv/bin:$PATH
 
-# Convert the bundled GGUF at build time so containers start serving at once.
-RUN llmserve prepare
+# Convert the bundled GGUF and build the example predict models at build time so containers
+# start serving at once.
+RUN llmserve prepare && llmserve examples
 
 EXPOSE 8000
 STOPSIGNAL SIGINT
