@@ -171,3 +171,19 @@ def test_the_shedding_benchmark_runs_on_a_tiny_spike(tmp_path: Path) -> None:
     assert on["critical"]["share_429"] == 0 and on["critical"]["share_fallback"] == 0
     assert on["standard"]["share_fallback"] > 0
     assert report["standard_goodput_ratio"] > 1
+
+
+def test_slow_answers_count_only_while_work_queues() -> None:
+    clock = Clock()
+    served = served_with(1)
+    catalog = Catalog()
+    catalog.add_version(served)
+    samples = SampleWindows(clock=clock)
+    for _ in range(20):
+        samples.record("chat", "v1", 900.0, 200)  # TTFT p90 far over the 500 ms SLO
+    admission = Admission(AdmissionSettings(max_outstanding_per_replica=10), catalog, samples, clock=clock)
+    assert not admission.saturation(served).saturated  # one request in flight: slow hardware, not overload
+    clock.now += 0.1
+    served.replicas[0].outstanding = 5
+    state = admission.saturation(served)
+    assert state.saturated and state.reasons == ["ttft_p90"]
