@@ -328,9 +328,9 @@ def run(config: DistillConfig) -> dict[str, Any]:
         optimizer.step()
         schedule.step()
         step += 1
-        losses.append([step, float(loss), kd, ce])
+        losses.append([step, loss.item(), kd, ce])
         progress.update(1)
-        progress.set_postfix(loss=f"{float(loss):.3f}", kd=f"{kd:.3f}", ce=f"{ce:.3f}")
+        progress.set_postfix(loss=f"{loss.item():.3f}", kd=f"{kd:.3f}", ce=f"{ce:.3f}")
         if step % config.checkpoint_every == 0 or step == config.steps:
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"fingerprint": config.fingerprint(), "student": student.state_dict(),
