@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import uvicorn
 
 from llmserve.repository import Manifest
 from llmserve.settings import EngineSettings, RouterSettings
 from llmserve.stack import LocalStack
+from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port
 from loadtest.runner import Record, Target, send
 from loadtest.sim import SimEngineProgram
@@ -65,15 +65,8 @@ async def _router(tmp: Path, regression: float) -> AsyncIterator[str]:
     stack = LocalStack(EngineSettings(first_port=free_port(), health_interval_s=1.0), tmp / "logs",
                        program_factory=factory)
     app = create_app(RouterSettings(port=port), stack, store=SQLiteStore(tmp / "db"), models_dir=tmp / "models")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_router(app, port, stack, wait_replicas=False) as url:
+        yield url
 
 
 async def _wait_active(session: aiohttp.ClientSession, url: str, version: str) -> None:

@@ -18,11 +18,10 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import uvicorn
-
 from llmserve.settings import EngineSettings, RouterSettings
 from llmserve.stack import Deployment, LocalStack
 from loadtest.bench import BenchConfig, Target, run
+from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port
 from loadtest.sim import SimEngineProgram
 from router.app import create_app
@@ -34,16 +33,8 @@ async def _router(metrics: bool, logs: Path) -> AsyncIterator[str]:
     stack = LocalStack(EngineSettings(first_port=free_port(), health_interval_s=1.0), logs,
                        [Deployment(SimEngineProgram("demo", "v1", ttft_ms=20, itl_ms=5), 2048, 1)])
     app = create_app(RouterSettings(port=port, metrics_enabled=metrics), stack)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    await asyncio.gather(*(stack.supervisor.wait_ready(r) for r in stack.supervisor.replicas))
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_router(app, port, stack) as url:
+        yield f"{url}/v1"
 
 
 async def measure(requests: int, concurrency: int) -> dict[str, object]:

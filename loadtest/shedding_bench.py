@@ -26,11 +26,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from llmserve.settings import AdmissionSettings, EngineSettings, RouterSettings
 from llmserve.stack import Deployment, LocalStack
 from llmserve.stats import percentile
+from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port
 from loadtest.runner import Record, RunPlan, Target, execute
 from loadtest.schedule import Shape, intended_send_times
@@ -54,17 +53,8 @@ async def _router(tmp: Path, shedding: bool) -> AsyncIterator[str]:
     settings = RouterSettings(port=port, admission=AdmissionSettings(
         enabled=shedding, fallbacks={MODEL: FALLBACK}, max_outstanding_per_replica=10, min_hold_s=1.0,
         queue_wait_s=1.0))
-    app = create_app(settings, stack)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    await asyncio.gather(*(stack.supervisor.wait_ready(r) for r in stack.supervisor.replicas))
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_router(create_app(settings, stack), port, stack) as url:
+        yield url
 
 
 def summarize(records: list[Record], spike: tuple[float, float], slo_ms: float, duration_s: float

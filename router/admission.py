@@ -190,7 +190,7 @@ class Admission:
             self.count(served.model_name, priority, "rejected")
             raise Shed(429, f"{served.versioned_name} is saturated ({', '.join(self.saturation(served).reasons)}); "
                             "batch traffic is refused until it drains", self.retry_after_s(served))
-        fallback = self._fallback(served, user)
+        fallback = self.fallback_for(served, user)
         if fallback is not None and not self.saturation(fallback).saturated:
             self.count(served.model_name, priority, "fallback")
             return Admitted(fallback, fallback_from=served.model_name)
@@ -213,10 +213,8 @@ class Admission:
         where = f"{served.versioned_name} and its fallback are" if fallback else f"{served.versioned_name} is"
         raise Shed(429, f"{where} saturated; waited {limit:.1f}s for room", self.retry_after_s(served))
 
-    def fallback_model(self, model_name: str) -> str | None:
-        return self.settings.fallbacks.get(model_name)
-
-    def _fallback(self, served: ServedVersion, user: str | None) -> ServedVersion | None:
+    def fallback_for(self, served: ServedVersion, user: str | None) -> ServedVersion | None:
+        """The version of ``served``'s fallback model that would answer this user, if one can."""
         name = self.settings.fallbacks.get(served.model_name)
         if name is None or self._catalog.find(name) is None:
             return None
@@ -233,17 +231,22 @@ class Admission:
             self._metrics.admission.labels(model, priority, outcome).inc()
 
 
-def deadline_s(headers: Mapping[str, str]) -> float | None:
-    raw = headers.get("x-deadline-ms")
+def parse_deadline_ms(raw: object, where: str, param: str) -> float | None:
+    """A deadline in milliseconds (header or body parameter); ``where`` names it in the error."""
     if raw is None:
         return None
     try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidRequest("X-Deadline-Ms must be a number of milliseconds", param="X-Deadline-Ms") from None
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"the deadline ({where}) must be a number of milliseconds", param=param) from None
     if not value > 0:
-        raise InvalidRequest("X-Deadline-Ms must be above 0", param="X-Deadline-Ms")
-    return value / 1000
+        raise InvalidRequest(f"the deadline ({where}) must be above 0 ms", param=param)
+    return value
+
+
+def deadline_s(headers: Mapping[str, str]) -> float | None:
+    value = parse_deadline_ms(headers.get("x-deadline-ms"), "X-Deadline-Ms", "X-Deadline-Ms")
+    return None if value is None else value / 1000
 
 
 async def admit_request(admission: Admission | None, headers: Mapping[str, str], served: ServedVersion,

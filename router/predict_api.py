@@ -18,7 +18,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from router.admission import resolve_priority
+from router.admission import parse_deadline_ms, resolve_priority
 from router.catalog import ServedVersion
 from router.context import RequestRecord, served_headers, user_key
 from router.errors import APIError, InvalidRequest, PayloadTooLarge
@@ -57,17 +57,8 @@ def _priority(request: Request, state: RouterState) -> str:
 
 
 def _deadline_ms(request: Request, params: dict[str, Any]) -> float | None:
-    raw = request.headers.get("x-deadline-ms", params.get("deadline_ms"))
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise InvalidRequest("the deadline (X-Deadline-Ms or params.deadline_ms) must be a number of "
-                             "milliseconds", param="deadline_ms") from None
-    if not value > 0:
-        raise InvalidRequest("the deadline must be above 0 ms", param="deadline_ms")
-    return value
+    return parse_deadline_ms(request.headers.get("x-deadline-ms", params.get("deadline_ms")),
+                             "X-Deadline-Ms or params.deadline_ms", "deadline_ms")
 
 
 async def _body(request: Request, state: RouterState) -> bytes:
@@ -123,14 +114,9 @@ def _fallback(state: RouterState, served: ServedVersion, user: str | None, prior
     """The predict fallback for a full queue: a model with the same inputs; never for batch traffic."""
     if state.admission is None or not state.settings.admission.enabled or priority == "batch":
         return None
-    name = state.admission.fallback_model(served.model_name)
-    if name is None or state.catalog.find(name) is None:
-        return None
-    try:
-        candidate = state.catalog.resolve(name, None, user, predict=True)
-    except APIError:
-        return None
-    if candidate.predictor is None or candidate.predictor.manifest.inputs != _predictor(served).manifest.inputs:
+    candidate = state.admission.fallback_for(served, user)
+    if candidate is None or candidate.predictor is None \
+            or candidate.predictor.manifest.inputs != _predictor(served).manifest.inputs:
         return None
     return candidate
 

@@ -1,0 +1,29 @@
+"""A router app served by uvicorn in this event loop, on a loopback port: for the benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI
+
+from llmserve.stack import LocalStack
+
+
+@contextlib.asynccontextmanager
+async def serve_router(app: FastAPI, port: int, stack: LocalStack, wait_replicas: bool = True
+                       ) -> AsyncIterator[str]:
+    """Start ``app`` on 127.0.0.1:``port`` (and wait for the stack's replicas); yields the base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    if wait_replicas:
+        await asyncio.gather(*(stack.supervisor.wait_ready(r) for r in stack.supervisor.replicas))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
