@@ -16,14 +16,18 @@ from llmserve.stack import LocalStack
 async def serve_router(app: FastAPI, port: int, stack: LocalStack, wait_replicas: bool = True
                        ) -> AsyncIterator[str]:
     """Start ``app`` on 127.0.0.1:``port`` (and wait for the stack's replicas); yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                           lifespan="on"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    if wait_replicas:
-        await asyncio.gather(*(stack.supervisor.wait_ready(r) for r in stack.supervisor.replicas))
     try:
+        while not server.started:
+            if task.done():
+                task.result()  # the server failed to start (port taken, lifespan error): raise its error
+                raise RuntimeError(f"the router on port {port} exited before it started")
+            await asyncio.sleep(0.02)
+        if wait_replicas:
+            await asyncio.gather(*(stack.supervisor.wait_ready(r) for r in stack.supervisor.replicas))
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        await task
+        await asyncio.wait_for(task, timeout=30)

@@ -7,7 +7,6 @@ one real vLLM stack started once per session by ``tests/e2e``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
@@ -18,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from llmserve.settings import EngineSettings, RouterSettings
 from llmserve.stack import Deployment, LocalStack, ProgramFactory
+from loadtest.inprocess import serve_router
 from router.app import create_app
 from router.store import Store
 
@@ -93,19 +92,10 @@ async def run_router(
     stack = LocalStack(engine_settings or fast_engine_settings(), tmp_path / "logs", deployments,
                        program_factory=program_factory)
     app = create_app(settings, stack, store=store, models_dir=tmp_path / "models")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
-    task = asyncio.create_task(server.serve())
     try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
-        if wait_ready:
-            await asyncio.gather(*(stack.supervisor.wait_ready(r) for r in stack.supervisor.replicas))
-        yield RunningRouter(url=f"http://127.0.0.1:{port}", stack=stack, app=app)
+        async with serve_router(app, port, stack, wait_replicas=wait_ready) as url:
+            yield RunningRouter(url=url, stack=stack, app=app)
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, timeout=30)
         leftover = [r for r in stack.supervisor.replicas if r.state.value != "stopped"]
         assert not leftover, f"replicas left running: {leftover}"
 
