@@ -7,7 +7,7 @@ workloads (open chat, copying a given text, code), one stream, greedy:
 
 - ``teacher``: no speculation (the baseline);
 - ``teacher+ngram``: prompt-lookup speculation (4 tokens, n-grams 2..4);
-- ``teacher+draft``: the distilled student as the draft model (4 tokens);
+- ``teacher+draft``: the distilled student as the draft model (``--draft-tokens``, 4);
 - ``student``: the student alone (the fallback's own speed).
 
 Reports per configuration and workload: decode tokens/s, TTFT, the draft
@@ -132,14 +132,15 @@ def measure(spec: EngineSpec, requests: int, max_tokens: int, logs: Path) -> dic
             process.wait()
 
 
-def run(teacher: Path, student: Path, requests: int, max_tokens: int, logs: Path) -> dict[str, Any]:
-    engine = EngineSettings()
+def run(teacher: Path, student: Path, requests: int, max_tokens: int, logs: Path, dtype: str = "bfloat16",
+        draft_tokens: int = 4) -> dict[str, Any]:
+    engine = EngineSettings(dtype=dtype)
     configs = {
         "teacher": EngineSpec.from_settings(teacher, "teacher", "v1", engine),
         "teacher+ngram": EngineSpec.from_settings(teacher, "teacher", "ngram", engine,
                                                   speculation=NgramSpeculation()),
         "teacher+draft": EngineSpec.from_settings(teacher, "teacher", "draft", engine,
-                                                  speculation=DraftModelSpeculation(student)),
+                                                  speculation=DraftModelSpeculation(student, draft_tokens)),
         "student": EngineSpec.from_settings(student, "student", "v1", engine),
     }
     logs.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,7 @@ def run(teacher: Path, student: Path, requests: int, max_tokens: int, logs: Path
                     f"/{len(figures['outputs'])}") if name.startswith("teacher") else None,
             }
     return {"teacher": str(teacher), "student": str(student), "requests_per_workload": requests,
-            "max_tokens": max_tokens, "results": summary,
+            "max_tokens": max_tokens, "dtype": dtype, "draft_tokens": draft_tokens, "results": summary,
             "sample_outputs": {name: {w: r[w]["outputs"][0] for w in r} for name, r in results.items()
                                if "error" not in r}}
 
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", default=str(repo / f"{settings.model.name}-student" / "v1"))
     parser.add_argument("--requests", type=int, default=3, help="prompts per workload")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="engine dtype (float32 shows whether speculation alone changes greedy outputs)")
+    parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the student drafts per step")
     parser.add_argument("--output", help="also write the JSON report here")
     args = parser.parse_args(argv)
     for path in (args.teacher, args.student):
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     report = run(Path(args.teacher), Path(args.student), args.requests, args.max_tokens,
-                 settings.logs_dir / "speed")
+                 settings.logs_dir / "speed", args.dtype, args.draft_tokens)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
