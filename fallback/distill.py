@@ -1,10 +1,12 @@
 """Distil a small student from the served teacher (``llmserve distill``).
 
-1. The student starts as a subset of the teacher's layers, evenly spaced with
-   the first and last kept; embeddings, final norm, LM head, tokenizer and
-   chat template are the teacher's.
-2. The teacher answers a bundled, varied prompt set (``fallback/data/prompts.txt``);
-   a tenth of the prompts is held out for the report.
+1. The student starts as a subset of the teacher's layers: by default half
+   from the start and half from the end (6 of 30: layers 0-2 and 27-29; see
+   ``kept_layers``); embeddings, final norm,
+   LM head, tokenizer and chat template are the teacher's.
+2. The teacher answers a bundled, varied prompt set (``fallback/data/prompts.txt``)
+   greedily, and optionally with sampled answers too; a tenth of the prompts
+   is held out for the report.
 3. The student trains on those answers with knowledge distillation: KL
    divergence to the teacher's token distributions (temperature ``T``, over
    the teacher's top 64 tokens, computed once) plus the usual next-token
@@ -31,11 +33,14 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llmserve.errors import LLMServeError
 
 logger = logging.getLogger(__name__)
+
+
+LayerChoice = Literal["ends", "even"]
 
 
 class DistillError(LLMServeError):
@@ -50,11 +55,12 @@ class DistillConfig:
     name: str
     version: str
     layers: int = 6
-    steps: int = 500
+    layer_choice: LayerChoice = "ends"
+    steps: int = 800
     batch_size: int = 8
-    learning_rate: float = 3e-4
-    temperature: float = 2.0
-    kd_weight: float = 0.8  # the rest is next-token cross-entropy
+    learning_rate: float = 1e-3
+    temperature: float = 1.0
+    kd_weight: float = 0.9  # the rest is next-token cross-entropy
     max_new_tokens: int = 64
     prompts: int = 0  # 0: all bundled prompts
     holdout_fraction: float = 0.1
@@ -62,13 +68,18 @@ class DistillConfig:
     seed: int = 0
     threads: int = 0  # 0: torch's default
     top_k: int = 64  # teacher logits kept per position
+    # Sampled teacher answers per training prompt, besides the greedy one. Off by default: four per
+    # prompt lowered held-out agreement at equal steps (35% against 42% after 100 steps).
+    samples_per_prompt: int = 0
+    sample_temperature: float = 0.8
     bf16: bool = True  # bfloat16 autocast for the student's passes (AVX-512 BF16 CPUs run it natively)
 
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed: the training inputs (not the step count,
         so a run may be extended, nor where the result is written)."""
         training = ("teacher_dir", "layers", "batch_size", "learning_rate", "temperature", "kd_weight",
-                    "max_new_tokens", "prompts", "holdout_fraction", "seed", "top_k", "bf16")
+                    "max_new_tokens", "prompts", "holdout_fraction", "seed", "top_k", "bf16", "layer_choice",
+                    "samples_per_prompt", "sample_temperature")
         keep = {k: str(v) for k, v in asdict(self).items() if k in training}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -98,11 +109,21 @@ def bundled_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def kept_layers(total: int, keep: int) -> list[int]:
-    """Evenly spaced layer indices, the first and the last included."""
+def kept_layers(total: int, keep: int, choice: LayerChoice = "ends") -> list[int]:
+    """The teacher layers the student starts from.
+
+    ``ends``: the first ``keep // 2`` layers and the last ``keep - keep // 2``. The first layers build the
+    token features and the last ones turn the residual stream into the next-token distribution; the
+    middle of a deep stack is the most redundant part, so cutting it leaves the least broken start
+    (held-out perplexity before training 4.9e4 against 7.4e7 for ``even`` on the bundled model, and
+    higher agreement at equal steps). ``even``: evenly spaced, the first and the last included.
+    """
     keep = min(keep, total)
     if keep == 1:
         return [0]
+    if choice == "ends":
+        head = keep // 2
+        return list(range(head)) + list(range(total - (keep - head), total))
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
@@ -134,37 +155,60 @@ def _chat_ids(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def teacher_answers(teacher: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, cache: Path,
-                    batch_size: int = 8) -> list[Example]:
-    """The teacher's greedy answers (cached in ``cache``, one JSON line per prompt, resumable)."""
+def _answers(teacher: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, samples: int,
+             temperature: float) -> list[list[list[int]]]:
+    """Per prompt, the teacher's greedy answer (``samples == 0``) or ``samples`` sampled answers."""
     import torch
 
-    done: dict[str, Example] = {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [_chat_ids(tokenizer, p) for p in prompts]
+    width = max(len(e) for e in encoded)
+    input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0,
+                "num_return_sequences": samples} if samples else {"do_sample": False}
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        generated = teacher.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                     pad_token_id=pad, **sampling)
+    per_prompt = max(samples, 1)
+    rows = generated[:, width:].tolist()
+    answers: list[list[list[int]]] = []
+    for i in range(len(prompts)):
+        answers.append([])
+        for row in rows[i * per_prompt:(i + 1) * per_prompt]:
+            answer = []
+            for token in row:
+                answer.append(token)
+                if token == tokenizer.eos_token_id:
+                    break
+            answers[-1].append(answer)
+    return answers
+
+
+def teacher_answers(teacher: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, cache: Path,
+                    samples: int = 0, temperature: float = 0.8, batch_size: int = 16) -> list[list[Example]]:
+    """The teacher's answers to each prompt: its greedy answer (``samples == 0``), or ``samples`` answers
+    sampled at ``temperature`` (top-p 0.95). Cached in ``cache``, one JSON line per prompt, so an
+    interrupted run resumes."""
+    from tqdm import tqdm
+
+    done: dict[str, list[Example]] = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
             row = json.loads(line)
-            done[row["prompt"]] = Example(row["prompt_ids"], row["answer_ids"])
+            answers = row["answers"] if "answers" in row else [row["answer_ids"]]
+            done[row["prompt"]] = [Example(row["prompt_ids"], a) for a in answers]
     todo = [p for p in prompts if p not in done]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    from tqdm import tqdm
-
-    with cache.open("a") as out, torch.inference_mode():
-        for start in tqdm(range(0, len(todo), batch_size), desc="teacher answers", unit="batch", disable=not todo):
-            batch = todo[start:start + batch_size]
-            encoded = [_chat_ids(tokenizer, p) for p in batch]
-            width = max(len(e) for e in encoded)
-            input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-            attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-            generated = teacher.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
-                                         max_new_tokens=max_new_tokens, pad_token_id=pad)
-            for prompt, ids, row in zip(batch, encoded, generated[:, width:].tolist(), strict=True):
-                answer = []
-                for token in row:
-                    answer.append(token)
-                    if token == tokenizer.eos_token_id:
-                        break
-                done[prompt] = Example(ids, answer)
-                out.write(json.dumps({"prompt": prompt, "prompt_ids": ids, "answer_ids": answer}) + "\n")
+    per_batch = max(1, batch_size // max(samples, 1))
+    label = f"teacher answers ({samples} sampled each)" if samples else "teacher answers (greedy)"
+    with cache.open("a") as out:
+        for start in tqdm(range(0, len(todo), per_batch), desc=label, unit="batch", disable=not todo):
+            batch = todo[start:start + per_batch]
+            for prompt, answers in zip(batch, _answers(teacher, tokenizer, batch, max_new_tokens, samples,
+                                                       temperature), strict=True):
+                ids = _chat_ids(tokenizer, prompt)
+                done[prompt] = [Example(ids, a) for a in answers]
+                out.write(json.dumps({"prompt": prompt, "prompt_ids": ids, "answers": answers}) + "\n")
             out.flush()
     return [done[p] for p in prompts]
 
@@ -185,25 +229,27 @@ def _batch(examples: list[Example], pad: int) -> tuple[Any, Any, Any]:
     return ids, attention, predict
 
 
-def teacher_targets(teacher: Any, examples: list[Example], pad: int, top_k: int, batch_size: int = 8
+def teacher_targets(teacher: Any, examples: list[Example], pad: int, top_k: int, batch_size: int = 16
                     ) -> list[tuple[Any, Any]]:
     """The teacher's top-k logits at each example's answer positions, computed once.
 
     Distilling against the top k (64 of 49,152) keeps nearly all of the teacher's probability
-    mass and takes the teacher's forward pass out of every training step.
+    mass and takes the teacher's forward pass out of every training step. The pass runs in
+    bfloat16, as the served teacher does.
     """
     import torch
     from tqdm import tqdm
 
     targets: list[tuple[Any, Any]] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         for start in tqdm(range(0, len(examples), batch_size), desc="teacher targets", unit="batch"):
             chunk = examples[start:start + batch_size]
             ids, attention, predict = _batch(chunk, pad)
-            logits = teacher(input_ids=ids, attention_mask=attention).logits
-            for row in range(len(chunk)):
-                values, indices = logits[row][predict[row]].topk(top_k, dim=-1)
-                targets.append((values.float().clone(), indices.clone()))
+            values, indices = answer_logits(teacher, ids, attention, predict).float().topk(top_k, dim=-1)
+            offset = 0
+            for count in predict.sum(1).tolist():
+                targets.append((values[offset:offset + count].clone(), indices[offset:offset + count].clone()))
+                offset += count
     return targets
 
 
@@ -282,11 +328,17 @@ def run(config: DistillConfig) -> dict[str, Any]:
     if config.prompts:
         prompts = prompts[:config.prompts]
     held = max(1, int(len(prompts) * config.holdout_fraction))
-    examples = teacher_answers(teacher, tokenizer, prompts, config.max_new_tokens,
-                               config.work_dir / "teacher_answers.jsonl", batch_size=16)
-    train, holdout = examples[held:], examples[:held]
+    greedy_answers = [answers[0] for answers in teacher_answers(
+        teacher, tokenizer, prompts, config.max_new_tokens, config.work_dir / "teacher_answers.jsonl")]
+    holdout = greedy_answers[:held]
+    # Sampled answers put the student in more of the contexts it will meet than the one greedy path
+    # per prompt does; the held-out prompts get none.
+    sampled = teacher_answers(teacher, tokenizer, prompts[held:], config.max_new_tokens,
+                              config.work_dir / "teacher_samples.jsonl", samples=config.samples_per_prompt,
+                              temperature=config.sample_temperature) if config.samples_per_prompt else []
+    train = greedy_answers[held:] + [e for answers in sampled for e in answers if e.answer_ids]
 
-    layers = kept_layers(teacher.config.num_hidden_layers, config.layers)
+    layers = kept_layers(teacher.config.num_hidden_layers, config.layers, config.layer_choice)
     student = make_student(teacher, layers)
     untrained = evaluate(student, teacher, holdout, pad)
     teacher_figures = evaluate(teacher, teacher, holdout, pad)
@@ -348,8 +400,11 @@ def run(config: DistillConfig) -> dict[str, Any]:
         "parameters": {"teacher": sum(p.numel() for p in teacher.parameters()),
                        "student": sum(p.numel() for p in student.parameters())},
         "data": {"prompts": len(prompts), "train": len(train), "held_out": len(holdout),
-                 "teacher_answer_tokens": sum(len(e.answer_ids) for e in examples),
-                 "max_new_tokens": config.max_new_tokens, "source": "fallback/data/prompts.txt, teacher greedy"},
+                 "train_examples": len(train), "train_answer_tokens": sum(len(e.answer_ids) for e in train),
+                 "max_new_tokens": config.max_new_tokens,
+                 "source": f"fallback/data/prompts.txt; the teacher's greedy answer to each prompt and "
+                           f"{config.samples_per_prompt} sampled at T={config.sample_temperature}, top-p 0.95, "
+                           "to each training prompt"},
         "training": {"steps": config.steps, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
                      "temperature": config.temperature, "kd_weight": config.kd_weight,
                      "first_loss": losses[0][1] if losses else None, "last_losses": losses[-5:]},

@@ -153,8 +153,9 @@ def cmd_distill(args: argparse.Namespace, settings: Settings) -> int:
     config = DistillConfig(
         teacher_dir=teacher, output_dir=repository / name / args.student_version,
         work_dir=settings.data_dir / "distill" / f"{name}-{args.student_version}", name=name,
-        version=args.student_version, layers=args.layers, steps=args.steps, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, prompts=args.prompts, learning_rate=args.learning_rate,
+        version=args.student_version, layers=args.layers, layer_choice=args.layer_choice, steps=args.steps,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompts=args.prompts,
+        learning_rate=args.learning_rate, samples_per_prompt=args.samples_per_prompt,
     )
     if args.tiny:
         config = DistillConfig(**{**config.__dict__, "steps": 3, "batch_size": 2, "max_new_tokens": 12,
@@ -237,15 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--replicas", type=int, help="engine replicas (default 1)")
     up.set_defaults(func=cmd_up)
 
+    from fallback.distill import DistillConfig  # light: torch is imported only when a run starts
+
     distill = sub.add_parser("distill", help="distil a smaller student of the served model (the fallback)")
     distill.add_argument("--teacher", help="teacher folder (default: <models>/<model name>/<teacher version>)")
     distill.add_argument("--teacher-version", default="v1")
     distill.add_argument("--name", dest="student_name", help="student model name (default <model>-student)")
     distill.add_argument("--student-version", default="v1")
-    distill.add_argument("--layers", type=int, default=6, help="teacher layers kept (evenly spaced)")
-    distill.add_argument("--steps", type=int, default=500)
-    distill.add_argument("--batch-size", type=int, default=8)
-    distill.add_argument("--learning-rate", type=float, default=3e-4)
+    distill.add_argument("--layers", type=int, default=DistillConfig.layers, help="teacher layers kept")
+    distill.add_argument("--layer-choice", choices=["ends", "even"], default=DistillConfig.layer_choice,
+                         help="ends: the first and last layers (default); even: evenly spaced")
+    distill.add_argument("--steps", type=int, default=DistillConfig.steps)
+    distill.add_argument("--batch-size", type=int, default=DistillConfig.batch_size)
+    distill.add_argument("--learning-rate", type=float, default=DistillConfig.learning_rate)
+    distill.add_argument("--samples-per-prompt", type=int, default=DistillConfig.samples_per_prompt,
+                         help="sampled teacher answers per training prompt besides the greedy one")
     distill.add_argument("--max-new-tokens", type=int, default=64, help="length of the teacher's answers")
     distill.add_argument("--prompts", type=int, default=0, help="use only this many prompts (0: all)")
     distill.add_argument("--tiny", action="store_true", help="a few steps on a few prompts (CI)")

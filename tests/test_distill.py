@@ -25,14 +25,17 @@ def teacher() -> Path:
 def config(tmp_path: Path, teacher: Path, **overrides: object) -> DistillConfig:
     base = DistillConfig(teacher_dir=teacher, output_dir=tmp_path / "models" / "student" / "v1",
                          work_dir=tmp_path / "work", name="student", version="v1", layers=4, steps=2,
-                         batch_size=2, max_new_tokens=8, prompts=6, checkpoint_every=1, holdout_fraction=0.34)
+                         batch_size=2, max_new_tokens=8, prompts=6, checkpoint_every=1, holdout_fraction=0.34,
+                         samples_per_prompt=2)
     return replace(base, **overrides)
 
 
-def test_kept_layers_are_evenly_spaced_with_the_first_and_last() -> None:
-    assert kept_layers(30, 6) == [0, 6, 12, 17, 23, 29]
-    assert kept_layers(30, 2) == [0, 29]
-    assert kept_layers(4, 10) == [0, 1, 2, 3]
+def test_kept_layers_keep_the_ends_or_are_evenly_spaced() -> None:
+    assert kept_layers(30, 6) == [0, 1, 2, 27, 28, 29]
+    assert kept_layers(30, 5) == [0, 1, 27, 28, 29]
+    assert kept_layers(30, 6, "even") == [0, 6, 12, 17, 23, 29]
+    assert kept_layers(30, 2, "even") == [0, 29] == kept_layers(30, 2)
+    assert kept_layers(4, 10) == [0, 1, 2, 3] == kept_layers(4, 10, "even")
 
 
 def test_bad_distillations_are_refused_in_one_line_before_any_work(tmp_path: Path, capsys) -> None:
@@ -64,13 +67,17 @@ def test_a_tiny_distillation_writes_a_servable_version_and_resumes(tmp_path: Pat
     folder = first.output_dir
     assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
     manifest = Manifest.read(folder)
-    assert manifest.extra["distillation"]["layers_kept"] == [0, 10, 19, 29]
+    assert manifest.extra["distillation"]["layers_kept"] == [0, 1, 28, 29]
     assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 4
     assert report["held_out"]["teacher"]["next_token_agreement"] == 1.0
     student = report["held_out"]["student"]
     assert 0 <= student["next_token_agreement"] <= 1 and student["perplexity"] > 0
     assert len(report["answers"]) == 3 and all(a["teacher"] for a in report["answers"])
     assert (first.work_dir / "checkpoint.pt").exists()
+    # Each training prompt gives the greedy answer and the sampled ones; held-out prompts give none.
+    assert report["data"]["train_examples"] == 4 * (1 + first.samples_per_prompt)
+    sampled = [json.loads(line) for line in (first.work_dir / "teacher_samples.jsonl").read_text().splitlines()]
+    assert len(sampled) == 4 and all(len(row["answers"]) == first.samples_per_prompt for row in sampled)
     # A longer run with the same training inputs picks up at step 2 instead of starting over.
     caplog.set_level(logging.INFO, logger="fallback.distill")
     longer = replace(first, steps=3, version="v2", output_dir=tmp_path / "models" / "student" / "v2")
