@@ -132,8 +132,11 @@ def measure(spec: EngineSpec, requests: int, max_tokens: int, logs: Path) -> dic
             process.wait()
 
 
+CONFIGURATIONS = ("teacher", "teacher+ngram", "teacher+draft", "student")
+
+
 def run(teacher: Path, student: Path, requests: int, max_tokens: int, logs: Path, dtype: str = "bfloat16",
-        draft_tokens: int = 4) -> dict[str, Any]:
+        draft_tokens: int = 4, only: tuple[str, ...] = CONFIGURATIONS) -> dict[str, Any]:
     engine = EngineSettings(dtype=dtype)
     configs = {
         "teacher": EngineSpec.from_settings(teacher, "teacher", "v1", engine),
@@ -146,6 +149,8 @@ def run(teacher: Path, student: Path, requests: int, max_tokens: int, logs: Path
     logs.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, spec in configs.items():
+        if name not in only and name != "teacher":  # the teacher is every ratio's baseline
+            continue
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         try:
             results[name] = measure(spec, requests, max_tokens, logs)
@@ -186,15 +191,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="engine dtype (float32 shows whether speculation alone changes greedy outputs)")
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the student drafts per step")
+    parser.add_argument("--configurations", default=",".join(CONFIGURATIONS),
+                        help="which to measure, comma-separated (the teacher always is)")
     parser.add_argument("--output", help="also write the JSON report here")
     args = parser.parse_args(argv)
+    only = tuple(c.strip() for c in args.configurations.split(",") if c.strip())
+    unknown = sorted(set(only) - set(CONFIGURATIONS))
+    if unknown:
+        print(f"python -m fallback.speed: unknown configuration {', '.join(unknown)}; "
+              f"choose from {', '.join(CONFIGURATIONS)}", file=sys.stderr)
+        return 2
     for path in (args.teacher, args.student):
         if not (Path(path) / "config.json").is_file():
             print(f"python -m fallback.speed: {path} is not a model folder (run llmserve distill first)",
                   file=sys.stderr)
             return 2
     report = run(Path(args.teacher), Path(args.student), args.requests, args.max_tokens,
-                 settings.logs_dir / "speed", args.dtype, args.draft_tokens)
+                 settings.logs_dir / "speed", args.dtype, args.draft_tokens, only)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
