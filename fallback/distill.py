@@ -402,9 +402,9 @@ def run(config: DistillConfig) -> dict[str, Any]:
         "data": {"prompts": len(prompts), "train": len(train), "held_out": len(holdout),
                  "train_examples": len(train), "train_answer_tokens": sum(len(e.answer_ids) for e in train),
                  "max_new_tokens": config.max_new_tokens,
-                 "source": f"fallback/data/prompts.txt; the teacher's greedy answer to each prompt and "
-                           f"{config.samples_per_prompt} sampled at T={config.sample_temperature}, top-p 0.95, "
-                           "to each training prompt"},
+                 "source": "fallback/data/prompts.txt; the teacher's greedy answer to each prompt" + (
+                     f", and {config.samples_per_prompt} sampled at T={config.sample_temperature}, top-p 0.95, "
+                     "to each training prompt" if config.samples_per_prompt else "")},
         "training": {"steps": config.steps, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
                      "temperature": config.temperature, "kd_weight": config.kd_weight,
                      "first_loss": losses[0][1] if losses else None, "last_losses": losses[-5:]},
