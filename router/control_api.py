@@ -51,6 +51,8 @@ class EngineOverrides(BaseModel):
     enable_prefix_caching: bool | None = None
     enforce_eager: bool | None = None
     speculation: Literal["none", "ngram", "draft"] | None = None
+    # float32 where outputs must be the same with and without speculation (bf16 verification can flip near-ties)
+    dtype: Literal["bfloat16", "float32"] | None = None
 
 
 class Strategy(BaseModel):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from llmserve.engine_spec import DraftModelSpeculation, EngineSpec, NgramSpeculation
 from llmserve.settings import EngineSettings
+from router.control_api import EngineOverrides
 
 
 def arg_after(argv: list[str], flag: str) -> str:
@@ -45,3 +49,14 @@ def test_draft_model_speculation() -> None:
     spec = EngineSpec(Path("/m"), "chat", "v1", speculation=DraftModelSpeculation(Path("/draft"), 3))
     config = json.loads(arg_after(spec.command("127.0.0.1", 1), "--speculative-config"))
     assert config == {"model": "/draft", "num_speculative_tokens": 3}
+
+
+def test_a_deployments_engine_overrides_reach_the_command_line() -> None:
+    overrides = EngineOverrides.model_validate({"dtype": "float32", "max_num_seqs": 4}).model_dump(exclude_none=True)
+    engine = EngineSettings().model_copy(update=overrides)
+    argv = EngineSpec.from_settings(Path("/m/v1"), "m", "v1", engine).command("127.0.0.1", 9000)
+    assert argv[argv.index("--dtype") + 1] == "float32"
+    assert argv[argv.index("--max-num-seqs") + 1] == "4"
+    for bad in ({"dtype": "int8"}, {"dtype": 32}, {"temperature": 0.5}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            EngineOverrides.model_validate(bad)
