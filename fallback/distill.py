@@ -102,6 +102,8 @@ def check(config: DistillConfig) -> None:
         raise DistillError("keep at least 2 layers (the first and the last)")
     if config.steps < 1 or config.batch_size < 1:
         raise DistillError("steps and batch size must be at least 1")
+    if config.samples_per_prompt < 0:
+        raise DistillError("samples per prompt must be 0 (greedy answers only) or more")
 
 
 def bundled_prompts() -> list[str]:
@@ -197,7 +199,8 @@ def teacher_answers(teacher: Any, tokenizer: Any, prompts: list[str], max_new_to
         for line in cache.read_text().splitlines():
             row = json.loads(line)
             answers = row["answers"] if "answers" in row else [row["answer_ids"]]
-            done[row["prompt"]] = [Example(row["prompt_ids"], a) for a in answers]
+            if len(answers) == max(samples, 1):  # a cache from a run with another sample count is redone
+                done[row["prompt"]] = [Example(row["prompt_ids"], a) for a in answers]
     todo = [p for p in prompts if p not in done]
     per_batch = max(1, batch_size // max(samples, 1))
     label = f"teacher answers ({samples} sampled each)" if samples else "teacher answers (greedy)"
@@ -331,8 +334,8 @@ def run(config: DistillConfig) -> dict[str, Any]:
     greedy_answers = [answers[0] for answers in teacher_answers(
         teacher, tokenizer, prompts, config.max_new_tokens, config.work_dir / "teacher_answers.jsonl")]
     holdout = greedy_answers[:held]
-    # Sampled answers put the student in more of the contexts it will meet than the one greedy path
-    # per prompt does; the held-out prompts get none.
+    # Optional sampled answers (more contexts per prompt; off by default, see DistillConfig); the
+    # held-out prompts get none.
     sampled = teacher_answers(teacher, tokenizer, prompts[held:], config.max_new_tokens,
                               config.work_dir / "teacher_samples.jsonl", samples=config.samples_per_prompt,
                               temperature=config.sample_temperature) if config.samples_per_prompt else []

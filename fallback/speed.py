@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     only = tuple(c.strip() for c in args.configurations.split(",") if c.strip())
     unknown = sorted(set(only) - set(CONFIGURATIONS))
+    if args.draft_tokens < 1:
+        print("python -m fallback.speed: --draft-tokens must be at least 1", file=sys.stderr)
+        return 2
     if unknown:
         print(f"python -m fallback.speed: unknown configuration {', '.join(unknown)}; "
               f"choose from {', '.join(CONFIGURATIONS)}", file=sys.stderr)

@@ -51,6 +51,8 @@ def test_bad_distillations_are_refused_in_one_line_before_any_work(tmp_path: Pat
     with pytest.raises(DistillError, match="not a writable folder"):
         check(replace(missing, teacher_dir=teacher_dir, output_dir=blocker / "student" / "v1"))
     (tmp_path / "exists" / "v1").mkdir(parents=True)
+    with pytest.raises(DistillError, match="samples per prompt"):
+        check(replace(missing, teacher_dir=teacher_dir, samples_per_prompt=-1))
     with pytest.raises(DistillError, match="already exists"):
         check(replace(missing, teacher_dir=teacher_dir, output_dir=tmp_path / "exists" / "v1"))
     code = main(["--data-dir", str(tmp_path / "data"), "distill", "--teacher", str(tmp_path / "nope"), "--tiny"])
