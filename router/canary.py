@@ -10,8 +10,9 @@ the TTFT samples of the same window, against stable scaled by the tolerance
 - PROMOTE when it is significantly *faster* than ``s'`` (evidence that it is
   within the tolerance) and its error rate is no higher than stable's plus
   ``error_margin``;
-- HOLD otherwise, until ``max_samples``, when an undecided step rolls back
-  (a canary must earn its traffic).
+- HOLD otherwise, until ``max_samples`` or ``max_step_s``, when an undecided
+  step rolls back (a canary must earn its traffic; one that gets too little
+  traffic to decide would otherwise hold its share forever).
 
 Errors: a one-sided two-proportion z-test; a canary whose error rate is
 significantly higher than stable's by more than ``error_margin`` rolls back
@@ -41,6 +42,7 @@ class CanaryPolicy:
     bake_s: float = 60.0
     min_samples: int = 50
     max_samples: int = 2000
+    max_step_s: float = 1800.0
     ttft_tolerance: float = 0.10
     confidence: float = 0.95
     error_margin: float = 0.01
@@ -50,6 +52,8 @@ class CanaryPolicy:
             raise ValueError("steps must rise from above 0 to 100, e.g. 5,25,50,100")
         if self.min_samples < 20 or self.max_samples < self.min_samples:
             raise ValueError("min_samples must be at least 20 and at most max_samples")
+        if self.max_step_s < self.bake_s:
+            raise ValueError("max_step_s must be at least bake_s")
         if not 0.5 < self.confidence < 1:
             raise ValueError("confidence must be between 0.5 and 1")
 
@@ -129,12 +133,14 @@ def analyze(
     policy: CanaryPolicy,
     stable_requests: int | None = None,
     canary_requests: int | None = None,
+    step_elapsed_s: float = 0.0,
 ) -> Evidence:
     """Decide promote / hold / rollback for one step.
 
     Latency comes from this step's window; errors may be counted over the
     whole rollout (pass the request totals they come from), so a canary
     that fails now and then cannot slip through one step at a time.
+    ``step_elapsed_s``: how long this step has run, against ``max_step_s``.
     """
     alpha = 1 - policy.confidence
     ns, nc = len(stable_ttft_ms), len(canary_ttft_ms)
@@ -146,18 +152,24 @@ def analyze(
     p_within = mann_whitney_greater(scaled, canary_ttft_ms)
     s50, c50 = percentile(stable_ttft_ms, 50), percentile(canary_ttft_ms, 50)
 
+    enough = min(ns, nc) >= policy.min_samples
     if min(stable_total, canary_total) >= policy.min_samples and p_errors < alpha:
         decision, reason = Decision.ROLLBACK, "canary error rate significantly higher than stable's"
-    elif min(ns, nc) < policy.min_samples:
-        decision, reason = Decision.HOLD, f"waiting for {policy.min_samples} samples on each side"
-    elif p_slower < alpha:
+    elif enough and p_slower < alpha:
         decision, reason = Decision.ROLLBACK, (
             f"canary TTFT slower than stable by more than {policy.ttft_tolerance:.0%} "
             f"with {policy.confidence:.0%} confidence")
-    elif p_within < alpha and canary_errors / canary_total <= stable_errors / stable_total + policy.error_margin:
+    elif (enough and p_within < alpha
+          and canary_errors / canary_total <= stable_errors / stable_total + policy.error_margin):
         decision, reason = Decision.PROMOTE, f"canary TTFT within {policy.ttft_tolerance:.0%} of stable"
     elif min(ns, nc) >= policy.max_samples:
         decision, reason = Decision.ROLLBACK, f"undecided after {policy.max_samples} samples"
+    elif step_elapsed_s >= policy.max_step_s:
+        decision, reason = Decision.ROLLBACK, (
+            f"undecided after {policy.max_step_s:g} s at this step ({ns} stable and {nc} canary samples; "
+            f"{policy.min_samples} a side are needed): send the canary more traffic or raise max_step_s")
+    elif not enough:
+        decision, reason = Decision.HOLD, f"waiting for {policy.min_samples} samples on each side"
     else:
         decision, reason = Decision.HOLD, "not yet significant either way"
     return Evidence(

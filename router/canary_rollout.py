@@ -155,7 +155,7 @@ class CanaryRollout:
         _, stable_failed, stable_total = self._samples.since(s.model_name, s.stable_version, began)
         _, canary_failed, canary_total = self._samples.since(s.model_name, s.canary_version, began)
         evidence = analyze(stable_ttft, canary_ttft, stable_failed, canary_failed, s.policy,
-                           stable_total, canary_total)
+                           stable_total, canary_total, step_elapsed_s=self._samples.now() - step_began)
         s.latest = {"step_percent": s.step, **evidence.to_dict()}
         if evidence.decision is not Decision.HOLD:
             s.decisions.append(s.latest)

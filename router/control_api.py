@@ -68,6 +68,7 @@ class Strategy(BaseModel):
     bake_s: float = Field(60.0, ge=0)
     min_samples: int = Field(50, ge=20)
     max_samples: int = Field(2000, ge=20)
+    max_step_s: float = Field(1800.0, gt=0, description="canary: an undecided step rolls back after this long")
     ttft_tolerance: float = Field(0.10, ge=0, le=5)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     error_margin: float = Field(0.01, ge=0, le=1)
@@ -77,7 +78,8 @@ class Strategy(BaseModel):
         if self.type != "canary":
             return None
         return CanaryPolicy(steps=tuple(self.steps), bake_s=self.bake_s, min_samples=self.min_samples,
-                            max_samples=self.max_samples, ttft_tolerance=self.ttft_tolerance,
+                            max_samples=self.max_samples, max_step_s=self.max_step_s,
+                            ttft_tolerance=self.ttft_tolerance,
                             confidence=self.confidence, error_margin=self.error_margin)
 
 

@@ -78,8 +78,21 @@ def test_evidence_is_complete_and_holds_without_samples() -> None:
     assert {"p_slower", "p_within", "stable_ttft_p99_ms", "canary_ttft_p50_ms", "p_errors"} <= set(data)
 
 
+def test_an_undecided_step_rolls_back_after_max_step_s() -> None:
+    policy = CanaryPolicy(bake_s=1, max_step_s=60)
+    assert analyze([], [], 0, 0, policy, step_elapsed_s=59).decision is Decision.HOLD
+    starved = analyze([100.0] * 80, [100.0] * 3, 0, 0, policy, step_elapsed_s=60)
+    assert starved.decision is Decision.ROLLBACK
+    assert "undecided after 60 s" in starved.reason and "3 canary samples" in starved.reason
+    # Evidence that decides still decides, however long the step took.
+    rng = random.Random(3)
+    stable = [rng.gauss(100, 10) for _ in range(200)]
+    same = [rng.gauss(100, 10) for _ in range(200)]
+    assert analyze(stable, same, 0, 0, policy, step_elapsed_s=600).decision is Decision.PROMOTE
+
+
 @pytest.mark.parametrize("kwargs", [{"steps": (50, 25, 100)}, {"steps": (5, 50)}, {"min_samples": 5},
-                                    {"confidence": 1.0}])
+                                    {"confidence": 1.0}, {"bake_s": 60, "max_step_s": 30}])
 def test_bad_policies_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         CanaryPolicy(**kwargs)

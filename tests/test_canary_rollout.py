@@ -139,3 +139,32 @@ async def test_manual_pause_resume_promote_and_abort(tmp_path: Path) -> None:
         late = await client.post(f"{base}/canary/resume")
         assert late.status_code == 409
         assert (await client.post(f"{base}/canary/explode")).status_code in (400, 409)
+
+
+async def test_a_canary_that_gets_no_traffic_is_rolled_back_after_max_step_s(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db")
+    for version in ("v1", "v2"):
+        make_version(tmp_path / "models", version)
+    async with run_router([], tmp_path, store=store, program_factory=factory_for(STABLE_TTFT_MS)) as r, \
+            httpx.AsyncClient(timeout=30) as client:
+        assert (await client.post(f"{r.url}/api/v1/models", json={"model_name": MODEL})).status_code == 201
+        await deploy(client, r.url, "v1", 100)
+        bad = await client.post(f"{r.url}/api/v1/deployments", json={
+            "model_name": MODEL, "version": "v2", "traffic_percent": 0,
+            "strategy": {"type": "canary", "bake_s": 5, "max_step_s": 1}})
+        assert bad.status_code == 400 and "max_step_s" in bad.json()["error"]["message"]
+        response = await client.post(f"{r.url}/api/v1/deployments", json={
+            "model_name": MODEL, "version": "v2", "traffic_percent": 0,
+            "strategy": {"type": "canary", "steps": [10, 100], "bake_s": 0.2, "min_samples": 30, "max_step_s": 1.5}})
+        assert response.status_code == 202, response.text
+        deadline = time.monotonic() + 60
+        canary: dict = {}
+        while time.monotonic() < deadline:
+            got = await client.get(f"{r.url}/api/v1/deployments/{MODEL}/canary")
+            if got.status_code == 200 and (canary := got.json())["status"] != "running":
+                break
+            await asyncio.sleep(0.1)
+        assert canary["status"] == "rolled_back", canary
+        assert "undecided after 1.5 s" in canary["decisions"][-1]["reason"]
+        state = (await client.get(f"{r.url}/api/v1/deployments/{MODEL}")).json()
+        assert state["split"] == {"v1": 100}
