@@ -32,6 +32,7 @@ import httpx
 from llmserve.engine_spec import DraftModelSpeculation, EngineSpec, NgramSpeculation
 from llmserve.settings import EngineSettings, Settings
 from loadtest.overhead import free_port
+from loadtest.report import emit
 from router.engine_metrics import parse_engine_metrics
 
 PASSAGE = ("The lighthouse stood at the edge of the cliff for two hundred years. Every night its keeper climbed "
@@ -211,10 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     report = run(Path(args.teacher), Path(args.student), args.requests, args.max_tokens,
                  settings.logs_dir / "speed", args.dtype, args.draft_tokens, only)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(report, args.output)
     return 0
 
 

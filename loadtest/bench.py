@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from loadtest.report import emit
 from loadtest.stats import RequestResult, summarize
 
 DEFAULT_PROMPTS = (
@@ -205,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(model=args.model, requests=args.requests, concurrency=args.concurrency,
                          max_tokens=args.max_tokens, rounds=args.rounds, seed=args.seed, chat=not args.completions)
     report = asyncio.run(run(args.target, config))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as fh:
-            fh.write(text + "\n")
+    emit(report, args.output)
     failed = sum(t["failed"] for t in report["targets"].values())  # type: ignore[union-attr]
     return 1 if failed else 0
 

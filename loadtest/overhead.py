@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import httpx
 
 from loadtest.bench import BenchConfig, Target, run
+from loadtest.report import emit
 
 MODEL = "smollm2-135m-instruct"
 
@@ -138,12 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         if process is not None:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=90)
-    text = json.dumps(result, indent=2)
-    print(text)
+    emit(result, args.output)
     print(_table(result), file=sys.stderr)
-    if args.output:
-        with open(args.output, "w") as fh:
-            fh.write(text + "\n")
     failed = sum(s["failed"] for s in result["scenarios"].values())  # type: ignore[union-attr]
     return 1 if failed else 0
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from llmserve.stats import percentile
 from loadtest.overhead import free_port
+from loadtest.report import emit
 
 MODELS = ("fraud-xgboost", "fraud-onnx")
 
@@ -234,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.duration, args.batch_rows, args.single_concurrency = 0.5, 100, 8
     report = asyncio.run(run(args))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(report, args.output)
     return 0
 
 

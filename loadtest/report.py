@@ -33,6 +33,14 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(_clean(result), indent=2) + "\n")
 
 
+def emit(report: dict[str, Any], output: str | None) -> None:
+    """A benchmark's JSON report: printed, and written to ``output`` when one is given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if output:
+        Path(output).write_text(text + "\n")
+
+
 def write_csv(path: Path, records: list[Record]) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)

@@ -31,6 +31,7 @@ from llmserve.stack import Deployment, LocalStack
 from llmserve.stats import percentile
 from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port
+from loadtest.report import emit
 from loadtest.runner import Record, RunPlan, Target, execute
 from loadtest.schedule import Shape, intended_send_times
 from loadtest.sim import SimEngineProgram
@@ -130,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.before_s, args.spike_s, args.after_s = 1.0, 3.0, 1.0
     report = asyncio.run(run(args))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(report, args.output)
     return 0
 
 
