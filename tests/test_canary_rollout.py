@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -12,7 +14,7 @@ import pytest
 
 from loadtest.sim import SimEngineProgram
 from router.store.sqlite import SQLiteStore
-from tests.conftest import run_router
+from tests.conftest import RunningRouter, run_router
 from tests.test_control_plane import MODEL, deploy, make_version
 
 STABLE_TTFT_MS = 30.0
@@ -29,14 +31,21 @@ def factory_for(canary_ttft_ms: float, canary_error_rate: float = 0.0):
     return factory
 
 
-async def canary_run(tmp_path: Path, canary_ttft_ms: float, error_rate: float = 0.0) -> tuple[dict, list[str], int]:
+@contextlib.asynccontextmanager
+async def stable_v1(tmp_path: Path, factory) -> AsyncIterator[tuple[RunningRouter, httpx.AsyncClient]]:
+    """A router with versions v1 and v2 on disk and v1 deployed at 100%, and a client for it."""
     store = SQLiteStore(tmp_path / "db")
     for version in ("v1", "v2"):
         make_version(tmp_path / "models", version)
-    async with run_router([], tmp_path, store=store, program_factory=factory_for(canary_ttft_ms, error_rate)) as r, \
+    async with run_router([], tmp_path, store=store, program_factory=factory) as r, \
             httpx.AsyncClient(timeout=30) as client:
         assert (await client.post(f"{r.url}/api/v1/models", json={"model_name": MODEL})).status_code == 201
         await deploy(client, r.url, "v1", 100)
+        yield r, client
+
+
+async def canary_run(tmp_path: Path, canary_ttft_ms: float, error_rate: float = 0.0) -> tuple[dict, list[str], int]:
+    async with stable_v1(tmp_path, factory_for(canary_ttft_ms, error_rate)) as (r, client):
         failures: list[str] = []
         sent = 0
         stop = asyncio.Event()
@@ -104,13 +113,7 @@ async def test_a_canary_with_errors_is_rolled_back(tmp_path: Path, error_rate: f
 
 
 async def test_manual_pause_resume_promote_and_abort(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "db")
-    for version in ("v1", "v2"):
-        make_version(tmp_path / "models", version)
-    async with run_router([], tmp_path, store=store, program_factory=factory_for(STABLE_TTFT_MS)) as r, \
-            httpx.AsyncClient(timeout=30) as client:
-        assert (await client.post(f"{r.url}/api/v1/models", json={"model_name": MODEL})).status_code == 201
-        await deploy(client, r.url, "v1", 100)
+    async with stable_v1(tmp_path, factory_for(STABLE_TTFT_MS)) as (r, client):
         response = await client.post(f"{r.url}/api/v1/deployments", json={
             "model_name": MODEL, "version": "v2",
             "strategy": {"type": "canary", "steps": [10, 50, 100], "bake_s": 60, "min_samples": 30}})
@@ -142,13 +145,7 @@ async def test_manual_pause_resume_promote_and_abort(tmp_path: Path) -> None:
 
 
 async def test_a_canary_that_gets_no_traffic_is_rolled_back_after_max_step_s(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "db")
-    for version in ("v1", "v2"):
-        make_version(tmp_path / "models", version)
-    async with run_router([], tmp_path, store=store, program_factory=factory_for(STABLE_TTFT_MS)) as r, \
-            httpx.AsyncClient(timeout=30) as client:
-        assert (await client.post(f"{r.url}/api/v1/models", json={"model_name": MODEL})).status_code == 201
-        await deploy(client, r.url, "v1", 100)
+    async with stable_v1(tmp_path, factory_for(STABLE_TTFT_MS)) as (r, client):
         bad = await client.post(f"{r.url}/api/v1/deployments", json={
             "model_name": MODEL, "version": "v2", "traffic_percent": 0,
             "strategy": {"type": "canary", "bake_s": 5, "max_step_s": 1}})
