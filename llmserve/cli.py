@@ -77,7 +77,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     model = settings.model
 
     def engine_program(name: str, version: str, model_dir: Path, overrides: dict[str, Any]) -> EngineSpec:
-        engine = settings.engine.model_copy(update=overrides) if overrides else settings.engine
+        engine = settings.engine.with_overrides(overrides) if overrides else settings.engine
         return EngineSpec.from_settings(model_dir, name, version, engine,
                                         speculation=speculation_for(name, engine.speculation, settings))
 

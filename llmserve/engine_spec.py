@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from llmserve.generation import GenerationDefaults
 from llmserve.settings import EngineSettings
 
 
@@ -65,6 +66,7 @@ class EngineSpec:
     enable_prefix_caching: bool = True
     enforce_eager: bool = True
     speculation: Speculation = None
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -88,6 +90,7 @@ class EngineSpec:
             enable_prefix_caching=engine.enable_prefix_caching,
             enforce_eager=engine.enforce_eager,
             speculation=speculation,
+            generation=GenerationDefaults.from_settings(engine),
         )
 
     @property
@@ -129,6 +132,7 @@ class EngineSpec:
             argv.append("--enforce-eager")
         if self.speculation is not None:
             argv += ["--speculative-config", json.dumps(self.speculation.to_config())]
+        argv += self.generation.vllm_args()
         argv += list(self.extra_args)
         return argv
 

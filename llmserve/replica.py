@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from llmserve.generation import GenerationDefaults
+
 
 class ReplicaState(str, enum.Enum):
     STARTING = "starting"  # process launched, not yet answering health checks and warm-up
@@ -23,6 +25,7 @@ class ReplicaProgram(Protocol):
 
     model_name: str
     version: str
+    generation: GenerationDefaults  # what the engine does when a request leaves things out
 
     @property
     def versioned_name(self) -> str: ...

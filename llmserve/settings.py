@@ -9,14 +9,32 @@ Environment variables override them: ``LLMSERVE_<FIELD>`` at the top level and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "llmserve"
+
+
+class SamplingDefaults(BaseModel):
+    """Sampling a version applies to requests that do not set it (vLLM's generation config).
+
+    The defaults were chosen by measurement (README, "Generation defaults"):
+    at vLLM's own default (temperature 1.0) the bundled model answers
+    factual questions wrongly about half the time.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    temperature: float | None = Field(0.2, ge=0, le=2)
+    top_p: float | None = Field(0.9, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
 
 
 class EngineSettings(BaseModel):
@@ -62,6 +80,39 @@ class EngineSettings(BaseModel):
         description="CPU builds: pin each replica's compute threads to the least-used core "
         "(VLLM_CPU_OMP_THREADS_BIND), so two engines never share one core while another idles.",
     )
+    max_tokens_default: int = Field(
+        512, ge=1, description="Output tokens when a request sets no max_tokens (the engine lowers it to what "
+        "the context still holds); vLLM's own default is the whole context.")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="Most output tokens a request may ask for (more: 400); unset: the context length.")
+    sampling: SamplingDefaults = Field(
+        default_factory=SamplingDefaults, description="Sampling applied when a request does not set it.")
+    tool_call_parser: str | None = Field(
+        "hermes", pattern=r"^[a-z0-9_]+$",
+        description="vLLM tool-call parser that fits the model's chat template (hermes: ChatML with "
+        "<tool_call> tags, as SmolLM2); none: the model cannot call tools, so requests' tools are dropped "
+        "and it answers in text.")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "EngineSettings":
+        """These settings with a version's overrides on top, validated together (``sampling`` merges
+        field by field); a ValueError names what does not fit."""
+        data = self.model_dump()
+        for key, value in overrides.items():
+            data[key] = {**data[key], **value} if key == "sampling" else value
+        return EngineSettings.model_validate(data)
+
+    @field_validator("tool_call_parser", mode="before")
+    @classmethod
+    def _none_means_off(cls, value: object) -> object:
+        return None if value in ("", "none", "None") else value
+
+    @model_validator(mode="after")
+    def _output_limits_fit(self) -> "EngineSettings":
+        limit = self.max_tokens_limit if self.max_tokens_limit is not None else self.max_model_len - 1
+        if self.max_tokens_default > limit:
+            raise ValueError(f"max_tokens_default ({self.max_tokens_default}) is above the most a request may ask "
+                             f"for ({limit}: max_tokens_limit, or the context length minus one)")
+        return self
 
 
 class PredictSettings(BaseModel):
@@ -124,8 +175,11 @@ class RouterSettings(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
     connect_timeout_s: float = Field(2.0, gt=0, description="Timeout to open a connection to a replica.")
     first_token_timeout_s: float = Field(
-        120.0, gt=0, description="Longest wait for a replica's response headers and first chunk."
+        120.0, gt=0, description="Longest wait for a streaming replica's response headers and first chunk."
     )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="A request's time budget from arrival to its last byte; past it the engine "
+        "request is aborted and the client gets 504 (a stream: an in-band request_timeout error event).")
     idle_stream_timeout_s: float = Field(
         60.0, gt=0, description="Longest silence between two chunks before a stream is cut with an error."
     )
@@ -135,6 +189,10 @@ class RouterSettings(BaseModel):
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when no replica is ready.")
     max_connections_per_replica: int = Field(512, ge=1, description="HTTP connection pool size per replica.")
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics on /metrics.")
+    access_log: bool = Field(True, description="One log line per HTTP request: method, path, status, duration, id.")
+    list_version_aliases: bool = Field(
+        False, description="/v1/models also lists each name:version (pinning works either way); off, a chat "
+        "frontend's model picker shows each model once.")
     engine_metrics_interval_s: float = Field(5.0, gt=0, description="How often engines' own metrics are scraped.")
     inference_log_retention_days: int = Field(30, ge=1, description="Days of inference logs kept in the store.")
     max_predict_body_bytes: int = Field(256 << 20, ge=1024, description="Larger predict bodies get 413.")

@@ -56,7 +56,8 @@ class LocalStack:
     async def start(self, catalog: Catalog) -> None:
         for deployment in self._deployments:
             program = deployment.program
-            served = ServedVersion(program.model_name, program.version, deployment.max_model_len)
+            served = ServedVersion(program.model_name, program.version, deployment.max_model_len,
+                                   generation=program.generation)
             self._programs[(program.model_name, program.version)] = program
             for index in range(deployment.replicas):
                 served.replicas.append(self.supervisor.start(program, index))
@@ -73,7 +74,8 @@ class LocalStack:
         engine = engine or {}
         program = self._program_factory(model_name, version, model_dir, engine)
         self._programs[(model_name, version)] = program
-        served = ServedVersion(model_name, version, int(engine.get("max_model_len", self._max_model_len)))
+        served = ServedVersion(model_name, version, int(engine.get("max_model_len", self._max_model_len)),
+                               generation=program.generation)
         served.replicas = [self.supervisor.start(program, index) for index in range(replicas)]
         return served
 

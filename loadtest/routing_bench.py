@@ -14,8 +14,9 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from llmserve.generation import GenerationDefaults
 from llmserve.replica import Replica, ReplicaState
 from loadtest.stats import percentile
 from router.balancer import LeastOutstanding
@@ -26,6 +27,7 @@ from router.catalog import Catalog, ServedVersion
 class _Program:
     model_name: str
     version: str
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     @property
     def versioned_name(self) -> str:

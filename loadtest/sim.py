@@ -14,6 +14,11 @@ like a real engine:
   first token, dropping the stream after k tokens, and a slow start (503 on
   ``/health`` for the first seconds).
 
+Like vLLM it refuses ``tools`` with an automatic tool choice unless started
+with ``--enable-auto-tool-choice``, takes ``max_tokens`` from its generation
+defaults (``--default-max-tokens``) when a request sets none, and aborts a
+non-streaming request whose client disconnects.
+
 Tests use it to exercise the router's routing, relay and failure handling in
 milliseconds; capacity planning can run many of them on one machine.
 
@@ -40,6 +45,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from llmserve.generation import GenerationDefaults
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -58,6 +65,7 @@ class SimConfig:
     drop_rate: float = 0.0
     drop_after_tokens: int = 3
     slow_start_s: float = 0.0
+    enable_auto_tool_choice: bool = False
     seed: int | None = None
 
 
@@ -163,6 +171,9 @@ def build_app(config: SimConfig) -> Starlette:
         if body.get("model") not in config.served_names:
             return _error(f"The model `{body.get('model')}` does not exist.", 404, "model")
         chat = request.url.path.endswith("/chat/completions")
+        if chat and body.get("tools") and body.get("tool_choice", "auto") == "auto" \
+                and not config.enable_auto_tool_choice:
+            return _error('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set')
         max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or config.default_max_tokens)
         if max_tokens > config.max_model_len:
             return _error(f"max_tokens={max_tokens} cannot be greater than max_model_len", 400, "max_tokens")
@@ -182,14 +193,21 @@ def build_app(config: SimConfig) -> Starlette:
         state.running_tokens += prompt_tokens + max_tokens
         try:
             delay = engine.draw_ms(config.ttft_ms) + sum(engine.draw_ms(config.itl_ms) for _ in range(max_tokens - 1))
-            await asyncio.sleep(delay / 1000)
+            if not await _sleep_unless_disconnected(request, delay / 1000):
+                state.aborted += 1  # vLLM's with_cancellation: a gone client aborts the request
+                return Response(status_code=499)
         finally:
             state.running_tokens -= prompt_tokens + max_tokens
             engine.release()
         state.finished += 1
         text = " ".join(_WORDS[i % len(_WORDS)] for i in range(max_tokens))
         choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
-        if chat:
+        forced = _forced_tool(body) if chat else None
+        if forced is not None:  # a required or named tool choice: the engine answers with a call
+            choice["finish_reason"] = "tool_calls"
+            choice["message"] = {"role": "assistant", "content": None, "tool_calls": [{
+                "id": f"call-{request_id[:8]}", "type": "function", "function": {"name": forced, "arguments": "{}"}}]}
+        elif chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
@@ -252,6 +270,35 @@ def build_app(config: SimConfig) -> Starlette:
     ])
 
 
+def _forced_tool(body: dict[str, Any]) -> str | None:
+    """The tool a request forces (``required``: the first; a named function: that one), if any."""
+    tools, choice = body.get("tools") or [], body.get("tool_choice")
+    if not tools:
+        return None
+    if choice == "required":
+        return str(tools[0]["function"]["name"])
+    if isinstance(choice, dict):
+        return str(choice["function"]["name"])
+    return None
+
+
+async def _sleep_unless_disconnected(request: Request, seconds: float) -> bool:
+    """Sleep; False as soon as the client disconnects (the body is read, so receive() waits for that)."""
+    sleep = asyncio.ensure_future(asyncio.sleep(seconds))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({sleep, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sleep.cancel()
+        gone.cancel()
+    return not gone.done()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @dataclass(frozen=True)
 class SimEngineProgram:
     """A ReplicaProgram that runs the simulated engine, for the supervisor and router tests."""
@@ -262,15 +309,19 @@ class SimEngineProgram:
     itl_ms: float = 5.0
     extra_args: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
+    generation: GenerationDefaults = field(default_factory=lambda: GenerationDefaults(max_tokens=16))
 
     @property
     def versioned_name(self) -> str:
         return f"{self.model_name}:{self.version}"
 
     def command(self, host: str, port: int) -> list[str]:
+        # the generation defaults reach the simulated engine as they reach vLLM: as its own settings
+        tools = ["--enable-auto-tool-choice"] if self.generation.can_call_tools else []
         return [sys.executable, "-m", "loadtest.sim", "--host", host, "--port", str(port),
                 "--model", self.versioned_name, self.model_name,
-                "--ttft-ms", str(self.ttft_ms), "--itl-ms", str(self.itl_ms), *self.extra_args]
+                "--ttft-ms", str(self.ttft_ms), "--itl-ms", str(self.itl_ms),
+                "--default-max-tokens", str(self.generation.max_tokens), *tools, *self.extra_args]
 
     def environment(self) -> dict[str, str]:
         return dict(self.extra_env)
@@ -293,6 +344,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SimCo
     parser.add_argument("--drop-rate", type=float, default=0.0, help="fraction of streams cut after k tokens")
     parser.add_argument("--drop-after-tokens", type=int, default=3)
     parser.add_argument("--slow-start-s", type=float, default=0.0, help="/health answers 503 this long")
+    parser.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens when a request sets none")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="accept tools with an automatic tool choice (else 400, as vLLM without a parser)")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     for name in ("error_rate", "hang_rate", "drop_rate"):
@@ -303,6 +357,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SimCo
         max_model_len=args.max_model_len, max_running=args.max_running, load_slowdown=args.load_slowdown,
         error_rate=args.error_rate, hang_rate=args.hang_rate, drop_rate=args.drop_rate,
         drop_after_tokens=args.drop_after_tokens, slow_start_s=args.slow_start_s, seed=args.seed,
+        default_max_tokens=args.default_max_tokens, enable_auto_tool_choice=args.enable_auto_tool_choice,
     )
     return args, config
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from llmserve.settings import RouterSettings
 from router import control_api, generate_api, health_api, openai_api, predict_api
+from router.access_log import AccessLogMiddleware
 from router.admission import Admission
 from router.catalog import Catalog
 from router.control import ControlPlane, ReplicaLauncher
@@ -106,5 +107,6 @@ def create_app(
     app.include_router(generate_api.router)
     app.include_router(control_api.router)
     app.include_router(predict_api.router)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(AccessLogMiddleware, enabled=settings.access_log)
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so the access log has the id
     return app

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from llmserve.generation import GenerationDefaults
 from llmserve.replica import Replica
 from router.errors import InvalidRequest, ModelNotFound, NoReplicaReady, VersionNotFound
 from router.split import choose_version
@@ -27,10 +28,16 @@ class ServedVersion:
     max_model_len: int
     replicas: list[Replica] = field(default_factory=list)
     predictor: Predictor | None = None  # a traditional model served in the router process
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     @property
     def versioned_name(self) -> str:
         return f"{self.model_name}:{self.version}"
+
+    @property
+    def output_limit(self) -> int:
+        """The most output tokens a request to this version may ask for."""
+        return self.generation.output_limit(self.max_model_len)
 
     @property
     def ready_replicas(self) -> list[Replica]:

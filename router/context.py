@@ -1,7 +1,15 @@
-"""Per-request bookkeeping: ids, timings and the log line written at the end."""
+"""Per-request bookkeeping: ids, timings and the log line written at the end.
+
+Every inference request is recorded exactly once, whatever its outcome: an
+answer, a refusal the router makes itself (bad input, unknown model, a full
+queue, no ready replica, a timeout) or a client that went away. The record
+goes to the metrics, the request log and ``inference_logs`` with its status
+and, for a failure, its reason (the error code the client saw).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -9,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from router.errors import APIError
 from router.split import user_bucket
 
 if TYPE_CHECKING:
@@ -33,7 +42,8 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     chunks: int = 0
-    error: str | None = None
+    error: str | None = None  # the message of a failure, for the request log
+    reason: str | None = None  # the error code of a failure
     user: str | None = None
     output_tokens: int | None = None
     sink: Callable[[InferenceLog], None] | None = field(default=None, repr=False)
@@ -43,10 +53,17 @@ class RequestRecord:
     text_chunks: int = 0
     _last_chunk_at: float | None = field(default=None, repr=False)
     _in_flight: bool = field(default=False, repr=False)
+    _begun: bool = field(default=False, repr=False)  # routed to a version: a sample of its latency and errors
+    _finished: bool = field(default=False, repr=False)
+
+    def resolved(self, model: str, version: str) -> None:
+        """The request names a served version (it may still be refused)."""
+        self.model, self.version = model, version
 
     def begin(self, model: str, version: str, stream: bool) -> None:
         """The request is routed: count it in flight for its version."""
         self.model, self.version, self.stream = model, version, stream
+        self._begun = True
         if self.metrics is not None:
             self.metrics.started(model, version)
             self._in_flight = True
@@ -79,40 +96,59 @@ class RequestRecord:
     def ttft_ms(self) -> float | None:
         return None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
 
+    def failed(self, reason: str, message: str) -> None:
+        self.reason, self.error = reason, message[:300]
+
+    def fail(self, exc: BaseException) -> None:
+        """Finish with the outcome an exception stands for (how the error handlers will answer it)."""
+        if isinstance(exc, APIError):
+            self.failed(exc.code, exc.message)
+            self.finish(exc.status_code)
+        elif isinstance(exc, asyncio.CancelledError):
+            self.failed("client_disconnected", "the client went away")
+            self.finish(499)
+        else:
+            self.failed("internal_error", f"{type(exc).__name__}: {exc}")
+            self.finish(500)
+
     def finish(self, status_code: int | None = None) -> None:
+        if self._finished:
+            return
+        self._finished = True
         if status_code is not None:
             self.status_code = status_code
         latency_ms = (time.perf_counter() - self.started) * 1000
         ttft = self.ttft_ms
         if self.output_tokens is None and self.text_chunks:
             self.output_tokens = self.text_chunks  # a stream without usage: one token a chunk
-        if self.metrics is not None and self.model:
+        if self.metrics is not None:
             self.metrics.finished(self, latency_ms / 1000, self._in_flight)
             self._in_flight = False
         logger.info(
             "request %s %s model=%s version=%s replica=%s status=%s stream=%s ttft_ms=%s latency_ms=%.1f chunks=%d%s",
             self.request_id,
             self.route,
-            self.model,
-            self.version,
-            self.replica,
+            self.model or "-",
+            self.version or "-",
+            self.replica or "-",
             self.status_code,
             self.stream,
             f"{ttft:.1f}" if ttft is not None else "-",
             latency_ms,
             self.chunks,
-            f" error={self.error}" if self.error else "",
+            f" reason={self.reason} error={self.error!r}" if self.reason else "",
             extra={"request_id": self.request_id},
         )
-        if self.samples is not None and self.model and self.status_code != 499:
+        if self.samples is not None and self._begun and self.status_code != 499:
             # A prediction arrives whole: its latency is what a canary of a predict model is judged on.
             signal = latency_ms if self.route in ("predict", "v2_infer") else ttft
             self.samples.record(self.model, self.version, signal, self.status_code)
-        if self.sink is not None and self.model:
+        if self.sink is not None:
             self.sink(InferenceLog(
                 request_id=self.request_id, model_name=self.model, version=self.version, replica=self.replica,
                 user_bucket=user_bucket(self.user), ttft_ms=ttft, latency_ms=latency_ms,
-                output_tokens=self.output_tokens, status_code=self.status_code,
+                output_tokens=self.output_tokens, status_code=self.status_code, route=self.route,
+                reason=self.reason,
             ))
 
 

@@ -98,6 +98,14 @@ class NoReplicaReady(APIError):
         self.retry_after_s = retry_after_s
 
 
+class RequestTimedOut(APIError):
+    """The answer took longer than the request's time budget; the engine request was aborted."""
+
+    status_code = 504
+    error_type = "timeout"
+    code = "request_timeout"
+
+
 class UpstreamFailed(APIError):
     """The engine replica failed (connection lost, crashed) while serving the request."""
 

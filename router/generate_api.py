@@ -1,7 +1,8 @@
 """The design's generate API: ``POST /api/v1/models/{model_name}/generate``.
 
 Body: ``{"prompt", "max_tokens", "stream", "user", "params": {"version",
-"temperature", "top_p", "stop", "raw", ...}}``. The prompt is sent as one
+"temperature", "top_p", "stop", "raw", ...}}``; what it leaves out, the
+version's generation defaults fill in. The prompt is sent as one
 user turn through the model's chat template, or as plain text with
 ``params.raw``. Streaming answers are SSE events:
 
@@ -22,10 +23,22 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from router.admission import admit_request
+from router.catalog import ServedVersion
 from router.context import RequestRecord, served_headers, user_key
-from router.errors import UpstreamFailed
+from router.errors import APIError, RequestTimedOut, UpstreamFailed
 from router.protocol import GenerateRequest, check_output_limit, parse_json_object, read_body, validate
-from router.relay import Upstream, UpstreamBroken, engine_failure, error_event, sse_bytes, sse_data
+from router.relay import (
+    Upstream,
+    UpstreamBroken,
+    UpstreamStalled,
+    UpstreamTimedOut,
+    engine_error_code,
+    engine_failure,
+    error_event,
+    sse_bytes,
+    sse_data,
+    stream_failure_message,
+)
 from router.state import RouterState
 
 router = APIRouter(prefix="/api/v1", tags=["generate"])
@@ -42,46 +55,33 @@ class _Outcome:
 async def generate(model_name: str, request: Request) -> Response:
     state: RouterState = request.app.state.router
     request_id: str = request.state.request_id
+    deadline = state.relay.deadline()
     record = RequestRecord(request_id, "generate", sink=state.log_sink, metrics=state.metrics,
                            samples=state.samples)
-    body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
-    parsed: GenerateRequest = validate(GenerateRequest, parse_json_object(body))
-    record.user = user_key(request.headers, parsed.user)
-    served = state.catalog.resolve(model_name, parsed.params.version, record.user)
-    served, admission_headers = await admit_request(state.admission, request.headers, served, record.user)
-    check_output_limit(parsed.max_tokens, served.max_model_len)
-
-    sampling = parsed.params.model_dump(exclude_unset=True, exclude={"version", "raw"})
-    payload: dict[str, Any] = {
-        "model": served.versioned_name,
-        "max_tokens": parsed.max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        **sampling,
-    }
-    if parsed.user:
-        payload["user"] = parsed.user
-    if parsed.params.raw:
-        path = "/v1/completions"
-        payload["prompt"] = parsed.prompt
-    else:
-        path = "/v1/chat/completions"
-        payload["messages"] = [{"role": "user", "content": parsed.prompt}]
-
-    record.begin(served.model_name, served.version, parsed.stream)
-    upstream = await state.relay.open(served, path, payload, request_id)
+    admission_headers: dict[str, str] = {}
+    try:
+        body = await read_body(request.stream(), request.headers.get("content-length"),
+                               state.settings.max_body_bytes)
+        parsed: GenerateRequest = validate(GenerateRequest, parse_json_object(body))
+        record.user = user_key(request.headers, parsed.user)
+        served = state.catalog.resolve(model_name, parsed.params.version, record.user)
+        record.resolved(served.model_name, served.version)
+        served, admission_headers = await admit_request(state.admission, request.headers, served, record.user)
+        check_output_limit(parsed.max_tokens, served)
+        path, payload = _engine_request(parsed, served)
+        record.begin(served.model_name, served.version, parsed.stream)
+        upstream = await state.relay.open(served, path, payload, request_id, deadline)
+    except APIError as exc:
+        exc.headers = {**admission_headers, **exc.headers}
+        record.fail(exc)
+        raise
+    except BaseException as exc:
+        record.fail(exc)
+        raise
     record.replica = upstream.replica.id
     headers = {**served_headers(request_id, served.version, upstream.replica.id), **admission_headers}
     if upstream.status_code != 200:
-        content = await upstream.read()
-        await upstream.aclose()
-        if upstream.status_code >= 500:
-            failure = engine_failure(upstream, content)
-            failure.headers = headers
-            record.finish(failure.status_code)
-            return failure.response()
-        record.finish(upstream.status_code)
-        return Response(content, status_code=upstream.status_code, media_type="application/json", headers=headers)
+        return await _engine_refusal(upstream, record, headers)
 
     summary = {"model": served.model_name, "version": served.version, "replica": upstream.replica.id,
                "request_id": request_id}
@@ -93,11 +93,20 @@ async def generate(model_name: str, request: Request) -> Response:
         async for _ in _consume(upstream, record, outcome):
             pass
     except UpstreamBroken as exc:
-        record.error = str(exc)
-        record.finish(502)
-        raise UpstreamFailed(
-            f"replica {upstream.replica.id} failed while generating ({exc}); retry the request"
-        ) from exc
+        error: APIError
+        if isinstance(exc, UpstreamTimedOut):
+            error = RequestTimedOut(str(exc), headers=headers)
+        elif isinstance(exc, UpstreamStalled):
+            error = RequestTimedOut(stream_failure_message(upstream, exc, len(outcome.text)), headers=headers,
+                                    code=exc.code)
+        else:
+            error = UpstreamFailed(f"replica {upstream.replica.id} failed while generating ({exc}); "
+                                   "retry the request", headers=headers, code=exc.code)
+        record.fail(error)
+        return error.response()
+    except BaseException as exc:
+        record.fail(exc)
+        raise
     finally:
         await upstream.aclose()
     record.finish(200)
@@ -106,6 +115,44 @@ async def generate(model_name: str, request: Request) -> Response:
          "usage": outcome.usage},
         headers=headers,
     )
+
+
+def _engine_request(parsed: GenerateRequest, served: ServedVersion) -> tuple[str, dict[str, Any]]:
+    """The engine path and body: one chat user turn, or a plain completion with ``params.raw``."""
+    sampling = parsed.params.model_dump(exclude_unset=True, exclude={"version", "raw"})
+    payload: dict[str, Any] = {
+        "model": served.versioned_name,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **sampling,
+    }
+    if parsed.max_tokens is not None:  # else the engine's default for this version
+        payload["max_tokens"] = parsed.max_tokens
+    if parsed.user:
+        payload["user"] = parsed.user
+    if parsed.params.raw:
+        payload["prompt"] = parsed.prompt
+        return "/v1/completions", payload
+    payload["messages"] = [{"role": "user", "content": parsed.prompt}]
+    return "/v1/chat/completions", payload
+
+
+async def _engine_refusal(upstream: Upstream, record: RequestRecord, headers: dict[str, str]) -> Response:
+    """An engine's error status, relayed (4xx) or turned into the router's 502 (5xx)."""
+    try:
+        content = await upstream.read()
+    except UpstreamBroken as exc:
+        content = str(exc).encode()
+    finally:
+        await upstream.aclose()
+    if upstream.status_code >= 500:
+        failure = engine_failure(upstream, content)
+        failure.headers = headers
+        record.fail(failure)
+        return failure.response()
+    record.failed(engine_error_code(content), content[:300].decode(errors="replace"))
+    record.finish(upstream.status_code)
+    return Response(content, status_code=upstream.status_code, media_type="application/json", headers=headers)
 
 
 async def _consume(upstream: Upstream, record: RequestRecord, outcome: _Outcome) -> AsyncIterator[str]:
@@ -139,18 +186,13 @@ async def _stream(upstream: Upstream, record: RequestRecord, summary: dict[str, 
             json.dumps({**summary, "finish_reason": outcome.finish_reason, "usage": outcome.usage}), event="done"
         )
     except UpstreamBroken as exc:
-        status = 502
-        record.error = str(exc)
-        yield sse_bytes(
-            error_event(
-                f"replica {upstream.replica.id} failed mid-stream after {len(outcome.text)} tokens "
-                f"({exc}); the output is incomplete, retry the request",
-                "replica_failed",
-            ),
-            event="error",
-        )
+        status = 504 if isinstance(exc, (UpstreamTimedOut, UpstreamStalled)) else 502
+        message = stream_failure_message(upstream, exc, len(outcome.text))
+        record.failed(exc.code, message)
+        yield sse_bytes(error_event(message, exc.code, "timeout" if status == 504 else "server_error"), event="error")
     except BaseException:
         status = 499
+        record.failed("client_disconnected", "the client went away")
         raise
     finally:
         await upstream.aclose()

@@ -56,8 +56,11 @@ class RouterMetrics:
     def __init__(self, catalog: Catalog) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model", "version"]
-        self.requests = Counter("llmserve_requests", "Inference requests answered",
+        self.requests = Counter("llmserve_requests", "Inference requests answered, the router's own refusals "
+                                "included (model and version empty when the request named none that is served)",
                                 ["model", "version", "route", "status"], registry=self.registry)
+        self.http_responses = Counter("llmserve_http_responses", "Every HTTP response, by route template",
+                                      ["method", "route", "status"], registry=self.registry)
         self.in_flight = Gauge("llmserve_requests_in_flight", "Inference requests being served",
                                labels, registry=self.registry)
         self.ttft = Histogram("llmserve_time_to_first_token_seconds", "Time to first token, as the router sees it",
@@ -85,6 +88,9 @@ class RouterMetrics:
 
     def batch_observer(self, model: str, version: str) -> _BatchMetrics:
         return _BatchMetrics(self, model, version)
+
+    def http_response(self, method: str, route: str, status: int) -> None:
+        self.http_responses.labels(method, route, str(status)).inc()
 
     def started(self, model: str, version: str) -> None:
         self.in_flight.labels(model, version).inc()

@@ -12,16 +12,28 @@ from sse_starlette import EventSourceResponse
 from router.admission import admit_request
 from router.catalog import Catalog
 from router.context import RequestRecord, served_headers, user_key
-from router.errors import UpstreamFailed
+from router.errors import APIError, RequestTimedOut, UpstreamFailed
 from router.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     check_output_limit,
+    drop_tools,
     parse_json_object,
     read_body,
     validate,
 )
-from router.relay import Upstream, UpstreamBroken, engine_failure, error_event, sse_bytes, sse_data
+from router.relay import (
+    Upstream,
+    UpstreamBroken,
+    UpstreamStalled,
+    UpstreamTimedOut,
+    engine_error_code,
+    engine_failure,
+    error_event,
+    sse_bytes,
+    sse_data,
+    stream_failure_message,
+)
 from router.state import RouterState
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -31,14 +43,21 @@ VERSION_HEADER = "x-model-version"
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    catalog: Catalog = request.app.state.router.catalog
-    created = int(request.app.state.router.started_at)
+    """Each generative model once, with what its default version does when a request leaves things out;
+    ``name:version`` aliases too when ``list_version_aliases`` is on (pinning works either way)."""
+    state: RouterState = request.app.state.router
+    catalog: Catalog = state.catalog
+    created = int(state.started_at)
     data: list[dict[str, Any]] = []
     for model in catalog.models():
         if model.is_predict:
             continue  # traditional models are not OpenAI models; GET /v2/models/{name} describes them
+        default = model.versions.get(model.default_version or "")
         data.append({"id": model.name, "object": "model", "created": created, "owned_by": "llmserve",
-                     "default_version": model.default_version})
+                     "default_version": model.default_version,
+                     **(default.generation.describe(default.max_model_len) if default else {})})
+        if not state.settings.list_version_aliases:
+            continue
         for served in model.versions.values():
             data.append({
                 "id": served.versioned_name,
@@ -50,6 +69,7 @@ async def list_models(request: Request) -> dict[str, Any]:
                 "max_model_len": served.max_model_len,
                 "ready_replicas": len(served.ready_replicas),
                 "traffic_percent": model.split.get(served.version, 0),
+                **served.generation.describe(served.max_model_len),
             })
     return {"object": "list", "data": data}
 
@@ -69,22 +89,36 @@ async def _relay_openai(
 ) -> Response:
     state: RouterState = request.app.state.router
     request_id: str = request.state.request_id
+    deadline = state.relay.deadline()
     record = RequestRecord(request_id, path, sink=state.log_sink, metrics=state.metrics, samples=state.samples)
-    body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
-    payload = parse_json_object(body)
-    parsed = validate(schema, payload)
-    pinned = request.headers.get(VERSION_HEADER) or None
-    user = record.user = user_key(request.headers, parsed.user)
-    served = state.catalog.resolve(parsed.model, pinned, user)
-    served, admission_headers = await admit_request(state.admission, request.headers, served, user)
-    check_output_limit(
-        parsed.output_limit(),
-        served.max_model_len,
-        "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) else "max_tokens",
-    )
-    payload["model"] = served.versioned_name
-    record.begin(served.model_name, served.version, parsed.stream)
-    upstream = await state.relay.open(served, path, payload, request_id)
+    admission_headers: dict[str, str] = {}
+    try:
+        body = await read_body(request.stream(), request.headers.get("content-length"),
+                               state.settings.max_body_bytes)
+        payload = parse_json_object(body)
+        parsed = validate(schema, payload)
+        pinned = request.headers.get(VERSION_HEADER) or None
+        user = record.user = user_key(request.headers, parsed.user)
+        served = state.catalog.resolve(parsed.model, pinned, user)
+        record.resolved(served.model_name, served.version)
+        served, admission_headers = await admit_request(state.admission, request.headers, served, user)
+        check_output_limit(
+            parsed.output_limit(), served,
+            "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) else "max_tokens",
+        )
+        dropped = 0 if served.generation.can_call_tools else drop_tools(payload)
+        if dropped:
+            admission_headers = {**admission_headers, "x-tools-dropped": str(dropped)}
+        payload["model"] = served.versioned_name
+        record.begin(served.model_name, served.version, parsed.stream)
+        upstream = await state.relay.open(served, path, payload, request_id, deadline, stream=parsed.stream)
+    except APIError as exc:
+        exc.headers = {**admission_headers, **exc.headers}
+        record.fail(exc)
+        raise
+    except BaseException as exc:
+        record.fail(exc)
+        raise
     record.replica = upstream.replica.id
     headers = {**served_headers(request_id, served.version, upstream.replica.id), **admission_headers}
     if upstream.status_code != 200 or not parsed.stream:
@@ -100,19 +134,25 @@ async def _relay_openai(
 async def _buffered(upstream: Upstream, record: RequestRecord, headers: dict[str, str]) -> Response:
     try:
         content = await upstream.read()
+    except UpstreamTimedOut as exc:
+        error: APIError = RequestTimedOut(str(exc), headers=headers)
+        record.fail(error)
+        return error.response()
     except UpstreamBroken as exc:
-        record.error = str(exc)
-        record.finish(502)
         message = f"replica {upstream.replica.id} failed while answering ({exc}); retry the request"
-        return UpstreamFailed(message, headers=headers).response()
+        error = UpstreamFailed(message, headers=headers)
+        record.fail(error)
+        return error.response()
     finally:
         await upstream.aclose()
     if upstream.status_code >= 500:
         failure = engine_failure(upstream, content)
         failure.headers = headers
-        record.finish(failure.status_code)
+        record.fail(failure)
         return failure.response()
     record.note_usage(content)
+    if upstream.status_code != 200:
+        record.failed(engine_error_code(content), content[:300].decode(errors="replace"))
     record.finish(upstream.status_code)
     return Response(content, status_code=upstream.status_code, media_type="application/json", headers=headers)
 
@@ -125,22 +165,17 @@ async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncItera
             record.note_usage(data)
             yield sse_bytes(data)
     except UpstreamBroken as exc:
-        # The replica died or stalled mid-stream: tell the client in-band (the
-        # status line is long gone) and end the stream, never leave it hanging.
-        status = 502
-        record.error = str(exc)
-        yield sse_bytes(
-            error_event(
-                f"replica {upstream.replica.id} failed mid-stream after {record.chunks} chunks "
-                f"({exc}); the output is incomplete, retry the request",
-                "replica_failed",
-            )
-        )
+        # The replica died, stalled or ran past the budget mid-stream: tell the client in-band
+        # (the status line is long gone) and end the stream, never leave it hanging.
+        status = 504 if isinstance(exc, (UpstreamTimedOut, UpstreamStalled)) else 502
+        message = stream_failure_message(upstream, exc, record.chunks)
+        record.failed(exc.code, message)
+        yield sse_bytes(error_event(message, exc.code, "timeout" if status == 504 else "server_error"))
         yield sse_bytes(b"[DONE]")
     except BaseException:
         status = 499  # client went away: closing the upstream below aborts the engine request
+        record.failed("client_disconnected", "the client went away")
         raise
     finally:
         await upstream.aclose()
         record.finish(status)
-

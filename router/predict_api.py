@@ -10,7 +10,6 @@ Priority: ``X-Priority: critical|standard|batch``; deadline: ``X-Deadline-Ms``.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import numpy as np
@@ -126,12 +125,6 @@ def _record(state: RouterState, request: Request, route: str) -> RequestRecord:
                          samples=state.samples)
 
 
-def _finish_on_error(record: RequestRecord, exc: BaseException) -> None:
-    status = exc.status_code if isinstance(exc, APIError) else 499 if isinstance(exc, asyncio.CancelledError) else 500
-    record.error = str(exc)[:200] if status >= 500 else None
-    record.finish(status)
-
-
 # -- the design's API ---------------------------------------------------------------
 
 
@@ -171,6 +164,7 @@ async def predict(model_name: str, request: Request) -> Response:
             request.headers.get("x-model-version")
         record.user = user_key(request.headers, body.get("user") if isinstance(body.get("user"), str) else None)
         served = state.catalog.resolve(model_name, version, record.user, predict=True)
+        record.resolved(served.model_name, served.version)
         manifest = _predictor(served).manifest
         try:
             inputs = decode_npy(raw, manifest) if npy else decode_rows(body, manifest, may_hold_booleans(raw))
@@ -179,7 +173,7 @@ async def predict(model_name: str, request: Request) -> Response:
         served, outputs, extra = await _run(state, served, inputs, _priority(request, state),
                                             _deadline_ms(request, params), record, record.user)
     except BaseException as exc:
-        _finish_on_error(record, exc)
+        record.fail(exc)
         raise
     headers = {**served_headers(record.request_id, served.version, "router"), **extra}
     record.finish(200)
@@ -258,6 +252,7 @@ async def v2_infer(model_name: str, request: Request, version: str | None = None
         raw = await _body(request, state)
         record.user = user_key(request.headers, None)
         served = _v2_served(state, model_name, version, request)
+        record.resolved(served.model_name, served.version)
         header_length = request.headers.get("inference-header-content-length")
         try:
             length = int(header_length) if header_length is not None else None
@@ -273,10 +268,10 @@ async def v2_infer(model_name: str, request: Request, version: str | None = None
         if missing:
             raise InvalidRequest(f"unknown outputs {missing}; this model gives {sorted(outputs)}", param="outputs")
     except APIError as exc:
-        _finish_on_error(record, exc)
+        record.fail(exc)
         return _v2_error(exc)
     except BaseException as exc:
-        _finish_on_error(record, exc)
+        record.fail(exc)
         raise
     body, headers = encode_v2(served.model_name, served.version, parsed.id, outputs, parsed.outputs,
                               parsed.binary_outputs)

@@ -9,11 +9,14 @@ is for OpenAI.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from router.errors import InvalidRequest, PayloadTooLarge, validation_error
+
+if TYPE_CHECKING:
+    from router.catalog import ServedVersion
 
 _STRICT_PASSTHROUGH = ConfigDict(extra="allow", strict=True)
 
@@ -82,7 +85,7 @@ class GenerateParams(BaseModel):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str = Field(min_length=1)
-    max_tokens: int = Field(128, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="Output tokens; unset: the version's default.")
     stream: bool = False
     user: str | None = Field(None, max_length=256)
     params: GenerateParams = Field(default_factory=GenerateParams)
@@ -110,14 +113,40 @@ def validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise validation_error(exc) from None
 
 
-def check_output_limit(requested: int | None, max_model_len: int, param: str = "max_tokens") -> None:
-    if requested is not None and requested >= max_model_len:
+def check_output_limit(requested: int | None, served: ServedVersion, param: str = "max_tokens") -> None:
+    """A request may ask for at most its version's output limit; none asked: the version's default."""
+    if requested is None:
+        return
+    if requested >= served.max_model_len:
         raise InvalidRequest(
-            f"{param}={requested} is too large: this model's context is {max_model_len} tokens, "
-            f"shared by the prompt and the output; ask for fewer than {max_model_len}",
+            f"{param}={requested} is too large: this model's context is {served.max_model_len} tokens, "
+            f"shared by the prompt and the output; ask for fewer than {served.max_model_len}",
             param=param,
             code="context_length_exceeded",
         )
+    limit = served.output_limit
+    if requested > limit:
+        raise InvalidRequest(
+            f"{param}={requested} is too large: {served.versioned_name} gives at most {limit} output tokens "
+            f"a request (its max_tokens_limit); ask for at most {limit}, or leave {param} out for the default "
+            f"of {served.generation.max_tokens}",
+            param=param,
+            code="max_tokens_too_large",
+        )
+
+
+_TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
+
+
+def drop_tools(payload: dict[str, Any]) -> int:
+    """Take tool definitions out of a chat request for a model that cannot call tools; returns
+    how many were dropped. The request is still useful without them: the model answers in text."""
+    tools = payload.get("tools")
+    functions = payload.get("functions")
+    dropped = (len(tools) if isinstance(tools, list) else 0) + (len(functions) if isinstance(functions, list) else 0)
+    for name in _TOOL_FIELDS:
+        payload.pop(name, None)
+    return dropped
 
 
 async def read_body(receive_stream: Any, content_length: str | None, limit: int) -> bytes:

@@ -1,11 +1,18 @@
 """Sending a request to an engine replica and relaying its answer.
 
 ``Relay.open`` picks a replica, sends the request and returns once the
-replica's status line has arrived. A replica that refuses the connection or
-fails before sending anything is ejected and the request goes to another
-ready replica (nothing has reached the client yet, so a retry is safe).
+replica's status line has arrived. A replica that fails before sending
+anything is skipped and the request goes to another ready replica (nothing
+has reached the client yet, so a retry is safe); only a refused connection
+ejects it, because that is evidence the engine is down. A timeout never
+ejects: a long generation says nothing about the replica's health.
 After that, bytes flow through unchanged: ``sse_data`` cuts the engine's SSE
 stream into events as they arrive, never waiting for more than one event.
+
+Every request has a time budget (a deadline on the event loop's clock). Past
+it the upstream connection is closed, which is how vLLM learns to abort the
+request, and the caller gets ``RequestTimedOut`` (before any output) or
+``UpstreamTimedOut`` (from ``read`` or mid-stream).
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from llmserve.replica import Replica
 from llmserve.settings import RouterSettings
 from router.balancer import LeastOutstanding
 from router.catalog import ServedVersion
-from router.errors import NoReplicaReady, UpstreamFailed
+from router.context import served_headers
+from router.errors import NoReplicaReady, RequestTimedOut, UpstreamFailed
 
 logger = logging.getLogger(__name__)
 
@@ -34,33 +42,90 @@ _DATA_PREFIX = b"data: "
 class UpstreamBroken(Exception):
     """The replica's response ended abnormally (connection lost, stalled past the idle timeout)."""
 
+    code = "replica_failed"
+
+
+class UpstreamStalled(UpstreamBroken):
+    """No bytes from the replica for longer than the socket read timeout."""
+
+    def __init__(self, first_chunk: bool, timeout_s: float) -> None:
+        what = "sent no first token" if first_chunk else "went silent mid-stream"
+        super().__init__(f"the replica {what} for {timeout_s:g}s")
+        self.code = "first_token_timeout" if first_chunk else "stream_stalled"
+
+
+class UpstreamTimedOut(UpstreamBroken):
+    """The request's time budget ran out while the replica was answering; the request was aborted."""
+
+    code = "request_timeout"
+
+    def __init__(self, budget_s: float) -> None:
+        super().__init__(budget_message(budget_s))
+
+
+def budget_message(budget_s: float) -> str:
+    return (f"the answer did not finish within the request's time budget of {budget_s:g}s "
+            "(LLMSERVE_ROUTER__REQUEST_TIMEOUT_S) and the engine request was aborted; ask for fewer tokens "
+            "(max_tokens) or stream the answer")
+
 
 @dataclass(eq=False)
 class Upstream:
-    """An open response from one replica; ``aclose`` must be called exactly once."""
+    """An open response from one replica; ``aclose`` must be called exactly once.
+
+    A timer closes the response when the request's budget runs out (one timer a
+    request, nothing per chunk); reads then raise ``UpstreamTimedOut``.
+    """
 
     replica: Replica
     served: ServedVersion
     response: aiohttp.ClientResponse
+    budget_s: float = 0.0
+    deadline: float | None = None
+    stall_timeout_s: float = 0.0
+    timed_out: bool = False
     _closed: bool = field(default=False, repr=False)
+    _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    _seen_bytes: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(self.deadline, self._expire)
+
+    def _expire(self) -> None:
+        self.timed_out = True
+        self.response.close()
 
     @property
     def status_code(self) -> int:
         return self.response.status
 
+    def _failure(self, exc: BaseException) -> UpstreamBroken:
+        if self.timed_out:
+            return UpstreamTimedOut(self.budget_s)
+        if isinstance(exc, asyncio.TimeoutError):
+            return UpstreamStalled(not self._seen_bytes, self.stall_timeout_s)
+        return UpstreamBroken(type(exc).__name__)
+
     async def read(self) -> bytes:
         try:
-            return await self.response.read()
+            content = await self.response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise UpstreamBroken(type(exc).__name__) from exc
+            raise self._failure(exc) from exc
+        if self.timed_out:
+            raise UpstreamTimedOut(self.budget_s)
+        return content
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; raises UpstreamBroken if the replica fails mid-way."""
         try:
             async for chunk in self.response.content.iter_any():
+                self._seen_bytes = True
                 yield chunk
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise UpstreamBroken(type(exc).__name__) from exc
+            raise self._failure(exc) from exc
+        if self.timed_out:  # closing may end the body as a clean EOF
+            raise UpstreamTimedOut(self.budget_s)
 
     async def aclose(self) -> None:
         """Release the replica. An unfinished stream's connection is closed, not
@@ -68,6 +133,8 @@ class Upstream:
         if self._closed:
             return
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         self.replica.outstanding -= 1
         if self.response.content.is_eof():
             self.response.release()
@@ -92,15 +159,17 @@ class Relay:
         self._settings = settings
         self._balancer = balancer or LeastOutstanding()
         self._on_replica_failure = on_replica_failure
+        # A stream stalls when no bytes come for the read timeout; a buffered answer comes all at
+        # the end (vLLM sends nothing before), so only the request's budget bounds it.
+        self._stall_timeout_s = max(settings.first_token_timeout_s, settings.idle_stream_timeout_s)
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout_s, sock_read=self._stall_timeout_s)
+        self._buffered_timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=0, limit_per_host=settings.max_connections_per_replica, keepalive_timeout=30
             ),
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=settings.connect_timeout_s,
-                sock_read=max(settings.first_token_timeout_s, settings.idle_stream_timeout_s),
-            ),
+            timeout=self._stream_timeout,
             auto_decompress=False,
             trust_env=False,
         )
@@ -108,10 +177,22 @@ class Relay:
     async def aclose(self) -> None:
         await self._session.close()
 
-    async def open(self, served: ServedVersion, path: str, payload: dict[str, Any], request_id: str) -> Upstream:
+    def deadline(self, started: float | None = None) -> float:
+        """The event-loop time at which a request that arrived at ``started`` (default: now) runs out."""
+        loop = asyncio.get_running_loop()
+        return (loop.time() if started is None else started) + self._settings.request_timeout_s
+
+    async def open(
+        self, served: ServedVersion, path: str, payload: dict[str, Any], request_id: str, deadline: float,
+        stream: bool = True,
+    ) -> Upstream:
+        """Send the request to a replica of ``served``; the answer must be complete by ``deadline``."""
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = {"content-type": "application/json", "x-request-id": request_id}
+        timeout = self._stream_timeout if stream else self._buffered_timeout
+        budget_s = self._settings.request_timeout_s
         tried: set[Replica] = set()
+        refused = 0
         last_error = ""
         for _attempt in range(1 + self._settings.retry_before_first_token):
             replica = self._balancer.pick(served.replicas, exclude=tried)
@@ -120,23 +201,45 @@ class Relay:
             tried.add(replica)
             replica.outstanding += 1
             try:
-                response = await self._session.post(replica.base_url + path, data=body, headers=headers)
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                # Refused, reset or closed before a status line: nothing was
-                # processed that the client saw, so another replica may take it.
+                async with asyncio.timeout_at(deadline):
+                    response = await self._session.post(replica.base_url + path, data=body, headers=headers,
+                                                        timeout=timeout)
+            except aiohttp.ClientConnectorError as exc:
+                # Refused or unreachable: the engine is down, so it leaves the rotation until a
+                # health check passes, and another replica may take the request (nothing was processed).
                 replica.outstanding -= 1
                 last_error = f"{type(exc).__name__}: {exc}"
-                logger.warning(
-                    "request %s: replica %s failed before answering (%s)", request_id, replica.id, last_error
-                )
+                logger.warning("request %s: replica %s refused the connection (%s); ejected",
+                               request_id, replica.id, last_error)
                 self._on_replica_failure(replica, last_error)
+                refused += 1
+                continue
+            except aiohttp.ConnectionTimeoutError as exc:
+                replica.outstanding -= 1
+                last_error = f"{type(exc).__name__}: no connection within {self._settings.connect_timeout_s:g}s"
+                logger.warning("request %s: replica %s: %s; trying another", request_id, replica.id, last_error)
                 continue
             except asyncio.TimeoutError as exc:
+                # The budget ran out, or (a stream) no status line within the read timeout. Either
+                # way the replica may be healthy and busy: it stays, and the request is aborted.
                 replica.outstanding -= 1
-                raise UpstreamFailed(
-                    f"replica {replica.id} did not answer within {self._settings.first_token_timeout_s:.0f}s",
-                    code="replica_timeout",
+                reply = served_headers(request_id, served.version, replica.id)
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise RequestTimedOut(f"{served.versioned_name}: {budget_message(budget_s)}",
+                                          headers=reply) from exc
+                raise RequestTimedOut(
+                    f"replica {replica.id} did not start answering within {self._stall_timeout_s:g}s "
+                    "(LLMSERVE_ROUTER__FIRST_TOKEN_TIMEOUT_S); the request was aborted, retry it",
+                    code="first_token_timeout", headers={**reply, "Retry-After": str(self._settings.retry_after_s)},
                 ) from exc
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                # Reset or closed before a status line (a stale pooled connection, an engine going
+                # down): not proof of ill health, which the health checks judge; another replica may try.
+                replica.outstanding -= 1
+                last_error = f"{type(exc).__name__}: {exc}"
+                logger.warning("request %s: replica %s failed before answering (%s); trying another",
+                               request_id, replica.id, last_error)
+                continue
             except BaseException:
                 replica.outstanding -= 1
                 raise
@@ -148,16 +251,18 @@ class Relay:
                 last_error = f"status {response.status}: {text}"
                 logger.warning("request %s: replica %s answered %s; trying another", request_id, replica.id, last_error)
                 continue
-            return Upstream(replica=replica, served=served, response=response)
+            return Upstream(replica=replica, served=served, response=response, budget_s=budget_s,
+                            deadline=deadline, stall_timeout_s=self._stall_timeout_s)
         if not tried:
             raise NoReplicaReady(served.model_name, served.version, self._settings.retry_after_s)
-        # Every replica tried refused the connection: they are ejected now and
-        # the request was never processed, so this is "unavailable, retry".
+        # Every replica tried failed before answering and the request was
+        # never processed, so this is "unavailable, retry".
+        what = "refused the connection and were ejected" if refused == len(tried) else "could not take the request"
         raise NoReplicaReady(
             served.model_name,
             served.version,
             self._settings.retry_after_s,
-            detail=f"{len(tried)} replica(s) refused the connection and were ejected: {last_error}",
+            detail=f"{len(tried)} replica(s) {what}: {last_error}",
         )
 
 
@@ -184,6 +289,26 @@ def engine_failure(upstream: Upstream, content: bytes) -> UpstreamFailed:
         detail = content[:200].decode(errors="replace")
     return UpstreamFailed(f"replica {upstream.replica.id} failed ({upstream.status_code}: {detail}); "
                           "retry the request")
+
+
+def engine_error_code(content: bytes) -> str:
+    """The reason to record for an engine's 4xx: its error type (vLLM: ``BadRequestError``, ...)."""
+    try:
+        kind = json.loads(content)["error"]["type"]
+    except (ValueError, KeyError, TypeError):
+        return "engine_error"
+    return f"engine_{kind}" if isinstance(kind, str) and kind else "engine_error"
+
+
+def stream_failure_message(upstream: Upstream, exc: UpstreamBroken, chunks: int) -> str:
+    """What the in-band error event of a stream that ended abnormally tells the client."""
+    if isinstance(exc, UpstreamTimedOut):
+        return f"{exc}; the output is incomplete ({chunks} chunks sent)"
+    if isinstance(exc, UpstreamStalled):
+        return (f"replica {upstream.replica.id}: {exc} (LLMSERVE_ROUTER__FIRST_TOKEN_TIMEOUT_S and "
+                "__IDLE_STREAM_TIMEOUT_S); the request was aborted and the output is incomplete, retry it")
+    return (f"replica {upstream.replica.id} failed mid-stream after {chunks} chunks ({exc}); "
+            "the output is incomplete, retry the request")
 
 
 def error_event(message: str, code: str, error_type: str = "server_error") -> str:

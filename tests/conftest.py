@@ -12,12 +12,13 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from llmserve.generation import GenerationDefaults
 from llmserve.settings import EngineSettings, RouterSettings
 from llmserve.stack import Deployment, LocalStack, ProgramFactory
 from loadtest.inprocess import serve_router
@@ -55,6 +56,7 @@ class ScriptProgram:
     code: str
     model_name: str = "demo"
     version: str = "v1"
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     @property
     def versioned_name(self) -> str:

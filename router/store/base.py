@@ -104,6 +104,8 @@ class InferenceLog:
     output_tokens: int | None
     status_code: int
     timestamp: float = field(default_factory=time.time)
+    route: str = ""  # the API that answered: /v1/chat/completions, generate, predict, ...
+    reason: str | None = None  # why it was not a success: the error code (model_not_found, overloaded, ...)
 
     @property
     def day(self) -> str:

@@ -62,6 +62,9 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 _LOG_TABLE = re.compile(r"^inference_logs_(\d{8})$")
+_LOG_COLUMNS = {"request_id": "TEXT", "model_name": "TEXT", "version": "TEXT", "replica": "TEXT",
+                "user_bucket": "INTEGER", "ttft_ms": "REAL", "latency_ms": "REAL", "output_tokens": "INTEGER",
+                "status_code": "INTEGER", "timestamp": "REAL", "route": "TEXT", "reason": "TEXT"}
 _DAY = re.compile(r"^\d{8}$")
 
 
@@ -77,6 +80,7 @@ class SQLiteStore:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._migrate()
         self._listeners: list[asyncio.Queue[str]] = []
+        self._log_tables: set[str] = set()  # day tables known to have every column
 
     # -- plumbing -------------------------------------------------------------
 
@@ -264,15 +268,10 @@ class SQLiteStore:
         def insert(db: sqlite3.Connection) -> None:
             for day, rows in by_day.items():
                 table = f"inference_logs_{day}"
-                db.execute(
-                    f"CREATE TABLE IF NOT EXISTS {table} (request_id TEXT, model_name TEXT, version TEXT, "
-                    "replica TEXT, user_bucket INTEGER, ttft_ms REAL, latency_ms REAL, output_tokens INTEGER, "
-                    "status_code INTEGER, timestamp REAL)"
-                )
+                self._ensure_log_table(db, table)
                 db.executemany(
-                    f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(r.request_id, r.model_name, r.version, r.replica, r.user_bucket, r.ttft_ms, r.latency_ms,
-                      r.output_tokens, r.status_code, r.timestamp) for r in rows],
+                    f"INSERT INTO {table} ({', '.join(_LOG_COLUMNS)}) VALUES ({', '.join('?' * len(_LOG_COLUMNS))})",
+                    [tuple(getattr(r, c) for c in _LOG_COLUMNS) for r in rows],
                 )
 
         if logs:
@@ -288,11 +287,24 @@ class SQLiteStore:
             if not exists:
                 return []
             if model_name is None:
-                return db.execute(f"SELECT * FROM {table} ORDER BY timestamp").fetchall()
-            return db.execute(f"SELECT * FROM {table} WHERE model_name = ? ORDER BY timestamp",
-                              (model_name,)).fetchall()
+                cursor = db.execute(f"SELECT * FROM {table} ORDER BY timestamp")
+            else:
+                cursor = db.execute(f"SELECT * FROM {table} WHERE model_name = ? ORDER BY timestamp", (model_name,))
+            names = [c[0] for c in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
-        return [InferenceLog(*row) for row in await self._run(query)]
+        return [InferenceLog(**row) for row in await self._run(query)]
+
+    def _ensure_log_table(self, db: sqlite3.Connection, table: str) -> None:
+        """Create a day's table; one written by an older llmserve gains the columns it lacks."""
+        if table in self._log_tables:
+            return
+        db.execute(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(f'{c} {t}' for c, t in _LOG_COLUMNS.items())})")
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})").fetchall()}
+        for column, kind in _LOG_COLUMNS.items():
+            if column not in present:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        self._log_tables.add(table)
 
     async def drop_inference_logs_before(self, day: str) -> list[str]:
         def drop(db: sqlite3.Connection) -> list[str]:
@@ -302,6 +314,7 @@ class SQLiteStore:
                 match = _LOG_TABLE.match(name)
                 if match and match.group(1) < day:
                     db.execute(f"DROP TABLE {name}")
+                    self._log_tables.discard(name)
                     dropped.append(match.group(1))
             return sorted(dropped)
 

@@ -1,0 +1,221 @@
+"""What a chat frontend does to the router, against simulated engines that behave as vLLM does.
+
+The four defects a frontend pointed at ``/v1`` found: its tools refused, a long
+non-streaming answer ejecting the only replica, answers without ``max_tokens``
+running to the end of the context, and the router's own refusals missing from
+metrics and logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from llmserve.generation import GenerationDefaults
+from llmserve.settings import AdmissionSettings, RouterSettings
+from llmserve.stack import Deployment
+from loadtest.sim import SimEngineProgram
+from router.store.sqlite import SQLiteStore
+from tests.conftest import ScriptProgram, free_port, run_router
+from tests.frontend_tools import frontend_tools
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def sim(itl_ms: float = 2, generation: GenerationDefaults | None = None, *extra: str) -> list[Deployment]:
+    program = SimEngineProgram("demo", "v1", ttft_ms=5, itl_ms=itl_ms, extra_args=tuple(extra),
+                               generation=generation or GenerationDefaults(max_tokens=16))
+    return [Deployment(program, 2048, 1)]
+
+
+def settings(**overrides: object) -> RouterSettings:
+    return RouterSettings(port=free_port(), retry_after_s=2, **overrides)  # type: ignore[arg-type]
+
+
+def client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+async def engine_counter(replica_url: str, name: str) -> float:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{replica_url}/metrics")).text
+    match = re.search(rf"^{name} ([0-9.]+)$", text, re.M)
+    assert match, text
+    return float(match.group(1))
+
+
+# -- 1. tools ---------------------------------------------------------------------
+
+
+async def test_a_chat_with_36_tools_gets_text_from_a_model_that_cannot_call_tools(tmp_path: Path) -> None:
+    # The simulated engine answers tools with vLLM's 400 unless it runs with a tool-call parser: without
+    # one the router must drop them, and the answer is text.
+    async with run_router(sim(), tmp_path) as router:
+        chat = await client(router.url).chat.completions.with_raw_response.create(
+            model="demo", messages=QUESTION, tools=frontend_tools())
+        assert chat.headers["x-tools-dropped"] == "36"
+        assert chat.parse().choices[0].message.content
+        stream = await client(router.url).chat.completions.create(
+            model="demo", messages=QUESTION, tools=frontend_tools(), stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert text
+
+
+async def test_tools_reach_a_version_with_a_tool_call_parser(tmp_path: Path) -> None:
+    tools = GenerationDefaults(max_tokens=16, tool_call_parser="hermes")
+    async with run_router(sim(generation=tools), tmp_path) as router:
+        plain = await client(router.url).chat.completions.with_raw_response.create(
+            model="demo", messages=QUESTION, tools=frontend_tools())
+        assert "x-tools-dropped" not in plain.headers and plain.parse().choices[0].message.content
+        forced = await client(router.url).chat.completions.create(
+            model="demo", messages=QUESTION, tools=frontend_tools(),
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        call = forced.choices[0].message.tool_calls
+        assert forced.choices[0].finish_reason == "tool_calls" and call and call[0].function.name == "get_weather"
+        models = (await client(router.url).models.list()).data
+        assert [m.model_extra["tool_calling"] for m in models] == [True]
+
+
+# -- 2. a slow answer ---------------------------------------------------------------
+
+
+async def test_a_non_streaming_answer_past_its_budget_is_504_and_the_replica_stays(tmp_path: Path) -> None:
+    # 300 tokens 20 ms apart: six seconds, against a one-second budget. Socket read timeouts as short
+    # as the budget: before the fix, the socket timeout took the "refused: eject" path.
+    short = settings(request_timeout_s=1.0, first_token_timeout_s=1.0, idle_stream_timeout_s=1.0)
+    async with run_router(sim(itl_ms=20), tmp_path, router_settings=short) as router, \
+            httpx.AsyncClient(timeout=30) as http:
+        replica = router.stack.supervisor.replicas[0]
+        started = time.perf_counter()
+        slow = await http.post(f"{router.url}/v1/chat/completions",
+                               json={"model": "demo", "messages": QUESTION, "max_tokens": 300})
+        assert slow.status_code == 504, slow.text
+        assert 0.9 < time.perf_counter() - started < 3
+        error = slow.json()["error"]
+        assert error["code"] == "request_timeout" and "max_tokens" in error["message"]
+        assert slow.headers["x-served-by"] == "demo:v1/0"
+        assert replica.state.value == "ready"
+        after = await http.post(f"{router.url}/v1/chat/completions",
+                                json={"model": "demo", "messages": QUESTION, "max_tokens": 3})
+        assert after.status_code == 200, after.text
+        deadline = time.monotonic() + 5  # the engine learns of the abort when the connection closes
+        while await engine_counter(replica.base_url, "sim_requests_aborted_total") < 1:
+            assert time.monotonic() < deadline, "the engine request was not aborted"
+            await asyncio.sleep(0.05)
+
+
+async def test_a_stream_past_its_budget_ends_with_a_timeout_event(tmp_path: Path) -> None:
+    async with run_router(sim(itl_ms=20), tmp_path, router_settings=settings(request_timeout_s=0.5)) as router:
+        stream = await client(router.url).chat.completions.create(
+            model="demo", messages=QUESTION, max_tokens=300, stream=True)
+        chunks = []
+        with pytest.raises(openai.APIError) as raised:
+            async for chunk in stream:
+                chunks.append(chunk)
+        assert len(chunks) > 3 and "time budget" in str(raised.value)
+        assert router.stack.supervisor.replicas[0].state.value == "ready"
+        generate = await httpx.AsyncClient(timeout=30).post(
+            f"{router.url}/api/v1/models/demo/generate", json={"prompt": "hi", "max_tokens": 300})
+        assert generate.status_code == 504 and generate.json()["error"]["code"] == "request_timeout"
+
+
+async def test_a_stream_with_no_first_token_in_time_ends_with_an_error_without_ejecting(tmp_path: Path) -> None:
+    hangs = sim(2, None, "--hang-rate", "1")
+    quick = settings(first_token_timeout_s=0.5, idle_stream_timeout_s=0.5)
+    async with run_router(hangs, tmp_path, router_settings=quick) as router, httpx.AsyncClient(timeout=30) as http:
+        replica = router.stack.supervisor.replicas[0]
+        body = {"model": "demo", "messages": QUESTION, "stream": True}
+        async with http.stream("POST", f"{router.url}/v1/chat/completions", json=body) as response:
+            data = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        error = json.loads(data[-2])["error"]
+        assert error["code"] == "first_token_timeout" and "retry" in error["message"]
+        assert replica.state.value == "ready"
+        deadline = time.monotonic() + 5
+        while await engine_counter(replica.base_url, "sim_requests_aborted_total") < 1:
+            assert time.monotonic() < deadline, "the engine request was not aborted"
+            await asyncio.sleep(0.05)
+
+
+# -- 3. max_tokens ------------------------------------------------------------------
+
+
+async def test_requests_without_max_tokens_end_at_the_versions_default(tmp_path: Path) -> None:
+    defaults = GenerationDefaults(max_tokens=7, max_tokens_limit=100)
+    async with run_router(sim(generation=defaults), tmp_path) as router, httpx.AsyncClient(timeout=30) as http:
+        chat = await client(router.url).chat.completions.create(model="demo", messages=QUESTION)
+        assert chat.usage.completion_tokens == 7 and chat.choices[0].finish_reason == "length"
+        generate = await http.post(f"{router.url}/api/v1/models/demo/generate", json={"prompt": "hi"})
+        assert generate.json()["usage"]["completion_tokens"] == 7
+        too_many = await http.post(f"{router.url}/v1/chat/completions",
+                                   json={"model": "demo", "messages": QUESTION, "max_tokens": 101})
+        assert too_many.status_code == 400
+        error = too_many.json()["error"]
+        assert error["code"] == "max_tokens_too_large" and error["param"] == "max_tokens"
+        assert "at most 100" in error["message"]
+        models = (await http.get(f"{router.url}/v1/models")).json()["data"]
+        assert [(m["id"], m["max_tokens_default"], m["max_tokens_limit"]) for m in models] == [("demo", 7, 100)]
+
+
+async def test_version_aliases_are_listed_only_when_asked(tmp_path: Path) -> None:
+    async with run_router(sim(), tmp_path, router_settings=settings(list_version_aliases=True)) as router:
+        ids = [m.id for m in (await client(router.url).models.list()).data]
+        assert ids == ["demo", "demo:v1"]
+        pinned = await client(router.url).chat.completions.create(model="demo:v1", messages=QUESTION, max_tokens=2)
+        assert pinned.model == "demo:v1"
+
+
+# -- 4. every response counted ------------------------------------------------------
+
+
+async def test_every_status_is_counted_logged_and_written_once(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="router")
+    store = SQLiteStore(tmp_path / "db")
+    never_ready = Deployment(ScriptProgram("import time; time.sleep(120)", model_name="cold"), 2048, 1)
+    config = settings(request_timeout_s=1.0, max_body_bytes=2048,
+                      admission=AdmissionSettings(max_outstanding_per_replica=1, queue_wait_s=0))
+    async with run_router([*sim(itl_ms=20), never_ready], tmp_path, router_settings=config, store=store,
+                          wait_ready=False) as router, httpx.AsyncClient(timeout=30) as http:
+        await router.stack.supervisor.wait_ready(router.stack.supervisor.replicas[0])
+        chat = f"{router.url}/v1/chat/completions"
+        body = {"model": "demo", "messages": QUESTION, "max_tokens": 2}
+        statuses = {
+            200: await http.post(chat, json=body),
+            400: await http.post(chat, content=b"{not json"),
+            404: await http.post(chat, json={**body, "model": "nope"}),
+            413: await http.post(chat, content=b"x" * 4096),
+            503: await http.post(chat, json={**body, "model": "cold"}),
+            504: await http.post(chat, json={**body, "max_tokens": 300}),
+        }
+        # one request in flight saturates demo (max 1 per replica): batch traffic is refused
+        holding = asyncio.create_task(http.post(chat, json={**body, "max_tokens": 40}))
+        await asyncio.sleep(0.3)
+        statuses[429] = await http.post(chat, json=body, headers={"x-priority": "batch"})
+        await holding
+        assert {code: r.status_code for code, r in statuses.items()} == {code: code for code in statuses}
+        ids = {code: r.headers["x-request-id"] for code, r in statuses.items()}
+        metrics = (await http.get(f"{router.url}/metrics")).text
+        await asyncio.sleep(0.8)  # the inference log writer flushes every 0.5 s
+        rows = {row.request_id: row for row in await store.inference_logs(time.strftime("%Y%m%d", time.gmtime()))}
+    for code in statuses:
+        counted = re.findall(rf'^llmserve_requests_total{{[^}}]*status="{code}"[^}}]*}} ([0-9.]+)$', metrics, re.M)
+        assert sum(float(c) for c in counted) == (2 if code == 200 else 1), (code, counted)
+        request_lines = [r for r in caplog.records if r.name == "router.requests" and ids[code] in r.getMessage()]
+        assert len(request_lines) == 1 and f"status={code}" in request_lines[0].getMessage(), code
+        access = [r for r in caplog.records if r.name == "router.access" and ids[code] in r.getMessage()]
+        assert len(access) == 1 and f" {code} " in access[0].getMessage(), (code, [a.getMessage() for a in access])
+    reasons = {code: (rows[ids[code]].status_code, rows[ids[code]].reason) for code in statuses}
+    assert reasons == {200: (200, None), 400: (400, "invalid_json"), 404: (404, "model_not_found"),
+                       413: (413, "payload_too_large"), 503: (503, "no_replica_ready"),
+                       504: (504, "request_timeout"), 429: (429, "overloaded")}
+    assert rows[ids[503]].model_name == "cold" and rows[ids[404]].model_name == ""
+    assert all(rows[ids[code]].route == "/v1/chat/completions" for code in statuses)
