@@ -55,6 +55,7 @@ async def list_models(request: Request) -> dict[str, Any]:
         default = model.versions.get(model.default_version or "")
         data.append({"id": model.name, "object": "model", "created": created, "owned_by": "llmserve",
                      "default_version": model.default_version,
+                     "versions": {v: model.split.get(v, 0) for v in model.versions},  # traffic percent each
                      **(default.generation.describe(default.max_model_len) if default else {})})
         if not state.settings.list_version_aliases:
             continue

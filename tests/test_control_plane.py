@@ -263,7 +263,7 @@ async def test_two_routers_on_one_redis_share_the_control_plane(tmp_path: Path) 
 
             async def b_share(version: str) -> int:
                 models = (await client.get(f"{b.url}/v1/models")).json()["data"]
-                return next((m["traffic_percent"] for m in models if m["id"] == f"{MODEL}:{version}"), -1)
+                return next((m["versions"].get(version, -1) for m in models if m["id"] == MODEL), -1)
 
             deadline = time.monotonic() + 10
             while await b_share("v2") != 10 and time.monotonic() < deadline:

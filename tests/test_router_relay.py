@@ -63,8 +63,8 @@ async def test_non_streaming_chat_and_completions(tmp_path: Path) -> None:
         assert completion.status_code == 200
         assert completion.json()["usage"]["completion_tokens"] == 3
         models = (await client.get(f"{router.url}/v1/models")).json()
-        ids = {m["id"] for m in models["data"]}
-        assert {"demo", "demo:v1"} <= ids
+        assert [m["id"] for m in models["data"]] == ["demo"]  # each model once: no version aliases by default
+        assert models["data"][0]["versions"] == {"v1": 100}
 
 
 async def test_generate_api_streams_text_and_a_final_summary(tmp_path: Path) -> None:
