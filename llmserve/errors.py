@@ -34,3 +34,7 @@ class ReplicaStartError(LLMServeError):
         self.log_path = log_path
         where = f" (log: {log_path})" if log_path else ""
         super().__init__(f"replica {replica_id} did not become ready: {reason}{where}")
+
+
+class EngineSettingsError(LLMServeError):
+    """A version's engine settings do not fit together (a default output length above its limit, say)."""

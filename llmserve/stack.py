@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmserve.errors import EngineSettingsError
 from llmserve.replica import Replica, ReplicaProgram
 from llmserve.settings import EngineSettings
 from llmserve.supervisor import Supervisor
@@ -72,7 +73,10 @@ class LocalStack:
         if self._program_factory is None:
             raise RuntimeError("this stack was built without a program factory; it cannot launch versions")
         engine = engine or {}
-        program = self._program_factory(model_name, version, model_dir, engine)
+        try:
+            program = self._program_factory(model_name, version, model_dir, engine)
+        except ValueError as exc:  # pydantic's ValidationError is one: the overrides do not fit the settings
+            raise EngineSettingsError(f"the engine settings of {model_name}:{version} do not fit: {exc}") from None
         self._programs[(model_name, version)] = program
         served = ServedVersion(model_name, version, int(engine.get("max_model_len", self._max_model_len)),
                                generation=program.generation)

@@ -235,14 +235,12 @@ class ControlPlane:
                 stable = max((v for v in split if split[v] > 0), key=split.get, default=None)
                 old = self._local.get((record.model_name, stable)) if stable else None
                 if old is not None:
-                    served = await self._launcher.launch(record.model_name, record.version,
-                                                         Path(record.model_dir), 0, record.engine)
+                    served = await self._launch(record, 0)
                     self._local[(record.model_name, record.version)] = served
                     self._catalog.add_version(served)
                     await self._roll(record, served, old, actor)
                     return
-            served = await self._launcher.launch(record.model_name, record.version, Path(record.model_dir),
-                                                 record.replicas, record.engine)
+            served = await self._launch(record, record.replicas)
             self._local[(record.model_name, record.version)] = served
             self._catalog.add_version(served)
             try:
@@ -261,6 +259,13 @@ class ControlPlane:
                 record.model_name, "deploy_failed", actor, {"version": record.version, "reason": str(exc)}))
         finally:
             self._owned_rollouts.discard(record.id)
+
+    async def _launch(self, record: DeploymentRecord, replicas: int) -> ServedVersion:
+        try:
+            return await self._launcher.launch(record.model_name, record.version, Path(record.model_dir),
+                                               replicas, record.engine)
+        except LLMServeError as exc:  # settings that do not fit: the version fails with the reason
+            raise _RolloutFailed(str(exc)) from None
 
     async def _activate(
         self, record: DeploymentRecord, served: ServedVersion, traffic_percent: int, actor: str,

@@ -6,8 +6,9 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from llmserve.settings import SamplingDefaults
 from router.canary import CanaryPolicy
 from router.control import ControlPlane
 from router.errors import APIError, InvalidRequest, ModelNotFound, VersionNotFound
@@ -53,6 +54,27 @@ class EngineOverrides(BaseModel):
     speculation: Literal["none", "ngram", "draft"] | None = None
     # float32 where outputs must be the same with and without speculation (bf16 verification can flip near-ties)
     dtype: Literal["bfloat16", "float32"] | None = None
+    # what the version does when a request leaves things out (llmserve.generation)
+    max_tokens_default: int | None = Field(None, ge=1)
+    max_tokens_limit: int | None = Field(None, ge=1)
+    sampling: dict[str, float | int] | None = Field(
+        None, description="temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty")
+    tool_call_parser: str | None = Field(None, pattern=r"^[a-z0-9_]+$", description="a vLLM parser, or none")
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> "EngineOverrides":
+        if self.max_tokens_default is not None and self.max_tokens_limit is not None \
+                and self.max_tokens_default > self.max_tokens_limit:
+            raise ValueError(f"max_tokens_default ({self.max_tokens_default}) is above max_tokens_limit "
+                             f"({self.max_tokens_limit})")
+        return self
+
+    @field_validator("sampling")
+    @classmethod
+    def _known_sampling(cls, value: dict[str, float | int] | None) -> dict[str, float | int] | None:
+        if value is not None:
+            SamplingDefaults.model_validate(value)  # the names and ranges the settings accept
+        return value
 
 
 class Strategy(BaseModel):

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import re
+import sqlite3
 import time
 from pathlib import Path
 
@@ -20,12 +21,17 @@ import openai
 import pytest
 
 from llmserve.generation import GenerationDefaults
-from llmserve.settings import AdmissionSettings, RouterSettings
+from llmserve.settings import AdmissionSettings, EngineSettings, RouterSettings
 from llmserve.stack import Deployment
+from loadtest.sampling_quality import OPEN_PROMPTS, QUESTIONS, measure, parse_setting, repeated_share
+from loadtest.sampling_quality import main as sampling_main
 from loadtest.sim import SimEngineProgram
+from router.protocol import drop_tools
+from router.store import InferenceLog
 from router.store.sqlite import SQLiteStore
 from tests.conftest import ScriptProgram, free_port, run_router
 from tests.frontend_tools import frontend_tools
+from tests.test_control_plane import MODEL, deploy, make_version, wait_status
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -219,3 +225,83 @@ async def test_every_status_is_counted_logged_and_written_once(tmp_path: Path,
                        504: (504, "request_timeout"), 429: (429, "overloaded")}
     assert rows[ids[503]].model_name == "cold" and rows[ids[404]].model_name == ""
     assert all(rows[ids[code]].route == "/v1/chat/completions" for code in statuses)
+
+
+# -- per-version generation settings through the control plane ------------------------
+
+
+def generation_factory(model_name: str, version: str, model_dir: Path, engine: dict) -> SimEngineProgram:
+    """As ``llmserve up`` builds an engine: the router's engine settings with the version's overrides."""
+    settings = EngineSettings().with_overrides(engine)
+    return SimEngineProgram(model_name, version, ttft_ms=5, itl_ms=2,
+                            generation=GenerationDefaults.from_settings(settings))
+
+
+async def test_a_deployment_sets_its_own_generation_defaults(tmp_path: Path) -> None:
+    async with run_router([], tmp_path, store=SQLiteStore(tmp_path / "db"), program_factory=generation_factory) \
+            as router, httpx.AsyncClient(timeout=30) as http:
+        for version in ("v1", "v2"):
+            make_version(tmp_path / "models", version)
+        assert (await http.post(f"{router.url}/api/v1/models", json={"model_name": MODEL})).status_code == 201
+        await deploy(http, router.url, "v1", 100, engine={"max_tokens_default": 9, "tool_call_parser": "none"})
+        answer = await http.post(f"{router.url}/v1/chat/completions",
+                                 json={"model": MODEL, "messages": QUESTION, "tools": frontend_tools()})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 9
+        assert answer.headers["x-tools-dropped"] == "36"
+        # overrides that do not fit the router's settings fail the deployment, with the reason
+        refused = await http.post(f"{router.url}/api/v1/deployments", json={
+            "model_name": MODEL, "version": "v2", "engine": {"max_tokens_default": 4000}})
+        assert refused.status_code == 202
+        state = await wait_status(http, router.url, "v2", "failed")
+        failed = next(v for v in state["versions"] if v["version"] == "v2")
+        assert "max_tokens_default" in failed["reason"]
+        contradictory = await http.post(f"{router.url}/api/v1/deployments", json={
+            "model_name": MODEL, "version": "v2", "engine": {"max_tokens_default": 90, "max_tokens_limit": 80}})
+        assert contradictory.status_code == 400 and "max_tokens_limit" in contradictory.json()["error"]["message"]
+
+
+# -- the pieces -----------------------------------------------------------------------
+
+
+def test_drop_tools_takes_out_every_tool_field() -> None:
+    payload = {"model": "m", "messages": QUESTION, "tools": frontend_tools(), "tool_choice": "auto",
+               "parallel_tool_calls": True, "functions": [{"name": "f"}], "function_call": "auto"}
+    assert drop_tools(payload) == 37
+    assert payload == {"model": "m", "messages": QUESTION}
+    assert drop_tools({"model": "m"}) == 0
+
+
+async def test_inference_log_tables_of_an_older_version_gain_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    old = sqlite3.connect(path)
+    day = time.strftime("%Y%m%d", time.gmtime())
+    old.execute(f"CREATE TABLE inference_logs_{day} (request_id TEXT, model_name TEXT, version TEXT, replica TEXT, "
+                "user_bucket INTEGER, ttft_ms REAL, latency_ms REAL, output_tokens INTEGER, status_code INTEGER, "
+                "timestamp REAL)")
+    old.execute(f"INSERT INTO inference_logs_{day} VALUES ('old', 'm', 'v1', 'm:v1/0', 1, 5.0, 9.0, 3, 200, ?)",
+                (time.time() - 1,))
+    old.commit()
+    old.close()
+    store = SQLiteStore(path)
+    await store.write_inference_logs([InferenceLog("new", "", "", "", None, None, 1.0, None, 404,
+                                                   route="/v1/chat/completions", reason="model_not_found")])
+    rows = await store.inference_logs(day)
+    assert [(r.request_id, r.status_code, r.route, r.reason) for r in rows] == [
+        ("old", 200, "", None), ("new", 404, "/v1/chat/completions", "model_not_found")]
+    await store.close()
+
+
+async def test_the_sampling_measurement_runs_on_a_tiny_configuration(tmp_path: Path) -> None:
+    async with run_router(sim(), tmp_path) as router:
+        results = await measure(f"{router.url}/v1", "demo", [parse_setting("temperature=0"), parse_setting("")],
+                                samples=2, open_samples=1, concurrency=4, fact_tokens=4, open_tokens=8,
+                                questions=QUESTIONS[:2], open_prompts=OPEN_PROMPTS[:1])
+    assert [r["setting"] for r in results] == ["temperature=0", "engine default"]
+    assert all(r["accuracy"] == 0.0 for r in results)  # the simulated engine knows no capitals
+    assert repeated_share("a b c d a b c d a b c d") == pytest.approx(1 - 4 / 9)
+    for bad in ("temperature", "beam=2", "temperature=hot"):
+        with pytest.raises(ValueError, match="bad setting"):
+            parse_setting(bad)
+    with pytest.raises(SystemExit) as exited:
+        sampling_main(["--url", "http://127.0.0.1:9", "--model", "m", "--samples", "0"])
+    assert exited.value.code == 2

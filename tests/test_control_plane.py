@@ -56,9 +56,10 @@ async def wait_status(client: httpx.AsyncClient, url: str, version: str, status:
         await asyncio.sleep(0.05)
 
 
-async def deploy(client: httpx.AsyncClient, url: str, version: str, percent: int) -> dict:
+async def deploy(client: httpx.AsyncClient, url: str, version: str, percent: int, engine: dict | None = None) -> dict:
     response = await client.post(f"{url}/api/v1/deployments", json={
-        "model_name": MODEL, "version": version, "traffic_percent": percent, "resources": {"replicas": 1}})
+        "model_name": MODEL, "version": version, "traffic_percent": percent, "resources": {"replicas": 1},
+        "engine": engine or {}})
     assert response.status_code == 202, response.text
     assert response.json()["status"] == "deploying"
     state = await wait_status(client, url, version, "active")

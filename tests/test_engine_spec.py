@@ -53,10 +53,39 @@ def test_draft_model_speculation() -> None:
 
 def test_a_deployments_engine_overrides_reach_the_command_line() -> None:
     overrides = EngineOverrides.model_validate({"dtype": "float32", "max_num_seqs": 4}).model_dump(exclude_none=True)
-    engine = EngineSettings().model_copy(update=overrides)
+    engine = EngineSettings().with_overrides(overrides)
     argv = EngineSpec.from_settings(Path("/m/v1"), "m", "v1", engine).command("127.0.0.1", 9000)
     assert argv[argv.index("--dtype") + 1] == "float32"
     assert argv[argv.index("--max-num-seqs") + 1] == "4"
     for bad in ({"dtype": "int8"}, {"dtype": 32}, {"temperature": 0.5}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
+            EngineOverrides.model_validate(bad)
+
+
+def test_generation_defaults_reach_the_engine_as_its_generation_config() -> None:
+    argv = EngineSpec.from_settings(Path("/m"), "chat", "v1", EngineSettings()).command("127.0.0.1", 1)
+    assert json.loads(arg_after(argv, "--override-generation-config")) == {
+        "max_new_tokens": 512, "temperature": 0.2, "top_p": 0.9}
+    assert "--enable-auto-tool-choice" in argv and arg_after(argv, "--tool-call-parser") == "hermes"
+    quiet = EngineSettings(tool_call_parser="none", max_tokens_default=64, sampling={"temperature": 0.7})
+    argv = EngineSpec.from_settings(Path("/m"), "chat", "v1", quiet).command("127.0.0.1", 1)
+    assert "--enable-auto-tool-choice" not in argv and "--tool-call-parser" not in argv
+    assert json.loads(arg_after(argv, "--override-generation-config")) == {
+        "max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9}
+
+
+def test_a_versions_generation_overrides_merge_and_are_checked_together() -> None:
+    overrides = EngineOverrides.model_validate({
+        "sampling": {"temperature": 0.8}, "max_tokens_default": 100, "max_tokens_limit": 200,
+        "tool_call_parser": "none"}).model_dump(exclude_none=True)
+    engine = EngineSettings().with_overrides(overrides)
+    assert engine.sampling.temperature == 0.8 and engine.sampling.top_p == 0.9  # field by field
+    assert engine.tool_call_parser is None and engine.max_tokens_limit == 200
+    with pytest.raises(ValueError, match="max_tokens_default"):
+        EngineSettings().with_overrides({"max_tokens_default": 300, "max_tokens_limit": 200})
+    with pytest.raises(ValueError, match="max_tokens_default"):
+        EngineSettings(max_model_len=256, max_tokens_default=512)
+    for bad in ({"sampling": {"temperature": 3}}, {"sampling": {"beam_width": 2}}, {"tool_call_parser": "Bad Parser"},
+                {"max_tokens_default": 0}):
+        with pytest.raises(ValidationError):
             EngineOverrides.model_validate(bad)

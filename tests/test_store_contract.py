@@ -104,7 +104,8 @@ async def test_inference_logs_by_day_with_retention(store: Store) -> None:
     day2 = day1 + 86400
     logs = [
         InferenceLog("r1", "chat", "v1", "chat:v1/0", 42, 120.5, 900.0, 16, 200, day1),
-        InferenceLog("r2", "chat", "v2", "chat:v2/0", None, None, 3.0, None, 503, day2),
+        InferenceLog("r2", "chat", "v2", "chat:v2/0", None, None, 3.0, None, 503, day2,
+                     route="/v1/chat/completions", reason="no_replica_ready"),
         InferenceLog("r3", "other", "v1", "other:v1/0", 7, 50.0, 60.0, 2, 200, day2),
     ]
     await store.write_inference_logs(logs)

@@ -64,7 +64,8 @@ MIGRATIONS: tuple[str, ...] = (
 _LOG_TABLE = re.compile(r"^inference_logs_(\d{8})$")
 _LOG_COLUMNS = {"request_id": "TEXT", "model_name": "TEXT", "version": "TEXT", "replica": "TEXT",
                 "user_bucket": "INTEGER", "ttft_ms": "REAL", "latency_ms": "REAL", "output_tokens": "INTEGER",
-                "status_code": "INTEGER", "timestamp": "REAL", "route": "TEXT", "reason": "TEXT"}
+                "status_code": "INTEGER", "timestamp": "REAL", "route": "TEXT NOT NULL DEFAULT ''",
+                "reason": "TEXT"}
 _DAY = re.compile(r"^\d{8}$")
 
 
