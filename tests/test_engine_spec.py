@@ -65,13 +65,13 @@ def test_a_deployments_engine_overrides_reach_the_command_line() -> None:
 def test_generation_defaults_reach_the_engine_as_its_generation_config() -> None:
     argv = EngineSpec.from_settings(Path("/m"), "chat", "v1", EngineSettings()).command("127.0.0.1", 1)
     assert json.loads(arg_after(argv, "--override-generation-config")) == {
-        "max_new_tokens": 512, "temperature": 0.2, "top_p": 0.9}
+        "max_new_tokens": 512, "temperature": 0.0, "repetition_penalty": 1.05}
     assert "--enable-auto-tool-choice" in argv and arg_after(argv, "--tool-call-parser") == "hermes"
     quiet = EngineSettings(tool_call_parser="none", max_tokens_default=64, sampling={"temperature": 0.7})
     argv = EngineSpec.from_settings(Path("/m"), "chat", "v1", quiet).command("127.0.0.1", 1)
     assert "--enable-auto-tool-choice" not in argv and "--tool-call-parser" not in argv
     assert json.loads(arg_after(argv, "--override-generation-config")) == {
-        "max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9}
+        "max_new_tokens": 64, "temperature": 0.7, "repetition_penalty": 1.05}
 
 
 def test_a_versions_generation_overrides_merge_and_are_checked_together() -> None:
@@ -79,7 +79,7 @@ def test_a_versions_generation_overrides_merge_and_are_checked_together() -> Non
         "sampling": {"temperature": 0.8}, "max_tokens_default": 100, "max_tokens_limit": 200,
         "tool_call_parser": "none"}).model_dump(exclude_none=True)
     engine = EngineSettings().with_overrides(overrides)
-    assert engine.sampling.temperature == 0.8 and engine.sampling.top_p == 0.9  # field by field
+    assert engine.sampling.temperature == 0.8 and engine.sampling.repetition_penalty == 1.05  # field by field
     assert engine.tool_call_parser is None and engine.max_tokens_limit == 200
     with pytest.raises(ValueError, match="max_tokens_default"):
         EngineSettings().with_overrides({"max_tokens_default": 300, "max_tokens_limit": 200})

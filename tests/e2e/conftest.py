@@ -26,6 +26,7 @@ from llmserve.settings import Settings
 from tests.conftest import free_port
 
 MODEL = "smollm2-135m-instruct"
+MAX_TOKENS_DEFAULT = 96  # shorter than the shipped default, so that the test of it is quick
 START_TIMEOUT_S = 900.0
 
 
@@ -72,6 +73,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "LLMSERVE_ENGINE__RESTART_BACKOFF_INITIAL_S": "0.5",
         "LLMSERVE_ENGINE__KV_CACHE_GIB": "1",
         "LLMSERVE_ROUTER__RETRY_AFTER_S": "2",
+        "LLMSERVE_ENGINE__MAX_TOKENS_DEFAULT": str(MAX_TOKENS_DEFAULT),
         "HF_HUB_OFFLINE": "1",
         # one engine per version under test: a distilled student left in the shared repository stays off
         "LLMSERVE_SERVE_STUDENT": "0",

@@ -16,7 +16,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL, Stack
+from tests.e2e.conftest import MAX_TOKENS_DEFAULT, MODEL, Stack
+from tests.frontend_tools import frontend_tools
 
 pytestmark = pytest.mark.engine
 
@@ -148,6 +149,28 @@ def test_a_prompt_longer_than_the_context_gets_the_engines_400(stack: Stack) -> 
     ok = httpx.post(f"{stack.url}/v1/chat/completions",
                     json={"model": MODEL, "messages": QUESTION, "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
+
+
+def test_a_chat_frontends_request_with_36_tools_gets_an_answer(stack: Stack) -> None:
+    # as a frontend sends it on every browser chat: its tools, no tool_choice, no max_tokens, no temperature
+    raw = client(stack).chat.completions.with_raw_response.create(model=MODEL, messages=QUESTION,
+                                                                  tools=frontend_tools())
+    assert raw.status_code == 200 and "x-tools-dropped" not in raw.headers  # the engine parses tool calls
+    message = raw.parse().choices[0].message
+    # the chat template does not render tools, so the model answers in text, greedily by default
+    assert "Paris" in (message.content or "")
+    chunks = list(client(stack).chat.completions.create(model=MODEL, messages=QUESTION, tools=frontend_tools(),
+                                                        stream=True))
+    assert any(c.choices and (c.choices[0].delta.content or c.choices[0].delta.tool_calls) for c in chunks)
+
+
+def test_an_answer_without_max_tokens_ends_at_the_versions_default(stack: Stack) -> None:
+    listed = httpx.get(f"{stack.url}/v1/models", timeout=10).json()["data"]
+    default = next(m["max_tokens_default"] for m in listed if m["id"] == MODEL)
+    essay = [{"role": "user", "content": "Write a long essay about the history of Rome."}]
+    answer = client(stack).chat.completions.create(model=MODEL, messages=essay, extra_body={"ignore_eos": True})
+    assert answer.usage.completion_tokens == default == MAX_TOKENS_DEFAULT
+    assert answer.choices[0].finish_reason == "length"
 
 
 def engine_pid(guard_pid: int) -> int:
