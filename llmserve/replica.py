@@ -23,9 +23,17 @@ class ReplicaState(str, enum.Enum):
 class ReplicaProgram(Protocol):
     """What the supervisor needs to know to run a replica (EngineSpec implements it)."""
 
-    model_name: str
-    version: str
-    generation: GenerationDefaults  # what the engine does when a request leaves things out
+    # read-only members, so that frozen dataclasses (EngineSpec) implement the protocol
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def generation(self) -> GenerationDefaults:
+        """What the engine does when a request leaves things out."""
+        ...
 
     @property
     def versioned_name(self) -> str: ...
