@@ -28,16 +28,13 @@ from router.context import RequestRecord, served_headers, user_key
 from router.errors import APIError, RequestTimedOut, UpstreamFailed
 from router.protocol import GenerateRequest, check_output_limit, parse_json_object, read_body, validate
 from router.relay import (
+    StreamFailure,
     Upstream,
     UpstreamBroken,
-    UpstreamStalled,
-    UpstreamTimedOut,
     engine_error_code,
     engine_failure,
-    error_event,
     sse_bytes,
     sse_data,
-    stream_failure_message,
 )
 from router.state import RouterState
 
@@ -93,15 +90,9 @@ async def generate(model_name: str, request: Request) -> Response:
         async for _ in _consume(upstream, record, outcome):
             pass
     except UpstreamBroken as exc:
-        error: APIError
-        if isinstance(exc, UpstreamTimedOut):
-            error = RequestTimedOut(str(exc), headers=headers)
-        elif isinstance(exc, UpstreamStalled):
-            error = RequestTimedOut(stream_failure_message(upstream, exc, len(outcome.text)), headers=headers,
-                                    code=exc.code)
-        else:
-            error = UpstreamFailed(f"replica {upstream.replica.id} failed while generating ({exc}); "
-                                   "retry the request", headers=headers, code=exc.code)
+        failure = StreamFailure.of(upstream, exc, len(outcome.text))
+        kind = RequestTimedOut if failure.status == 504 else UpstreamFailed
+        error: APIError = kind(failure.message, headers=headers, code=failure.code)
         record.fail(error)
         return error.response()
     except BaseException as exc:
@@ -186,10 +177,10 @@ async def _stream(upstream: Upstream, record: RequestRecord, summary: dict[str, 
             json.dumps({**summary, "finish_reason": outcome.finish_reason, "usage": outcome.usage}), event="done"
         )
     except UpstreamBroken as exc:
-        status = 504 if isinstance(exc, (UpstreamTimedOut, UpstreamStalled)) else 502
-        message = stream_failure_message(upstream, exc, len(outcome.text))
-        record.failed(exc.code, message)
-        yield sse_bytes(error_event(message, exc.code, "timeout" if status == 504 else "server_error"), event="error")
+        failure = StreamFailure.of(upstream, exc, len(outcome.text))
+        status = failure.status
+        record.failed(failure.code, failure.message)
+        yield sse_bytes(failure.event(), event="error")
     except BaseException:
         status = 499
         record.failed("client_disconnected", "the client went away")

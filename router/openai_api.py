@@ -23,16 +23,14 @@ from router.protocol import (
     validate,
 )
 from router.relay import (
+    StreamFailure,
     Upstream,
     UpstreamBroken,
-    UpstreamStalled,
     UpstreamTimedOut,
     engine_error_code,
     engine_failure,
-    error_event,
     sse_bytes,
     sse_data,
-    stream_failure_message,
 )
 from router.state import RouterState
 
@@ -168,10 +166,10 @@ async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncItera
     except UpstreamBroken as exc:
         # The replica died, stalled or ran past the budget mid-stream: tell the client in-band
         # (the status line is long gone) and end the stream, never leave it hanging.
-        status = 504 if isinstance(exc, (UpstreamTimedOut, UpstreamStalled)) else 502
-        message = stream_failure_message(upstream, exc, record.chunks)
-        record.failed(exc.code, message)
-        yield sse_bytes(error_event(message, exc.code, "timeout" if status == 504 else "server_error"))
+        failure = StreamFailure.of(upstream, exc, record.chunks)
+        status = failure.status
+        record.failed(failure.code, failure.message)
+        yield sse_bytes(failure.event())
         yield sse_bytes(b"[DONE]")
     except BaseException:
         status = 499  # client went away: closing the upstream below aborts the engine request

@@ -311,6 +311,23 @@ def stream_failure_message(upstream: Upstream, exc: UpstreamBroken, chunks: int)
             "the output is incomplete, retry the request")
 
 
+@dataclass(frozen=True)
+class StreamFailure:
+    """How a stream that ended abnormally is recorded (``status``) and told to the client (``event``)."""
+
+    status: int  # 504 for a timeout or a stall, 502 for a failed replica
+    code: str
+    message: str
+
+    @classmethod
+    def of(cls, upstream: Upstream, exc: UpstreamBroken, chunks: int) -> StreamFailure:
+        timeout = isinstance(exc, (UpstreamTimedOut, UpstreamStalled))
+        return cls(504 if timeout else 502, exc.code, stream_failure_message(upstream, exc, chunks))
+
+    def event(self) -> str:
+        return error_event(self.message, self.code, "timeout" if self.status == 504 else "server_error")
+
+
 def error_event(message: str, code: str, error_type: str = "server_error") -> str:
     return json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
 
