@@ -10,10 +10,11 @@ and, for a failure, its reason (the error code the client saw).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -110,6 +111,21 @@ class RequestRecord:
         else:
             self.failed("internal_error", f"{type(exc).__name__}: {exc}")
             self.finish(500)
+
+    @contextlib.contextmanager
+    def failures(self, headers: Mapping[str, str] | None = None) -> Iterator[None]:
+        """Finish the record for any exception that escapes, as the error handlers will answer it; an
+        APIError also gets ``headers`` (those known when it is raised: a mapping the block may fill)."""
+        try:
+            yield
+        except APIError as exc:
+            if headers:
+                exc.headers = {**headers, **exc.headers}
+            self.fail(exc)
+            raise
+        except BaseException as exc:
+            self.fail(exc)
+            raise
 
     def finish(self, status_code: int | None = None) -> None:
         if self._finished:

@@ -27,15 +27,7 @@ from router.catalog import ServedVersion
 from router.context import RequestRecord, served_headers, user_key
 from router.errors import APIError, RequestTimedOut, UpstreamFailed
 from router.protocol import GenerateRequest, check_output_limit, parse_json_object, read_body, validate
-from router.relay import (
-    StreamFailure,
-    Upstream,
-    UpstreamBroken,
-    engine_error_code,
-    engine_failure,
-    sse_bytes,
-    sse_data,
-)
+from router.relay import StreamFailure, Upstream, UpstreamBroken, buffered_response, sse_bytes, sse_data
 from router.state import RouterState
 
 router = APIRouter(prefix="/api/v1", tags=["generate"])
@@ -55,8 +47,8 @@ async def generate(model_name: str, request: Request) -> Response:
     deadline = state.relay.deadline()
     record = RequestRecord(request_id, "generate", sink=state.log_sink, metrics=state.metrics,
                            samples=state.samples)
-    admission_headers: dict[str, str] = {}
-    try:
+    extra: dict[str, str] = {}  # admission's headers, on errors too
+    with record.failures(extra):
         body = await read_body(request.stream(), request.headers.get("content-length"),
                                state.settings.max_body_bytes)
         parsed: GenerateRequest = validate(GenerateRequest, parse_json_object(body))
@@ -64,21 +56,15 @@ async def generate(model_name: str, request: Request) -> Response:
         served = state.catalog.resolve(model_name, parsed.params.version, record.user)
         record.resolved(served.model_name, served.version)
         served, admission_headers = await admit_request(state.admission, request.headers, served, record.user)
+        extra.update(admission_headers)
         check_output_limit(parsed.max_tokens, served)
         path, payload = _engine_request(parsed, served)
         record.begin(served.model_name, served.version, parsed.stream)
         upstream = await state.relay.open(served, path, payload, request_id, deadline)
-    except APIError as exc:
-        exc.headers = {**admission_headers, **exc.headers}
-        record.fail(exc)
-        raise
-    except BaseException as exc:
-        record.fail(exc)
-        raise
     record.replica = upstream.replica.id
-    headers = {**served_headers(request_id, served.version, upstream.replica.id), **admission_headers}
+    headers = {**served_headers(request_id, served.version, upstream.replica.id), **extra}
     if upstream.status_code != 200:
-        return await _engine_refusal(upstream, record, headers)
+        return await buffered_response(upstream, record, headers)
 
     summary = {"model": served.model_name, "version": served.version, "replica": upstream.replica.id,
                "request_id": request_id}
@@ -126,24 +112,6 @@ def _engine_request(parsed: GenerateRequest, served: ServedVersion) -> tuple[str
         return "/v1/completions", payload
     payload["messages"] = [{"role": "user", "content": parsed.prompt}]
     return "/v1/chat/completions", payload
-
-
-async def _engine_refusal(upstream: Upstream, record: RequestRecord, headers: dict[str, str]) -> Response:
-    """An engine's error status, relayed (4xx) or turned into the router's 502 (5xx)."""
-    try:
-        content = await upstream.read()
-    except UpstreamBroken as exc:
-        content = str(exc).encode()
-    finally:
-        await upstream.aclose()
-    if upstream.status_code >= 500:
-        failure = engine_failure(upstream, content)
-        failure.headers = headers
-        record.fail(failure)
-        return failure.response()
-    record.failed(engine_error_code(content), content[:300].decode(errors="replace"))
-    record.finish(upstream.status_code)
-    return Response(content, status_code=upstream.status_code, media_type="application/json", headers=headers)
 
 
 async def _consume(upstream: Upstream, record: RequestRecord, outcome: _Outcome) -> AsyncIterator[str]:

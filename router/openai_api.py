@@ -12,7 +12,6 @@ from sse_starlette import EventSourceResponse
 from router.admission import admit_request
 from router.catalog import Catalog
 from router.context import RequestRecord, served_headers, user_key
-from router.errors import APIError, RequestTimedOut, UpstreamFailed
 from router.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -22,16 +21,7 @@ from router.protocol import (
     read_body,
     validate,
 )
-from router.relay import (
-    StreamFailure,
-    Upstream,
-    UpstreamBroken,
-    UpstreamTimedOut,
-    engine_error_code,
-    engine_failure,
-    sse_bytes,
-    sse_data,
-)
+from router.relay import StreamFailure, Upstream, UpstreamBroken, buffered_response, sse_bytes, sse_data
 from router.state import RouterState
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -90,8 +80,8 @@ async def _relay_openai(
     request_id: str = request.state.request_id
     deadline = state.relay.deadline()
     record = RequestRecord(request_id, path, sink=state.log_sink, metrics=state.metrics, samples=state.samples)
-    admission_headers: dict[str, str] = {}
-    try:
+    extra: dict[str, str] = {}  # admission's headers and what the router changed, on errors too
+    with record.failures(extra):
         body = await read_body(request.stream(), request.headers.get("content-length"),
                                state.settings.max_body_bytes)
         payload = parse_json_object(body)
@@ -101,59 +91,27 @@ async def _relay_openai(
         served = state.catalog.resolve(parsed.model, pinned, user)
         record.resolved(served.model_name, served.version)
         served, admission_headers = await admit_request(state.admission, request.headers, served, user)
+        extra.update(admission_headers)
         check_output_limit(
             parsed.output_limit(), served,
             "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) else "max_tokens",
         )
         dropped = 0 if served.generation.can_call_tools else drop_tools(payload)
         if dropped:
-            admission_headers = {**admission_headers, "x-tools-dropped": str(dropped)}
+            extra["x-tools-dropped"] = str(dropped)
         payload["model"] = served.versioned_name
         record.begin(served.model_name, served.version, parsed.stream)
         upstream = await state.relay.open(served, path, payload, request_id, deadline, stream=parsed.stream)
-    except APIError as exc:
-        exc.headers = {**admission_headers, **exc.headers}
-        record.fail(exc)
-        raise
-    except BaseException as exc:
-        record.fail(exc)
-        raise
     record.replica = upstream.replica.id
-    headers = {**served_headers(request_id, served.version, upstream.replica.id), **admission_headers}
+    headers = {**served_headers(request_id, served.version, upstream.replica.id), **extra}
     if upstream.status_code != 200 or not parsed.stream:
-        return await _buffered(upstream, record, headers)
+        return await buffered_response(upstream, record, headers)
     return EventSourceResponse(
         _relay_stream(upstream, record),
         headers=headers,
         sep="\n",
         ping=state.sse_ping_s,
     )
-
-
-async def _buffered(upstream: Upstream, record: RequestRecord, headers: dict[str, str]) -> Response:
-    try:
-        content = await upstream.read()
-    except UpstreamTimedOut as exc:
-        error: APIError = RequestTimedOut(str(exc), headers=headers)
-        record.fail(error)
-        return error.response()
-    except UpstreamBroken as exc:
-        message = f"replica {upstream.replica.id} failed while answering ({exc}); retry the request"
-        error = UpstreamFailed(message, headers=headers)
-        record.fail(error)
-        return error.response()
-    finally:
-        await upstream.aclose()
-    if upstream.status_code >= 500:
-        failure = engine_failure(upstream, content)
-        failure.headers = headers
-        record.fail(failure)
-        return failure.response()
-    record.note_usage(content)
-    if upstream.status_code != 200:
-        record.failed(engine_error_code(content), content[:300].decode(errors="replace"))
-    record.finish(upstream.status_code)
-    return Response(content, status_code=upstream.status_code, media_type="application/json", headers=headers)
 
 
 async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncIterator[bytes]:

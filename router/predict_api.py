@@ -146,7 +146,7 @@ async def predict(model_name: str, request: Request) -> Response:
     """``{"inputs": [{"features": [...]}, ...], "params": {"version": "v3"}}`` or an ``.npy`` body."""
     state: RouterState = request.app.state.router
     record = _record(state, request, "predict")
-    try:
+    with record.failures():
         raw = await _body(request, state)
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         npy = content_type in NPY_TYPES or raw[:6] == b"\x93NUMPY"
@@ -172,9 +172,6 @@ async def predict(model_name: str, request: Request) -> Response:
             raise InvalidRequest(str(exc), param=exc.param) from None
         served, outputs, extra = await _run(state, served, inputs, _priority(request, state),
                                             _deadline_ms(request, params), record, record.user)
-    except BaseException as exc:
-        record.fail(exc)
-        raise
     headers = {**served_headers(record.request_id, served.version, "router"), **extra}
     record.finish(200)
     answer: dict[str, Any] = {"model_name": served.model_name, "version": served.version, "id": record.request_id}

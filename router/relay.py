@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from fastapi.responses import Response
 
 from llmserve.replica import Replica
 from llmserve.settings import RouterSettings
 from router.balancer import LeastOutstanding
 from router.catalog import ServedVersion
-from router.context import served_headers
-from router.errors import NoReplicaReady, RequestTimedOut, UpstreamFailed
+from router.context import RequestRecord, served_headers
+from router.errors import APIError, NoReplicaReady, RequestTimedOut, UpstreamFailed
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +290,34 @@ def engine_failure(upstream: Upstream, content: bytes) -> UpstreamFailed:
         detail = content[:200].decode(errors="replace")
     return UpstreamFailed(f"replica {upstream.replica.id} failed ({upstream.status_code}: {detail}); "
                           "retry the request")
+
+
+async def buffered_response(upstream: Upstream, record: RequestRecord, headers: dict[str, str]) -> Response:
+    """A whole answer, or an engine's error status, relayed as one response and recorded: an engine's
+    5xx becomes the router's 502, a read past the budget 504, a broken read 502."""
+    try:
+        content = await upstream.read()
+    except UpstreamTimedOut as exc:
+        error: APIError = RequestTimedOut(str(exc), headers=headers)
+        record.fail(error)
+        return error.response()
+    except UpstreamBroken as exc:
+        message = f"replica {upstream.replica.id} failed while answering ({exc}); retry the request"
+        error = UpstreamFailed(message, headers=headers)
+        record.fail(error)
+        return error.response()
+    finally:
+        await upstream.aclose()
+    if upstream.status_code >= 500:
+        failure = engine_failure(upstream, content)
+        failure.headers = headers
+        record.fail(failure)
+        return failure.response()
+    record.note_usage(content)
+    if upstream.status_code != 200:
+        record.failed(engine_error_code(content), content[:300].decode(errors="replace"))
+    record.finish(upstream.status_code)
+    return Response(content, status_code=upstream.status_code, media_type="application/json", headers=headers)
 
 
 def engine_error_code(content: bytes) -> str:
