@@ -421,7 +421,7 @@ def run(config: DistillConfig) -> dict[str, Any]:
 
 def _save(config: DistillConfig, student: Any, tokenizer: Any, report: dict[str, Any]) -> None:
     """Write the student as a model version: temporary folder first, then one rename."""
-    from llmserve.repository import Manifest, weights_checksums
+    from llmserve.models.repository import Manifest, weights_checksums
 
     config.output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = config.output_dir.parent / f".{config.version}.distill-tmp"

@@ -29,11 +29,11 @@ from typing import Any
 
 import httpx
 
-from llmserve.engine_spec import DraftModelSpeculation, EngineSpec, NgramSpeculation
+from llmserve.replicas.spec import DraftModelSpeculation, EngineSpec, NgramSpeculation
 from llmserve.settings import EngineSettings, Settings
 from loadtest.overhead import free_port
 from loadtest.report import emit
-from router.engine_metrics import parse_engine_metrics
+from router.observe.engine_metrics import parse_engine_metrics
 
 PASSAGE = ("The lighthouse stood at the edge of the cliff for two hundred years. Every night its keeper climbed "
            "the one hundred and twelve steps, trimmed the wick, polished the great lens and watched the beam "

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from llmserve.models.predict_manifest import PredictManifest
 from router.predict.runtimes import load_runtime
-from router.predict.schema import PredictManifest
 
 
 def _cost_us_per_row(runtime: Any, x: np.ndarray, repeats: int) -> float:

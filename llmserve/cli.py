@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def _prepare(settings: Settings, source: str | None, force: bool = False) -> Path:
-    from llmserve.repository import ModelRepository
+    from llmserve.models.repository import ModelRepository
 
     repo = ModelRepository(settings.model_repository)
     model = settings.model
@@ -68,8 +68,8 @@ Press Ctrl-C to stop.
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from llmserve.engine_spec import EngineSpec
-    from llmserve.stack import LocalStack
+    from llmserve.replicas.local import LocalStack
+    from llmserve.replicas.spec import EngineSpec
     from router.app import create_app
 
     _prepare(settings, args.source)
@@ -89,7 +89,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     async def bootstrap(state: RouterState) -> None:
         """First start: register the bundled model and deploy it; later starts: the store has it all."""
-        from router.predict.schema import PredictManifest
+        from llmserve.models.predict_manifest import PredictManifest
         from router.store import ModelRecord
         from router.store.base import LIVE_STATUSES
 
@@ -131,9 +131,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _build_examples(settings: Settings) -> list[Path]:
-    from llmserve.examples import build_examples
+    from fallback.tabular import distill_tabular
+    from llmserve.models.examples import build_examples
 
-    folders = build_examples(settings.model_repository)
+    folders = build_examples(settings.model_repository, distill_fallback=distill_tabular)
     print(f"example predict models: {', '.join(f.parent.name for f in folders)}", flush=True)
     return folders
 
@@ -174,7 +175,7 @@ def cmd_distill(args: argparse.Namespace, settings: Settings) -> int:
 
 def speculation_for(model_name: str, kind: str, settings: Settings) -> Any:
     """The speculative decoding a version runs with; a draft needs the model's student to exist."""
-    from llmserve.engine_spec import DraftModelSpeculation, NgramSpeculation
+    from llmserve.replicas.spec import DraftModelSpeculation, NgramSpeculation
 
     if kind == "ngram":
         return NgramSpeculation()

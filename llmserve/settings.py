@@ -143,7 +143,7 @@ class KeyPolicy(BaseModel):
 
 
 class AdmissionSettings(BaseModel):
-    """Priority classes and load shedding (see router.admission)."""
+    """Priority classes and load shedding (see router.admission.shedding)."""
 
     enabled: bool = Field(True, description="Shed load when a version is saturated; off: admit everything.")
     api_keys: dict[str, KeyPolicy] = Field(

@@ -29,9 +29,9 @@ from typing import Any
 
 import aiohttp
 
-from llmserve.repository import Manifest
+from llmserve.models.repository import Manifest
+from llmserve.replicas.local import LocalStack
 from llmserve.settings import EngineSettings, RouterSettings
-from llmserve.stack import LocalStack
 from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port
 from loadtest.runner import Record, Target, send

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import uvicorn
 from fastapi import FastAPI
 
-from llmserve.stack import LocalStack
+from llmserve.replicas.local import LocalStack
 
 
 @contextlib.asynccontextmanager

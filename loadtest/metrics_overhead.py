@@ -18,8 +18,8 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from llmserve.replicas.local import Deployment, LocalStack
 from llmserve.settings import EngineSettings, RouterSettings
-from llmserve.stack import Deployment, LocalStack
 from loadtest.bench import BenchConfig, Target, run
 from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port

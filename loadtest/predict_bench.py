@@ -117,9 +117,9 @@ def serve(models_dir: Path, port: int, batching: bool) -> None:
     """Server mode: a router with the example models, no engines."""
     import uvicorn
 
-    from llmserve.engine_spec import EngineSpec  # noqa: F401  (the stack's program type)
+    from llmserve.replicas.local import LocalStack
+    from llmserve.replicas.spec import EngineSpec  # noqa: F401  (the stack's program type)
     from llmserve.settings import EngineSettings, PredictSettings, RouterSettings
-    from llmserve.stack import LocalStack
     from router.app import create_app
     from router.store import ModelRecord
     from router.store.sqlite import SQLiteStore
@@ -167,10 +167,11 @@ def router_process(models_dir: Path, batching: bool) -> Iterator[str]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from llmserve.examples import build_examples, fraud_dataset
+    from fallback.tabular import distill_tabular
+    from llmserve.models.examples import build_examples, fraud_dataset
 
     models_dir = Path(args.models_dir or tempfile.mkdtemp(prefix="predict-bench-"))
-    build_examples(models_dir, names=MODELS)
+    build_examples(models_dir, names=MODELS, distill_fallback=distill_tabular)
     x_all = fraud_dataset().x_test
     batch = x_all[: args.batch_rows].astype(np.float32)
     single = x_all[:1].astype(np.float32)

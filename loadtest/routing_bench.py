@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 
 from llmserve.generation import GenerationDefaults
-from llmserve.replica import Replica, ReplicaState
+from llmserve.replicas.endpoint import Replica, ReplicaState
 from loadtest.stats import percentile
-from router.balancer import LeastOutstanding
-from router.catalog import Catalog, ServedVersion
+from router.traffic.balancer import LeastOutstanding
+from router.traffic.catalog import Catalog, ServedVersion
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from loadtest.workload import RequestSpec, Workload
-from router.context import has_text
+from router.observe.request_record import has_text
 
 LATE_SEND_MS = 10.0  # a send this late against its intended time counts as not on time
 

@@ -26,8 +26,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from llmserve.replicas.local import Deployment, LocalStack
 from llmserve.settings import AdmissionSettings, EngineSettings, RouterSettings
-from llmserve.stack import Deployment, LocalStack
 from llmserve.stats import percentile
 from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port

@@ -1,5 +1,1 @@
-"""The router: API gateway, traffic routing and the control plane in one FastAPI app."""
-
-from router.app import create_app
-
-__all__ = ["create_app"]
+"""The router: API gateway, traffic routing and the control plane (the app is ``router.app.create_app``)."""

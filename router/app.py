@@ -10,22 +10,26 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from llmserve.settings import RouterSettings
-from router import control_api, generate_api, health_api, openai_api, predict_api
-from router.access_log import AccessLogMiddleware
-from router.admission import Admission
-from router.catalog import Catalog
-from router.control import ControlPlane, ReplicaLauncher
-from router.engine_metrics import EngineMetricsScraper
+from router.admission.shedding import Admission
+from router.api import control as control_api
+from router.api import generate as generate_api
+from router.api import health as health_api
+from router.api import openai as openai_api
+from router.api import predict as predict_api
+from router.control.plane import ControlPlane, ReplicaLauncher
 from router.errors import install_error_handlers
-from router.inference_log import InferenceLogWriter
-from router.metrics import RouterMetrics
-from router.middleware import RequestIdMiddleware
+from router.gateway.access_log import AccessLogMiddleware
+from router.gateway.request_id import RequestIdMiddleware
+from router.observe.engine_metrics import EngineMetricsScraper
+from router.observe.inference_log import InferenceLogWriter
+from router.observe.metrics import RouterMetrics
+from router.observe.samples import SampleWindows
 from router.predict.batcher import BatchingConfig
 from router.predict.host import PredictLauncher
-from router.relay import Relay
-from router.samples import SampleWindows
+from router.relay.relay import Relay
 from router.state import EngineBackend, RouterState
 from router.store import Store
+from router.traffic.catalog import Catalog
 
 logger = logging.getLogger(__name__)
 

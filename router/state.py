@@ -7,21 +7,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from llmserve.replica import Replica
+from llmserve.replicas.endpoint import Replica
 from llmserve.settings import RouterSettings
-from router.catalog import Catalog
-from router.relay import Relay
+from router.relay.relay import Relay
 from router.store.base import InferenceLog
+from router.traffic.catalog import Catalog
 
 if TYPE_CHECKING:
-    from router.admission import Admission
-    from router.control import ControlPlane
-    from router.metrics import RouterMetrics
-    from router.samples import SampleWindows
+    from router.admission.shedding import Admission
+    from router.control.plane import ControlPlane
+    from router.observe.metrics import RouterMetrics
+    from router.observe.samples import SampleWindows
 
 
 class EngineBackend(Protocol):
-    """Starts and stops the engine replicas behind the catalog (``llmserve.stack`` locally)."""
+    """Starts and stops the engine replicas behind the catalog (``llmserve.replicas.local`` locally)."""
 
     async def start(self, catalog: Catalog) -> None: ...
 

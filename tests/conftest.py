@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from llmserve.generation import GenerationDefaults
+from llmserve.replicas.local import Deployment, LocalStack, ProgramFactory
 from llmserve.settings import EngineSettings, RouterSettings
-from llmserve.stack import Deployment, LocalStack, ProgramFactory
 from loadtest.inprocess import serve_router
 from router.app import create_app
 from router.store import Store
@@ -105,10 +105,11 @@ async def run_router(
 @pytest.fixture(scope="session")
 def example_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example traditional models (fraud classifiers in four frameworks), built once per session."""
-    from llmserve.examples import build_examples
+    from fallback.tabular import distill_tabular
+    from llmserve.models.examples import build_examples
 
     models = tmp_path_factory.mktemp("predict-models")
-    build_examples(models, rows=4000)
+    build_examples(models, rows=4000, distill_fallback=distill_tabular)
     return models
 
 

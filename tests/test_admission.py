@@ -10,15 +10,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmserve.replica import Replica, ReplicaState
+from llmserve.replicas.endpoint import Replica, ReplicaState
+from llmserve.replicas.local import Deployment
 from llmserve.settings import AdmissionSettings, KeyPolicy, RouterSettings
-from llmserve.stack import Deployment
 from loadtest.sim import SimEngineProgram
-from router.admission import Admission, PriorityForbidden, resolve_priority
-from router.catalog import Catalog, ServedVersion
+from router.admission.shedding import Admission, PriorityForbidden, resolve_priority
 from router.errors import InvalidRequest
-from router.samples import SampleWindows
+from router.observe.samples import SampleWindows
 from router.store.sqlite import SQLiteStore
+from router.traffic.catalog import Catalog, ServedVersion
 from tests.conftest import free_port, run_router
 from tests.test_predict_api import deploy, features
 

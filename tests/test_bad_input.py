@@ -8,7 +8,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from llmserve.stack import Deployment
+from llmserve.replicas.local import Deployment
 from loadtest.sim import SimEngineProgram
 from tests.conftest import RunningRouter, run_router
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from router.canary import CanaryPolicy, Decision, analyze, mann_whitney_greater
+from router.control.canary_analysis import CanaryPolicy, Decision, analyze, mann_whitney_greater
 
 POLICY = CanaryPolicy(min_samples=30, max_samples=3000)
 SEEDS = range(20)

@@ -21,12 +21,12 @@ import openai
 import pytest
 
 from llmserve.generation import GenerationDefaults
+from llmserve.replicas.local import Deployment
 from llmserve.settings import AdmissionSettings, EngineSettings, RouterSettings
-from llmserve.stack import Deployment
 from loadtest.sampling_quality import OPEN_PROMPTS, QUESTIONS, measure, parse_setting, repeated_share
 from loadtest.sampling_quality import main as sampling_main
 from loadtest.sim import SimEngineProgram
-from router.protocol import drop_tools
+from router.gateway.protocol import drop_tools
 from router.store import InferenceLog
 from router.store.sqlite import SQLiteStore
 from tests.conftest import ScriptProgram, free_port, run_router

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmserve.repository import Manifest
+from llmserve.models.repository import Manifest
 from loadtest.sim import SimEngineProgram
 from router.store import Store
 from router.store.redis_store import RedisStore

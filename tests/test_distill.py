@@ -11,7 +11,7 @@ import pytest
 
 from fallback.distill import DistillConfig, DistillError, check, kept_layers, run
 from llmserve.cli import main
-from llmserve.repository import Manifest, ModelRepository
+from llmserve.models.repository import Manifest, ModelRepository
 from llmserve.settings import Settings
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from llmserve.engine_spec import DraftModelSpeculation, EngineSpec, NgramSpeculation
+from llmserve.replicas.spec import DraftModelSpeculation, EngineSpec, NgramSpeculation
 from llmserve.settings import EngineSettings
-from router.control_api import EngineOverrides
+from router.api.control import EngineOverrides
 
 
 def arg_after(argv: list[str], flag: str) -> str:

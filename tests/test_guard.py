@@ -21,7 +21,7 @@ REPLICA = textwrap.dedent("""
 PARENT = textwrap.dedent("""
     import os, subprocess, sys, time
     guard = subprocess.Popen(
-        [sys.executable, "-m", "llmserve._guard", "--parent-pid", str(os.getpid()), "--grace", "2",
+        [sys.executable, "-m", "llmserve.replicas._guard", "--parent-pid", str(os.getpid()), "--grace", "2",
          "--", sys.executable, "-c", sys.argv[1]],
         start_new_session=True, stdout=sys.stdout)
     print(guard.pid, flush=True)
@@ -80,7 +80,7 @@ def test_leftover_children_are_killed_when_the_replica_exits_by_itself() -> None
         print(child.pid, flush=True)
     """)
     guard = subprocess.Popen(
-        [sys.executable, "-m", "llmserve._guard", "--parent-pid", str(os.getpid()), "--grace", "1",
+        [sys.executable, "-m", "llmserve.replicas._guard", "--parent-pid", str(os.getpid()), "--grace", "1",
          "--", sys.executable, "-c", replica],
         start_new_session=True, stdout=subprocess.PIPE, text=True,
     )

@@ -6,7 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from router.inference_log import InferenceLogWriter
+from router.observe.inference_log import InferenceLogWriter
 from router.store import InferenceLog
 from router.store.sqlite import SQLiteStore
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llmserve.stack import Deployment
+from llmserve.replicas.local import Deployment
 from loadtest.bench import BenchConfig, Target, run
 from loadtest.sim import SimEngineProgram
 from loadtest.stats import RequestResult, percentile, summarize

@@ -6,7 +6,7 @@ import json
 import logging
 
 from llmserve.logs import JSONFormatter
-from router.context import RequestRecord
+from router.observe.request_record import RequestRecord
 
 
 def test_request_log_lines_are_json_with_the_request_id() -> None:

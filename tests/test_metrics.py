@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmserve.replicas.local import Deployment
 from llmserve.settings import RouterSettings
-from llmserve.stack import Deployment
 from loadtest.sim import SimEngineProgram
 from tests.conftest import free_port, run_router
 
@@ -90,7 +90,7 @@ async def test_engine_metrics_are_re_exposed_per_replica(tmp_path: Path) -> None
 
 
 def test_vllm_metric_names_are_parsed() -> None:
-    from router.engine_metrics import parse_engine_metrics
+    from router.observe.engine_metrics import parse_engine_metrics
 
     text = (
         '# TYPE vllm:num_requests_running gauge\n'

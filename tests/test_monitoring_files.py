@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from router.catalog import Catalog
-from router.metrics import RouterMetrics
+from router.observe.metrics import RouterMetrics
+from router.traffic.catalog import Catalog
 
 ROOT = Path(__file__).resolve().parents[1] / "monitoring"
 EXPOSED = {"llmserve_requests_total", "llmserve_requests_in_flight", "llmserve_output_tokens_total",

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from llmserve.examples import EXAMPLES, fraud_dataset
+from llmserve.models.examples import EXAMPLES, fraud_dataset
 from router.store.sqlite import SQLiteStore
 from tests.conftest import RunningRouter, run_router
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmserve.examples import EXAMPLES, fraud_dataset
+from llmserve.models.examples import EXAMPLES, fraud_dataset
+from llmserve.models.predict_manifest import ManifestError, PredictManifest
 from router.predict.batcher import BatchingConfig, DynamicBatcher, Overloaded
 from router.predict.runtimes import load_runtime
-from router.predict.schema import ManifestError, PredictManifest
 
 
 def test_every_example_model_loads_and_agrees_with_its_training_figures(example_models: Path) -> None:

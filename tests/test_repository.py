@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from llmserve import cli
 from llmserve.errors import PrepareError
-from llmserve.repository import ModelRepository, bundled_gguf
+from llmserve.models.repository import ModelRepository, bundled_gguf
 
 
 def make_hf_folder(folder: Path) -> Path:

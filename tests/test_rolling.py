@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from llmserve.replica import ReplicaState
+from llmserve.replicas.endpoint import ReplicaState
 from loadtest.sim import SimEngineProgram
 from router.store.sqlite import SQLiteStore
 from tests.conftest import RunningRouter, fast_engine_settings, run_router

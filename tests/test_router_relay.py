@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from llmserve.replica import ReplicaState
-from llmserve.stack import Deployment
+from llmserve.replicas.endpoint import ReplicaState
+from llmserve.replicas.local import Deployment
 from loadtest.sim import SimEngineProgram
 from tests.conftest import ScriptProgram, run_router
 

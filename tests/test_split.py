@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.split import choose_version, user_bucket, validate_split
+from router.traffic.split import choose_version, user_bucket, validate_split
 
 USERS = [f"user-{i}" for i in range(2000)]
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from llmserve.errors import ReplicaStartError
-from llmserve.replica import ReplicaState
-from llmserve.supervisor import PortAllocator, Supervisor
+from llmserve.replicas.endpoint import ReplicaState
+from llmserve.replicas.supervisor import PortAllocator, Supervisor
 from loadtest.sim import SimEngineProgram
 from tests.conftest import ScriptProgram, fast_engine_settings
 

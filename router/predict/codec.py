@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from llmserve.models.predict_manifest import DATATYPE_OF, DATATYPES, PredictManifest, TensorSpec
 from router.predict.host import InvalidInput
-from router.predict.schema import DATATYPE_OF, DATATYPES, PredictManifest, TensorSpec
 
 NPY_TYPES = ("application/x-npy", "application/npy", "application/vnd.numpy")
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from router.catalog import ServedVersion
+from llmserve.models.predict_manifest import ManifestError, PredictManifest
 from router.predict.batcher import BatchingConfig, BatchObserver, DynamicBatcher
 from router.predict.runtimes import load_runtime
-from router.predict.schema import ManifestError, PredictManifest
+from router.traffic.catalog import ServedVersion
 
 logger = logging.getLogger(__name__)
 

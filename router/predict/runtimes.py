@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from router.predict.schema import ManifestError, PredictManifest
+from llmserve.models.predict_manifest import ManifestError, PredictManifest
 
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".sav", ".dill", ".cloudpickle")
 _CONVERT = {

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmserve._guard import group_members
+from llmserve.replicas._guard import group_members
 from llmserve.settings import Settings
 from tests.conftest import free_port
 

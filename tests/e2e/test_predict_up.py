@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from llmserve.examples import EXAMPLES, fraud_dataset
+from llmserve.models.examples import EXAMPLES, fraud_dataset
 from tests.e2e.conftest import Stack
 
 pytestmark = pytest.mark.engine

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from llmserve.settings import Settings
-from router.split import choose_version
+from router.traffic.split import choose_version
 from tests.e2e.conftest import MODEL, Stack
 
 pytestmark = pytest.mark.engine

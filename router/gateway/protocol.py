@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from router.errors import InvalidRequest, PayloadTooLarge, validation_error
 
 if TYPE_CHECKING:
-    from router.catalog import ServedVersion
+    from router.traffic.catalog import ServedVersion
 
 _STRICT_PASSTHROUGH = ConfigDict(extra="allow", strict=True)
 

@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from router.catalog import Catalog
+from router.traffic.catalog import Catalog
 
 logger = logging.getLogger(__name__)
 

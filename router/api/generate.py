@@ -22,13 +22,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from router.admission import admit_request
-from router.catalog import ServedVersion
-from router.context import RequestRecord, served_headers, user_key
+from router.admission.shedding import admit_request
 from router.errors import APIError, RequestTimedOut, UpstreamFailed
-from router.protocol import GenerateRequest, check_output_limit, parse_json_object, read_body, validate
-from router.relay import StreamFailure, Upstream, UpstreamBroken, buffered_response, sse_bytes, sse_data
+from router.gateway.protocol import GenerateRequest, check_output_limit, parse_json_object, read_body, validate
+from router.observe.request_record import RequestRecord, served_headers, user_key
+from router.relay.relay import StreamFailure, Upstream, UpstreamBroken, buffered_response, sse_bytes, sse_data
 from router.state import RouterState
+from router.traffic.catalog import ServedVersion
 
 router = APIRouter(prefix="/api/v1", tags=["generate"])
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from router.predict.schema import PredictManifest, TensorSpec
+from llmserve.models.predict_manifest import PredictManifest, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +157,13 @@ _BUILDERS: dict[str, tuple[str, Callable[[Path, Dataset], tuple[str, dict[str, A
 }
 
 
+# (teacher folder, output folder, data) -> report; ``fallback.tabular.distill_tabular`` in the product.
+# Passed in, because the model repository must not import the distillers that build on it.
+Distiller = Callable[[Path, Path, Any], dict[str, Any]]
+
+
 def build_examples(models_dir: Path, rows: int = 20_000, names: tuple[str, ...] = EXAMPLES,
-                   version: str = "v1", fallback: bool = True) -> list[Path]:
+                   version: str = "v1", distill_fallback: Distiller | None = None) -> list[Path]:
     """Train and write each example model not already in the repository; returns their folders."""
     data: Dataset | None = None
     folders = []
@@ -183,12 +188,10 @@ def build_examples(models_dir: Path, rows: int = 20_000, names: tuple[str, ...] 
             ).write(work)
             shutil.move(str(work), str(folder))  # whole folder or nothing
         logger.info("built example %s:%s (%s) %s", name, version, framework, figures)
-    if "fraud-xgboost" in names and fallback:
+    if "fraud-xgboost" in names and distill_fallback is not None:
         folder = Path(models_dir) / FALLBACK_EXAMPLE / version
         if not (folder / "manifest.json").exists():
-            from fallback.tabular import distill_tabular
-
-            report = distill_tabular(Path(models_dir) / "fraud-xgboost" / version, folder, data or fraud_dataset(rows))
+            report = distill_fallback(Path(models_dir) / "fraud-xgboost" / version, folder, data or fraud_dataset(rows))
             logger.info("built fallback %s: agreement %.4f with fraud-xgboost", FALLBACK_EXAMPLE, report["agreement"])
         folders.append(folder)
     return folders

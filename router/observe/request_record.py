@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from router.errors import APIError
-from router.split import user_bucket
+from router.traffic.split import user_bucket
 
 if TYPE_CHECKING:
-    from router.metrics import RouterMetrics
-    from router.samples import SampleWindows
+    from router.observe.metrics import RouterMetrics
+    from router.observe.samples import SampleWindows
 from router.store.base import InferenceLog
 
 logger = logging.getLogger("router.requests")

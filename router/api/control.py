@@ -9,10 +9,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmserve.settings import SamplingDefaults
-from router.canary import CanaryPolicy
-from router.control import ControlPlane
+from router.control.canary_analysis import CanaryPolicy
+from router.control.plane import ControlPlane
 from router.errors import APIError, InvalidRequest, ModelNotFound, VersionNotFound
-from router.protocol import parse_json_object, read_body, validate
+from router.gateway.protocol import parse_json_object, read_body, validate
 from router.store import Conflict, ModelRecord, NotFound
 from router.store.base import DeploymentRecord
 

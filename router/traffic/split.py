@@ -79,3 +79,22 @@ def validate_split(split: Mapping[str, object], active_versions: set[str]) -> di
     if total != 100:
         raise ValueError(f"percentages sum to {total}, not 100: {values}")
     return values
+
+
+def rebalance(split: dict[str, int], version: str, percent: int) -> dict[str, int]:
+    """Give ``version`` ``percent``; scale the others to share the rest in proportion.
+
+    Largest-remainder rounding keeps whole percentages that sum to 100.
+    """
+    others = {v: w for v, w in split.items() if v != version and w > 0}
+    if not others:
+        return {version: 100}
+    rest = 100 - percent
+    total = sum(others.values())
+    exact = {v: w * rest / total for v, w in others.items()}
+    result = {v: int(x) for v, x in exact.items()}
+    leftover = rest - sum(result.values())
+    for v in sorted(exact, key=lambda v: exact[v] - result[v], reverse=True)[:leftover]:
+        result[v] += 1
+    result[version] = percent
+    return {v: w for v, w in result.items() if w > 0 or v == version}

@@ -27,12 +27,12 @@ from typing import Any
 import aiohttp
 from fastapi.responses import Response
 
-from llmserve.replica import Replica
+from llmserve.replicas.endpoint import Replica
 from llmserve.settings import RouterSettings
-from router.balancer import LeastOutstanding
-from router.catalog import ServedVersion
-from router.context import RequestRecord, served_headers
 from router.errors import APIError, NoReplicaReady, RequestTimedOut, UpstreamFailed
+from router.observe.request_record import RequestRecord, served_headers
+from router.traffic.balancer import LeastOutstanding
+from router.traffic.catalog import ServedVersion
 
 logger = logging.getLogger(__name__)
 

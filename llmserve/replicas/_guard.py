@@ -1,6 +1,6 @@
 """A tiny process that owns one replica's process group.
 
-Usage: ``python -m llmserve._guard --parent-pid PID --grace S -- CMD ARGS...``
+Usage: ``python -m llmserve.replicas._guard --parent-pid PID --grace S -- CMD ARGS...``
 
 The supervisor starts the guard as the leader of a new process group; the
 guard starts the replica command inside that group, so the engine's own
@@ -89,7 +89,7 @@ def _group_has_others() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llmserve._guard")
+    parser = argparse.ArgumentParser(prog="llmserve.replicas._guard")
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--grace", type=float, default=15.0)
     parser.add_argument("--nice", type=int, default=0, help="added CPU niceness for the command")

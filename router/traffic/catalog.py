@@ -2,7 +2,7 @@
 
 The catalog answers "which version serves this request": a version pinned by
 the request wins; otherwise the model's traffic split, by weighted rendezvous
-hashing of the user (``router.split``). While a version with traffic has no
+hashing of the user (``router.traffic.split``). While a version with traffic has no
 ready replica (a deploy still warming up on this router, say), its share goes
 to the versions that can answer rather than failing the request.
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llmserve.generation import GenerationDefaults
-from llmserve.replica import Replica
+from llmserve.replicas.endpoint import Replica
 from router.errors import InvalidRequest, ModelNotFound, NoReplicaReady, VersionNotFound
-from router.split import choose_version
+from router.traffic.split import choose_version
 
 if TYPE_CHECKING:
     from router.predict.host import Predictor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
-from llmserve.replica import Replica
+from llmserve.replicas.endpoint import Replica
 
 
 class LeastOutstanding:

@@ -1,6 +1,6 @@
 """Local supervision of engine replicas: start, ready, health, restart, drain, stop.
 
-Each replica runs under ``llmserve._guard`` in a process group of its own, so
+Each replica runs under ``llmserve.replicas._guard`` in a process group of its own, so
 stopping it (or the supervisor dying) takes the engine's child processes
 with it. One asyncio task per replica runs its life cycle loop.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from llmserve.errors import ReplicaStartError
-from llmserve.replica import Replica, ReplicaProgram, ReplicaState
+from llmserve.replicas.endpoint import Replica, ReplicaProgram, ReplicaState
 from llmserve.settings import EngineSettings
 
 logger = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ class Supervisor:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "llmserve._guard",
+                "llmserve.replicas._guard",
                 "--parent-pid",
                 str(os.getpid()),
                 "--grace",

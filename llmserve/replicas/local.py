@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from llmserve.errors import EngineSettingsError
-from llmserve.replica import Replica, ReplicaProgram
+from llmserve.replicas.endpoint import Replica, ReplicaProgram
+from llmserve.replicas.supervisor import Supervisor
 from llmserve.settings import EngineSettings
-from llmserve.supervisor import Supervisor
-from router.catalog import Catalog, ServedVersion
+from router.traffic.catalog import Catalog, ServedVersion
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from router.admission import parse_deadline_ms, resolve_priority
-from router.catalog import ServedVersion
-from router.context import RequestRecord, served_headers, user_key
+from router.admission.shedding import parse_deadline_ms, resolve_priority
 from router.errors import APIError, InvalidRequest, PayloadTooLarge
+from router.gateway.protocol import read_body
+from router.observe.request_record import RequestRecord, served_headers, user_key
 from router.predict.batcher import Overloaded
 from router.predict.codec import (
     NPY_TYPES,
@@ -33,8 +33,8 @@ from router.predict.codec import (
     unknown_outputs,
 )
 from router.predict.host import InvalidInput, Predictor
-from router.protocol import read_body
 from router.state import RouterState
+from router.traffic.catalog import ServedVersion
 
 router = APIRouter(tags=["predict"])
 

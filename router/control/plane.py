@@ -12,7 +12,7 @@ router's (``_watch``). The router that accepted a deploy drives the rollout:
    versions in proportion, in one compare-and-set of the split.
 
 Strategies change step 3: ``canary`` steps the share up while the analysis
-allows (``router.canary_rollout``); ``blue_green`` gives 100% at once and keeps
+allows (``router.control.strategies.canary``); ``blue_green`` gives 100% at once and keeps
 the old version ready for a grace period; ``rolling`` replaces the stable
 version's replicas one at a time (``_roll``), never below the desired ready count.
 
@@ -33,13 +33,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmserve.errors import LLMServeError
-from llmserve.replica import Replica
-from llmserve.repository import Manifest
-from router.canary import CanaryPolicy
-from router.canary_rollout import CanaryRollout, CanaryState
-from router.catalog import Catalog, ServedVersion
-from router.samples import SampleWindows
-from router.split import validate_split
+from llmserve.models.repository import Manifest
+from llmserve.replicas.endpoint import Replica
+from router.control.canary_analysis import CanaryPolicy
+from router.control.strategies.canary import CanaryRollout, CanaryState
+from router.observe.samples import SampleWindows
 from router.store import (
     Conflict,
     DeploymentRecord,
@@ -50,6 +48,8 @@ from router.store import (
     Store,
     TrafficRecord,
 )
+from router.traffic.catalog import Catalog, ServedVersion
+from router.traffic.split import rebalance, validate_split
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ _CAS_ATTEMPTS = 20
 
 
 class ReplicaLauncher(Protocol):
-    """Starts and stops a version's replicas (``llmserve.stack.LocalStack``)."""
+    """Starts and stops a version's replicas (``llmserve.replicas.local.LocalStack``)."""
 
     async def launch(
         self, model_name: str, version: str, model_dir: Path, replicas: int, engine: dict[str, Any] | None = None
@@ -72,25 +72,6 @@ class ReplicaLauncher(Protocol):
     async def wait_replica_ready(self, replica: Replica) -> None: ...
 
     async def remove_replica(self, served: ServedVersion, replica: Replica, drain: bool = True) -> None: ...
-
-
-def rebalance(split: dict[str, int], version: str, percent: int) -> dict[str, int]:
-    """Give ``version`` ``percent``; scale the others to share the rest in proportion.
-
-    Largest-remainder rounding keeps whole percentages that sum to 100.
-    """
-    others = {v: w for v, w in split.items() if v != version and w > 0}
-    if not others:
-        return {version: 100}
-    rest = 100 - percent
-    total = sum(others.values())
-    exact = {v: w * rest / total for v, w in others.items()}
-    result = {v: int(x) for v, x in exact.items()}
-    leftover = rest - sum(result.values())
-    for v in sorted(exact, key=lambda v: exact[v] - result[v], reverse=True)[:leftover]:
-        result[v] += 1
-    result[version] = percent
-    return {v: w for v, w in result.items() if w > 0 or v == version}
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from router.canary import CanaryPolicy, Decision, analyze
-from router.samples import SampleWindows
+from router.control.canary_analysis import CanaryPolicy, Decision, analyze
+from router.observe.samples import SampleWindows
 from router.store import HistoryEntry
+from router.traffic.split import rebalance
 
 if TYPE_CHECKING:
-    from router.control import ControlPlane
+    from router.control.plane import ControlPlane
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,6 @@ class CanaryRollout:
         return command
 
     async def run(self) -> None:
-        from router.control import rebalance
-
         s = self.state
         began = self._samples.now()
         for step in s.policy.steps:

@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING
 
 from llmserve.settings import AdmissionSettings, KeyPolicy
 from llmserve.stats import percentile
-from router.catalog import Catalog, ServedVersion
 from router.errors import APIError, InvalidRequest
+from router.traffic.catalog import Catalog, ServedVersion
 
 if TYPE_CHECKING:
-    from router.engine_metrics import EngineMetricsScraper
-    from router.metrics import RouterMetrics
-    from router.samples import SampleWindows
+    from router.observe.engine_metrics import EngineMetricsScraper
+    from router.observe.metrics import RouterMetrics
+    from router.observe.samples import SampleWindows
 
 PRIORITIES = ("critical", "standard", "batch")
 

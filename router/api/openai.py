@@ -9,10 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
-from router.admission import admit_request
-from router.catalog import Catalog
-from router.context import RequestRecord, served_headers, user_key
-from router.protocol import (
+from router.admission.shedding import admit_request
+from router.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     check_output_limit,
@@ -21,8 +19,10 @@ from router.protocol import (
     read_body,
     validate,
 )
-from router.relay import StreamFailure, Upstream, UpstreamBroken, buffered_response, sse_bytes, sse_data
+from router.observe.request_record import RequestRecord, served_headers, user_key
+from router.relay.relay import StreamFailure, Upstream, UpstreamBroken, buffered_response, sse_bytes, sse_data
 from router.state import RouterState
+from router.traffic.catalog import Catalog
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
