@@ -16,7 +16,6 @@ from llmserve.settings import Settings
 
 if TYPE_CHECKING:
     from router.state import RouterState
-    from router.store import Store
 
 
 def _prepare(settings: Settings, source: str | None, force: bool = False) -> Path:
@@ -68,9 +67,8 @@ Press Ctrl-C to stop.
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from llmserve.replicas.local import LocalStack
     from llmserve.replicas.spec import EngineSpec
-    from router.app import create_app
+    from llmserve.server import build
 
     _prepare(settings, args.source)
     examples = _build_examples(settings) if settings.examples else []
@@ -81,8 +79,6 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         return EngineSpec.from_settings(model_dir, name, version, engine,
                                         speculation=speculation_for(name, engine.speculation, settings))
 
-    store = _open_store(settings)
-    stack = LocalStack(settings.engine, settings.logs_dir, program_factory=engine_program)
     print(f"control plane: {'Redis' if settings.redis_url else settings.sqlite_path}; "
           f"engine logs in {settings.logs_dir / 'replicas'}", flush=True)
     router_settings = settings.router
@@ -99,27 +95,27 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             await control.register_model(ModelRecord(model.name, "SmolLM2-135M-Instruct", "vllm", "llmserve"))
         deployments = await control.store.list_deployments(model.name)
         if not any(d.status in LIVE_STATUSES for d in deployments):
-            await control.deploy(model.name, model.version, 100, model.replicas, 0, "llmserve up")
+            await control.deploy(model.name, model.version, model.replicas, "llmserve up")
         student = f"{model.name}-student"
         if settings.serve_student and (settings.model_repository / student / "v1" / "manifest.json").exists():
             if await control.store.get_model(student) is None:
                 await control.register_model(ModelRecord(student, f"distilled from {model.name}", "vllm",
                                                          "llmserve distill"))
             if not any(d.status in LIVE_STATUSES for d in await control.store.list_deployments(student)):
-                await control.deploy(student, "v1", 100, 1, 0, "llmserve up")
+                await control.deploy(student, "v1", 1, "llmserve up")
         for folder in examples:  # the traditional example models, served in the router
             manifest = PredictManifest.read(folder)
             if await control.store.get_model(manifest.name) is None:
                 await control.register_model(ModelRecord(manifest.name, "example fraud classifier",
                                                          manifest.framework, "llmserve"))
             if not any(d.status in LIVE_STATUSES for d in await control.store.list_deployments(manifest.name)):
-                await control.deploy(manifest.name, manifest.version, 100, 1, 0, "llmserve up")
-        asyncio.create_task(_announce_when_ready(state, router_settings.host, router_settings.port, model.name))
+                await control.deploy(manifest.name, manifest.version, 1, "llmserve up")
+        control.spawn(_announce_when_ready(state, router_settings.host, router_settings.port, model.name),
+                      name="announce ready")
 
-    app = create_app(router_settings, stack, store=store, models_dir=settings.model_repository,
-                     on_started=bootstrap)
+    server = build(settings, specs=engine_program, on_started=bootstrap)
     config = uvicorn.Config(
-        app,
+        server.app,
         host=router_settings.host,
         port=router_settings.port,
         log_config=None,
@@ -183,16 +179,6 @@ def speculation_for(model_name: str, kind: str, settings: Settings) -> Any:
     if kind == "draft" and (student / "config.json").exists():
         return DraftModelSpeculation(student)
     return None
-
-
-def _open_store(settings: Settings) -> Store:
-    if settings.redis_url:
-        from router.store.redis_store import RedisStore
-
-        return RedisStore(settings.redis_url)
-    from router.store.sqlite import SQLiteStore
-
-    return SQLiteStore(settings.sqlite_path)
 
 
 async def _announce_when_ready(state: RouterState, host: str, port: int, model_name: str) -> None:

@@ -1,6 +1,14 @@
 """Errors of the serving side: model preparation and engine replicas.
 
-The router maps these (and its own) to HTTP responses in ``router.errors``.
+    LLMServeError
+    ├── PrepareError          a model source could not become a version
+    ├── ReplicaStartError     an engine replica exited or timed out before ready
+    ├── EngineSettingsError   a version's engine settings do not fit together
+    ├── LaunchFailed          a version could not be started (not prepared, no host for it)
+    └── ManifestError         (llmserve.models.predict_manifest) a predict folder is unusable
+
+None of them is an HTTP error: a failed deployment records the message as its
+reason; the router maps its own errors to HTTP responses in ``router.errors``.
 """
 
 from __future__ import annotations
@@ -38,3 +46,7 @@ class ReplicaStartError(LLMServeError):
 
 class EngineSettingsError(LLMServeError):
     """A version's engine settings do not fit together (a default output length above its limit, say)."""
+
+
+class LaunchFailed(LLMServeError):
+    """A version could not be started here; the message says why and how to fix it."""

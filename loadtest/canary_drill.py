@@ -30,14 +30,14 @@ from typing import Any
 import aiohttp
 
 from llmserve.models.repository import Manifest
-from llmserve.replicas.local import LocalStack
+from llmserve.replicas.spec import EngineSpec
 from llmserve.settings import EngineSettings, RouterSettings
 from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port
 from loadtest.runner import Record, Target, send
 from loadtest.sim import SimEngineProgram
+from loadtest.simstack import sim_server
 from loadtest.workload import RequestSpec
-from router.app import create_app
 from router.store.sqlite import SQLiteStore
 
 MODEL = "drill"
@@ -55,17 +55,16 @@ def _make_version(models_dir: Path, version: str) -> None:
 
 @contextlib.asynccontextmanager
 async def _router(tmp: Path, regression: float) -> AsyncIterator[str]:
-    def factory(model_name: str, version: str, model_dir: Path, engine: dict[str, Any]) -> SimEngineProgram:
-        slow = version != "v1"
+    def factory(spec: EngineSpec) -> SimEngineProgram:
+        slow = spec.version != "v1"
         ttft = STABLE_TTFT_MS * (1 + regression) if slow else STABLE_TTFT_MS
-        return SimEngineProgram(model_name, version, ttft_ms=ttft, itl_ms=2,
-                                extra_args=("--jitter-cv", "0.25", "--seed", str(hash(version) % 1000)))
+        return SimEngineProgram(spec.model_name, spec.version, ttft_ms=ttft, itl_ms=2,
+                                extra_args=("--jitter-cv", "0.25", "--seed", str(hash(spec.version) % 1000)))
 
     port = free_port()
-    stack = LocalStack(EngineSettings(first_port=free_port(), health_interval_s=1.0), tmp / "logs",
-                       program_factory=factory)
-    app = create_app(RouterSettings(port=port), stack, store=SQLiteStore(tmp / "db"), models_dir=tmp / "models")
-    async with serve_router(app, port, stack, wait_replicas=False) as url:
+    server = sim_server(tmp, (), RouterSettings(port=port), EngineSettings(first_port=free_port(),
+                        health_interval_s=1.0), store=SQLiteStore(tmp / "db"), program=factory)
+    async with serve_router(server.app, port, server.backend, wait_replicas=False) as url:
         yield url
 
 

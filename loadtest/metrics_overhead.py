@@ -18,22 +18,21 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from llmserve.replicas.local import Deployment, LocalStack
 from llmserve.settings import EngineSettings, RouterSettings
 from loadtest.bench import BenchConfig, Target, run
 from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port
 from loadtest.sim import SimEngineProgram
-from router.app import create_app
+from loadtest.simstack import StaticVersion, sim_server
 
 
 @contextlib.asynccontextmanager
 async def _router(metrics: bool, logs: Path) -> AsyncIterator[str]:
     port = free_port()
-    stack = LocalStack(EngineSettings(first_port=free_port(), health_interval_s=1.0), logs,
-                       [Deployment(SimEngineProgram("demo", "v1", ttft_ms=20, itl_ms=5), 2048, 1)])
-    app = create_app(RouterSettings(port=port, metrics_enabled=metrics), stack)
-    async with serve_router(app, port, stack) as url:
+    server = sim_server(logs, [StaticVersion(SimEngineProgram("demo", "v1", ttft_ms=20, itl_ms=5), 2048, 1)],
+                        RouterSettings(port=port, metrics_enabled=metrics),
+                        EngineSettings(first_port=free_port(), health_interval_s=1.0))
+    async with serve_router(server.app, port, server.backend) as url:
         yield f"{url}/v1"
 
 

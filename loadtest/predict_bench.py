@@ -117,10 +117,8 @@ def serve(models_dir: Path, port: int, batching: bool) -> None:
     """Server mode: a router with the example models, no engines."""
     import uvicorn
 
-    from llmserve.replicas.local import LocalStack
-    from llmserve.replicas.spec import EngineSpec  # noqa: F401  (the stack's program type)
-    from llmserve.settings import EngineSettings, PredictSettings, RouterSettings
-    from router.app import create_app
+    from llmserve.server import build
+    from llmserve.settings import EngineSettings, PredictSettings, RouterSettings, Settings
     from router.store import ModelRecord
     from router.store.sqlite import SQLiteStore
 
@@ -128,13 +126,13 @@ def serve(models_dir: Path, port: int, batching: bool) -> None:
         for name in MODELS:
             framework = json.loads((models_dir / name / "v1" / "manifest.json").read_text())["framework"]
             await state.control.register_model(ModelRecord(name, "bench", framework, "bench"))
-            await state.control.deploy(name, "v1", 100, 1, 0, "bench")
+            await state.control.deploy(name, "v1", 1, "bench")
 
-    settings = RouterSettings(port=port, predict=PredictSettings(batching=batching))
-    stack = LocalStack(EngineSettings(first_port=free_port()), models_dir / "logs")
-    app = create_app(settings, stack, store=SQLiteStore(models_dir / f"bench-{port}.db"), models_dir=models_dir,
-                     on_started=register)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    router = RouterSettings(port=port, predict=PredictSettings(batching=batching))
+    settings = Settings(data_dir=models_dir, router=router, engine=EngineSettings(first_port=free_port()))
+    server = build(settings, store=SQLiteStore(models_dir / f"bench-{port}.db"), models_dir=models_dir,
+                   on_started=register)
+    uvicorn.run(server.app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 @contextlib.contextmanager

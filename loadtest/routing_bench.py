@@ -14,30 +14,11 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 
-from llmserve.generation import GenerationDefaults
-from llmserve.replicas.endpoint import Replica, ReplicaState
+from llmserve.replicas.backend import Endpoint, EndpointState
 from loadtest.stats import percentile
 from router.traffic.balancer import LeastOutstanding
 from router.traffic.catalog import Catalog, ServedVersion
-
-
-@dataclass(frozen=True)
-class _Program:
-    model_name: str
-    version: str
-    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
-
-    @property
-    def versioned_name(self) -> str:
-        return f"{self.model_name}:{self.version}"
-
-    def command(self, host: str, port: int) -> list[str]:
-        return []
-
-    def environment(self) -> dict[str, str]:
-        return {}
 
 
 def build_catalog(split: dict[str, int], replicas_per_version: int = 2) -> Catalog:
@@ -45,8 +26,8 @@ def build_catalog(split: dict[str, int], replicas_per_version: int = 2) -> Catal
     for version in split:
         served = ServedVersion("chat", version, 2048)
         for index in range(replicas_per_version):
-            replica = Replica(_Program("chat", version), index, port=8100 + index)
-            replica.state = ReplicaState.READY
+            replica = Endpoint(f"chat:{version}/{index}", "chat", version, url=f"http://127.0.0.1:{8100 + index}",
+                               state=EndpointState.READY)
             served.replicas.append(replica)
         catalog.add_version(served)
     catalog.set_split("chat", split)

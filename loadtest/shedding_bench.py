@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from llmserve.replicas.local import Deployment, LocalStack
 from llmserve.settings import AdmissionSettings, EngineSettings, RouterSettings
 from llmserve.stats import percentile
 from loadtest.inprocess import serve_router
@@ -35,8 +34,8 @@ from loadtest.report import emit
 from loadtest.runner import Record, RunPlan, Target, execute
 from loadtest.schedule import Shape, intended_send_times
 from loadtest.sim import SimEngineProgram
+from loadtest.simstack import StaticVersion, sim_server
 from loadtest.workload import LengthDistribution, Workload
-from router.app import create_app
 
 MODEL, FALLBACK = "chat", "chat-student"
 MIX = ["critical", "standard", "standard", "standard", "batch"]  # 20 / 60 / 20
@@ -49,12 +48,12 @@ async def _router(tmp: Path, shedding: bool) -> AsyncIterator[str]:
                             extra_args=("--max-running", "8", "--load-slowdown", "0.5", "--jitter-cv", "0.2"))
     small = SimEngineProgram(FALLBACK, "v1", ttft_ms=15, itl_ms=4,
                              extra_args=("--max-running", "32", "--jitter-cv", "0.2"))
-    stack = LocalStack(EngineSettings(first_port=free_port(), health_interval_s=1.0), tmp / f"logs-{port}",
-                       [Deployment(full, 2048), Deployment(small, 2048)])
     settings = RouterSettings(port=port, admission=AdmissionSettings(
         enabled=shedding, fallbacks={MODEL: FALLBACK}, max_outstanding_per_replica=10, min_hold_s=1.0,
         queue_wait_s=1.0))
-    async with serve_router(create_app(settings, stack), port, stack) as url:
+    server = sim_server(tmp / f"run-{port}", [StaticVersion(full, 2048), StaticVersion(small, 2048)], settings,
+                        EngineSettings(first_port=free_port(), health_interval_s=1.0))
+    async with serve_router(server.app, port, server.backend) as url:
         yield url
 
 

@@ -1,14 +1,21 @@
-"""Wiring only: build the FastAPI app from settings, an engine backend and (optionally) a store."""
+"""Wiring only: the FastAPI app from settings, a replica backend and (optionally) a store.
+
+``llmserve.server.build`` is the one caller that assembles the parts; this
+module only orders the lifespan (start the parts, then serve; stop them in
+reverse) and the middleware.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 from fastapi import FastAPI
 
+from llmserve.replicas.backend import ReplicaBackend
+from llmserve.replicas.spec import EngineSpec
 from llmserve.settings import RouterSettings
 from router.admission.shedding import Admission
 from router.api import control as control_api
@@ -16,7 +23,8 @@ from router.api import generate as generate_api
 from router.api import health as health_api
 from router.api import openai as openai_api
 from router.api import predict as predict_api
-from router.control.plane import ControlPlane, ReplicaLauncher
+from router.control.plane import ControlPlane
+from router.control.versions import SpecBuilder
 from router.errors import install_error_handlers
 from router.gateway.access_log import AccessLogMiddleware
 from router.gateway.request_id import RequestIdMiddleware
@@ -25,11 +33,11 @@ from router.observe.inference_log import InferenceLogWriter
 from router.observe.metrics import RouterMetrics
 from router.observe.samples import SampleWindows
 from router.predict.batcher import BatchingConfig
-from router.predict.host import PredictLauncher
+from router.predict.host import PredictorHost
 from router.relay.relay import Relay
-from router.state import EngineBackend, RouterState
+from router.state import RouterState
 from router.store import Store
-from router.traffic.catalog import Catalog
+from router.traffic.catalog import Catalog, ServedVersion
 
 logger = logging.getLogger(__name__)
 
@@ -38,46 +46,43 @@ StartedHook = Callable[[RouterState], Awaitable[None]]
 
 def create_app(
     settings: RouterSettings,
-    backend: EngineBackend,
-    catalog: Catalog | None = None,
+    backend: ReplicaBackend,
+    specs: SpecBuilder,
     store: Store | None = None,
     models_dir: Path | None = None,
+    static: Sequence[tuple[EngineSpec, int]] = (),
     on_started: StartedHook | None = None,
 ) -> FastAPI:
     """The router app.
 
-    The lifespan starts the backend's static replicas, then (with a store) the
-    control plane, which relaunches the active versions recorded in the store;
-    on shutdown it stops all of them.
+    The lifespan starts the ``static`` versions (spec, replicas) without a
+    store, then (with a store) the control plane, which relaunches the active
+    versions recorded in the store; on shutdown it stops all of them.
     """
-    catalog = catalog or Catalog()
+    catalog = Catalog()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         relay = Relay(settings, on_replica_failure=backend.report_failure)
-        state = RouterState(settings=settings, catalog=catalog, relay=relay, backend=backend)
+        metrics = RouterMetrics(catalog) if settings.metrics_enabled else None
         scraper: EngineMetricsScraper | None = None
-        if settings.metrics_enabled:
-            state.metrics = RouterMetrics(catalog)
+        if metrics is not None:
             scraper = EngineMetricsScraper(catalog, settings.engine_metrics_interval_s)
-            state.metrics.registry.register(scraper)
+            metrics.registry.register(scraper)
             scraper.start()
-        state.samples = SampleWindows()
-        state.admission = Admission(settings.admission, catalog, state.samples, scraper, state.metrics)
+        samples = SampleWindows()
+        state = RouterState(settings=settings, catalog=catalog, relay=relay, backend=backend, samples=samples,
+                            admission=Admission(settings.admission, catalog, samples, scraper, metrics),
+                            metrics=metrics)
         app.state.router = state
-        await backend.start(catalog)
+        for spec, replicas in static:
+            catalog.add_version(ServedVersion.of(await backend.start(spec, replicas)))
         log_writer: InferenceLogWriter | None = None
         if store is not None:
-            launcher: ReplicaLauncher = backend  # type: ignore[assignment]
-            predict = settings.predict
-            batching = BatchingConfig(
-                enabled=predict.batching, max_batch_size=predict.max_batch_size, max_wait_ms=predict.max_wait_ms,
-                adaptive=predict.adaptive, instances=predict.instances, max_queue_rows=predict.max_queue_rows,
-                default_deadline_ms=predict.default_deadline_ms)
-            metrics = state.metrics
-            predict_launcher = PredictLauncher(batching, metrics.batch_observer if metrics is not None else None)
-            state.control = ControlPlane(store, launcher, catalog, models_dir or Path("."), state.samples,
-                                         predict_launcher=predict_launcher)
+            predictors = PredictorHost(BatchingConfig.from_settings(settings.predict),
+                                       metrics.batch_observer if metrics is not None else None)
+            state.control = ControlPlane(store, backend, catalog, models_dir or Path("."), specs, samples,
+                                         predictors=predictors)
             await state.control.start()
             log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)
             log_writer.start()
@@ -94,7 +99,7 @@ def create_app(
                 await log_writer.close()
             if scraper is not None:
                 await scraper.close()
-            await backend.stop()
+            await backend.close()
             await relay.aclose()
             if store is not None:
                 await store.close()

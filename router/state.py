@@ -1,33 +1,30 @@
-"""What the app's lifespan owns: the one place for the router's mutable state."""
+"""What the app's lifespan owns: the one place for the router's mutable state.
+
+Parts that can be switched off are still there: ``metrics`` is ``None``
+only when Prometheus metrics are disabled, ``control`` when the router runs
+without a store (static versions only), and ``log_sink`` drops records when
+there is no store to write them to.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
 
-from llmserve.replicas.endpoint import Replica
+from llmserve.replicas.backend import ReplicaBackend
 from llmserve.settings import RouterSettings
+from router.admission.shedding import Admission
+from router.control.plane import ControlPlane
+from router.observe.metrics import RouterMetrics
+from router.observe.samples import SampleWindows
 from router.relay.relay import Relay
 from router.store.base import InferenceLog
 from router.traffic.catalog import Catalog
 
-if TYPE_CHECKING:
-    from router.admission.shedding import Admission
-    from router.control.plane import ControlPlane
-    from router.observe.metrics import RouterMetrics
-    from router.observe.samples import SampleWindows
 
-
-class EngineBackend(Protocol):
-    """Starts and stops the engine replicas behind the catalog (``llmserve.replicas.local`` locally)."""
-
-    async def start(self, catalog: Catalog) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    def report_failure(self, replica: Replica, reason: str) -> None: ...
+def drop_log(_log: InferenceLog) -> None:
+    """The inference-log sink of a router without a store."""
 
 
 @dataclass
@@ -35,11 +32,11 @@ class RouterState:
     settings: RouterSettings
     catalog: Catalog
     relay: Relay
-    backend: EngineBackend
+    backend: ReplicaBackend
+    samples: SampleWindows
+    admission: Admission
+    metrics: RouterMetrics | None = None
+    control: ControlPlane | None = None
+    log_sink: Callable[[InferenceLog], None] = drop_log
     started_at: float = field(default_factory=time.time)
     sse_ping_s: int = 15
-    control: ControlPlane | None = None
-    log_sink: Callable[[InferenceLog], None] | None = None
-    metrics: RouterMetrics | None = None
-    samples: SampleWindows | None = None
-    admission: Admission | None = None

@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 
 from llmserve.generation import GenerationDefaults
-from llmserve.replicas.local import Deployment, LocalStack, ProgramFactory
+from llmserve.replicas.backend import EndpointState
+from llmserve.replicas.local import LocalBackend, ProgramFactory
 from llmserve.settings import EngineSettings, RouterSettings
 from loadtest.inprocess import serve_router
-from router.app import create_app
+from loadtest.simstack import StaticVersion, fast_sim, sim_server
 from router.store import Store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,13 +73,13 @@ class ScriptProgram:
 @dataclass
 class RunningRouter:
     url: str
-    stack: LocalStack
+    backend: LocalBackend
     app: Any
 
 
 @contextlib.asynccontextmanager
 async def run_router(
-    deployments: list[Deployment],
+    deployments: list[StaticVersion],
     tmp_path: Path,
     router_settings: RouterSettings | None = None,
     engine_settings: EngineSettings | None = None,
@@ -91,14 +92,15 @@ async def run_router(
     settings = router_settings or RouterSettings(port=port, retry_after_s=2)
     if router_settings is not None:
         port = router_settings.port
-    stack = LocalStack(engine_settings or fast_engine_settings(), tmp_path / "logs", deployments,
-                       program_factory=program_factory)
-    app = create_app(settings, stack, store=store, models_dir=tmp_path / "models")
+    server = sim_server(tmp_path, deployments, settings, engine_settings or fast_engine_settings(), store=store,
+                        program=program_factory or fast_sim)
+    backend = server.backend
+    assert isinstance(backend, LocalBackend)
     try:
-        async with serve_router(app, port, stack, wait_replicas=wait_ready) as url:
-            yield RunningRouter(url=url, stack=stack, app=app)
+        async with serve_router(server.app, port, backend, wait_replicas=wait_ready) as url:
+            yield RunningRouter(url=url, backend=backend, app=server.app)
     finally:
-        leftover = [r for r in stack.supervisor.replicas if r.state.value != "stopped"]
+        leftover = [r for r in backend.supervisor.replicas if r.state is not EndpointState.STOPPED]
         assert not leftover, f"replicas left running: {leftover}"
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmserve.replicas.endpoint import Replica, ReplicaState
-from llmserve.replicas.local import Deployment
+from llmserve.replicas.backend import Endpoint, EndpointState
 from llmserve.settings import AdmissionSettings, KeyPolicy, RouterSettings
 from loadtest.sim import SimEngineProgram
+from loadtest.simstack import StaticVersion
 from router.admission.shedding import Admission, PriorityForbidden, resolve_priority
 from router.errors import InvalidRequest
 from router.observe.samples import SampleWindows
@@ -48,7 +48,7 @@ class Clock:
 
 
 def served_with(outstanding: int) -> ServedVersion:
-    replica = Replica(program=SimEngineProgram("chat", "v1"), index=0, state=ReplicaState.READY)
+    replica = Endpoint("chat:v1/0", "chat", "v1", state=EndpointState.READY)
     replica.outstanding = outstanding
     return ServedVersion("chat", "v1", 2048, [replica])
 
@@ -80,8 +80,8 @@ async def test_under_saturation_critical_keeps_the_full_model_standard_gets_the_
     settings = RouterSettings(port=free_port(), retry_after_s=2, admission=AdmissionSettings(
         api_keys=KEYS, fallbacks={"chat": "chat-small"}, max_outstanding_per_replica=3, queue_wait_s=0.4,
         min_hold_s=0, clear_ratio=0.5))
-    deployments = [Deployment(SimEngineProgram("chat", "v1", ttft_ms=5, itl_ms=20), 2048),
-                   Deployment(SimEngineProgram("chat-small", "v1", ttft_ms=5, itl_ms=2), 2048)]
+    deployments = [StaticVersion(SimEngineProgram("chat", "v1", ttft_ms=5, itl_ms=20), 2048),
+                   StaticVersion(SimEngineProgram("chat-small", "v1", ttft_ms=5, itl_ms=2), 2048)]
     async with run_router(deployments, tmp_path, router_settings=settings) as router, \
             httpx.AsyncClient(base_url=router.url, timeout=30) as client:
         def ask(model: str = "chat", priority: str | None = None, max_tokens: int = 2, **headers: str):

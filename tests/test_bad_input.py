@@ -8,8 +8,8 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from llmserve.replicas.local import Deployment
 from loadtest.sim import SimEngineProgram
+from loadtest.simstack import StaticVersion
 from tests.conftest import RunningRouter, run_router
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -19,7 +19,7 @@ CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def router(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningRouter]:
-    deployments = [Deployment(SimEngineProgram("demo", "v1"), 2048, 1)]
+    deployments = [StaticVersion(SimEngineProgram("demo", "v1"), 2048, 1)]
     async with run_router(deployments, tmp_path_factory.mktemp("bad-input")) as running:
         yield running
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llmserve.replicas.spec import EngineSpec
 from loadtest.sim import SimEngineProgram
 from router.store.sqlite import SQLiteStore
 from tests.conftest import RunningRouter, run_router
@@ -21,12 +22,12 @@ STABLE_TTFT_MS = 30.0
 
 
 def factory_for(canary_ttft_ms: float, canary_error_rate: float = 0.0):
-    def factory(model_name: str, version: str, model_dir: Path, engine: dict) -> SimEngineProgram:
-        slow = version == "v2"
+    def factory(spec: EngineSpec) -> SimEngineProgram:
+        slow = spec.version == "v2"
         args = ["--jitter-cv", "0.25", "--seed", "1" if slow else "2"]
         if slow and canary_error_rate:
             args += ["--error-rate", str(canary_error_rate)]
-        return SimEngineProgram(model_name, version, ttft_ms=canary_ttft_ms if slow else STABLE_TTFT_MS,
+        return SimEngineProgram(spec.model_name, spec.version, ttft_ms=canary_ttft_ms if slow else STABLE_TTFT_MS,
                                 itl_ms=2, extra_args=tuple(args))
     return factory
 

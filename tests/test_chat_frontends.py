@@ -21,11 +21,12 @@ import openai
 import pytest
 
 from llmserve.generation import GenerationDefaults
-from llmserve.replicas.local import Deployment
-from llmserve.settings import AdmissionSettings, EngineSettings, RouterSettings
+from llmserve.replicas.spec import EngineSpec
+from llmserve.settings import AdmissionSettings, RouterSettings
 from loadtest.sampling_quality import OPEN_PROMPTS, QUESTIONS, measure, parse_setting, repeated_share
 from loadtest.sampling_quality import main as sampling_main
 from loadtest.sim import SimEngineProgram
+from loadtest.simstack import StaticVersion
 from router.gateway.protocol import drop_tools
 from router.store import InferenceLog
 from router.store.sqlite import SQLiteStore
@@ -36,10 +37,10 @@ from tests.test_control_plane import MODEL, deploy, make_version, wait_status
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def sim(itl_ms: float = 2, generation: GenerationDefaults | None = None, *extra: str) -> list[Deployment]:
+def sim(itl_ms: float = 2, generation: GenerationDefaults | None = None, *extra: str) -> list[StaticVersion]:
     program = SimEngineProgram("demo", "v1", ttft_ms=5, itl_ms=itl_ms, extra_args=tuple(extra),
                                generation=generation or GenerationDefaults(max_tokens=16))
-    return [Deployment(program, 2048, 1)]
+    return [StaticVersion(program, 2048, 1)]
 
 
 def settings(**overrides: object) -> RouterSettings:
@@ -99,7 +100,7 @@ async def test_a_non_streaming_answer_past_its_budget_is_504_and_the_replica_sta
     short = settings(request_timeout_s=1.0, first_token_timeout_s=1.0, idle_stream_timeout_s=1.0)
     async with run_router(sim(itl_ms=20), tmp_path, router_settings=short) as router, \
             httpx.AsyncClient(timeout=30) as http:
-        replica = router.stack.supervisor.replicas[0]
+        replica = router.backend.supervisor.replicas[0]
         started = time.perf_counter()
         slow = await http.post(f"{router.url}/v1/chat/completions",
                                json={"model": "demo", "messages": QUESTION, "max_tokens": 300})
@@ -127,7 +128,7 @@ async def test_a_stream_past_its_budget_ends_with_a_timeout_event(tmp_path: Path
             async for chunk in stream:
                 chunks.append(chunk)
         assert len(chunks) > 3 and "time budget" in str(raised.value)
-        assert router.stack.supervisor.replicas[0].state.value == "ready"
+        assert router.backend.supervisor.replicas[0].state.value == "ready"
         generate = await httpx.AsyncClient(timeout=30).post(
             f"{router.url}/api/v1/models/demo/generate", json={"prompt": "hi", "max_tokens": 300})
         assert generate.status_code == 504 and generate.json()["error"]["code"] == "request_timeout"
@@ -137,7 +138,7 @@ async def test_a_stream_with_no_first_token_in_time_ends_with_an_error_without_e
     hangs = sim(2, None, "--hang-rate", "1")
     quick = settings(first_token_timeout_s=0.5, idle_stream_timeout_s=0.5)
     async with run_router(hangs, tmp_path, router_settings=quick) as router, httpx.AsyncClient(timeout=30) as http:
-        replica = router.stack.supervisor.replicas[0]
+        replica = router.backend.supervisor.replicas[0]
         body = {"model": "demo", "messages": QUESTION, "stream": True}
         async with http.stream("POST", f"{router.url}/v1/chat/completions", json=body) as response:
             data = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
@@ -186,12 +187,12 @@ async def test_every_status_is_counted_logged_and_written_once(tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="router")
     store = SQLiteStore(tmp_path / "db")
-    never_ready = Deployment(ScriptProgram("import time; time.sleep(120)", model_name="cold"), 2048, 1)
+    never_ready = StaticVersion(ScriptProgram("import time; time.sleep(120)", model_name="cold"), 2048, 1)
     config = settings(request_timeout_s=1.0, max_body_bytes=2048,
                       admission=AdmissionSettings(max_outstanding_per_replica=1, queue_wait_s=0))
     async with run_router([*sim(itl_ms=20), never_ready], tmp_path, router_settings=config, store=store,
                           wait_ready=False) as router, httpx.AsyncClient(timeout=30) as http:
-        await router.stack.supervisor.wait_ready(router.stack.supervisor.replicas[0])
+        await router.backend.supervisor.wait_ready(router.backend.supervisor.replicas[0])
         chat = f"{router.url}/v1/chat/completions"
         body = {"model": "demo", "messages": QUESTION, "max_tokens": 2}
         statuses = {
@@ -230,11 +231,9 @@ async def test_every_status_is_counted_logged_and_written_once(tmp_path: Path,
 # -- per-version generation settings through the control plane ------------------------
 
 
-def generation_factory(model_name: str, version: str, model_dir: Path, engine: dict) -> SimEngineProgram:
+def generation_factory(spec: EngineSpec) -> SimEngineProgram:
     """As ``llmserve up`` builds an engine: the router's engine settings with the version's overrides."""
-    settings = EngineSettings().with_overrides(engine)
-    return SimEngineProgram(model_name, version, ttft_ms=5, itl_ms=2,
-                            generation=GenerationDefaults.from_settings(settings))
+    return SimEngineProgram(spec.model_name, spec.version, ttft_ms=5, itl_ms=2, generation=spec.generation)
 
 
 async def test_a_deployment_sets_its_own_generation_defaults(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from llmserve.models.repository import Manifest
+from llmserve.replicas.spec import EngineSpec
 from loadtest.sim import SimEngineProgram
 from router.store import Store
 from router.store.redis_store import RedisStore
@@ -23,8 +24,8 @@ from tests.redis_server import redis_server
 MODEL = "chat"
 
 
-def sim_factory(model_name: str, version: str, model_dir: Path, engine: dict) -> SimEngineProgram:
-    return SimEngineProgram(model_name, version, ttft_ms=5, itl_ms=5)
+def sim_factory(spec: EngineSpec) -> SimEngineProgram:
+    return SimEngineProgram(spec.model_name, spec.version, ttft_ms=5, itl_ms=5)
 
 
 def make_version(models_dir: Path, version: str, model: str = MODEL) -> None:
@@ -231,7 +232,7 @@ async def restarted_router_has_the_same_state(
         after = (await client.get(f"{router.url}/api/v1/deployments/{MODEL}")).json()
         assert after["split"] == before["split"] == {"v1": 75, "v2": 25}
         assert [h["action"] for h in after["history"]] == [h["action"] for h in before["history"]]
-        await asyncio.gather(*(router.stack.supervisor.wait_ready(r) for r in router.stack.supervisor.replicas))
+        await asyncio.gather(*(router.backend.supervisor.wait_ready(r) for r in router.backend.supervisor.replicas))
         served = {(await chat(client, router.url, f"u{i}")).headers["x-model-version"] for i in range(40)}
         assert served == {"v1", "v2"}
 
@@ -280,7 +281,7 @@ async def test_two_routers_on_one_redis_share_the_control_plane(tmp_path: Path) 
             assert await b_share("v2") == 60
             assert applied_after < 1.0, f"router B applied the change after {applied_after:.3f}s"
             # B runs its own replicas of both versions and serves them.
-            await asyncio.gather(*(b.stack.supervisor.wait_ready(r) for r in b.stack.supervisor.replicas))
+            await asyncio.gather(*(b.backend.supervisor.wait_ready(r) for r in b.backend.supervisor.replicas))
             served = {(await chat(client, b.url, f"u{i}")).headers["x-model-version"] for i in range(40)}
             assert served == {"v1", "v2"}
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llmserve.replicas.local import Deployment
 from loadtest.bench import BenchConfig, Target, run
 from loadtest.sim import SimEngineProgram
+from loadtest.simstack import StaticVersion
 from loadtest.stats import RequestResult, percentile, summarize
 from tests.conftest import run_router
 
@@ -36,9 +36,9 @@ def test_failed_requests_are_counted_but_left_out_of_latency() -> None:
 
 
 async def test_bench_compares_router_with_the_engine_behind_it(tmp_path: Path) -> None:
-    deployments = [Deployment(SimEngineProgram("demo", "v1", ttft_ms=30, itl_ms=5), 2048, 1)]
+    deployments = [StaticVersion(SimEngineProgram("demo", "v1", ttft_ms=30, itl_ms=5), 2048, 1)]
     async with run_router(deployments, tmp_path) as router:
-        engine = router.stack.supervisor.replicas[0].base_url
+        engine = router.backend.supervisor.replicas[0].base_url
         config = BenchConfig(model="demo", requests=8, concurrency=4, max_tokens=6, rounds=2, seed=1)
         report = await run([Target("direct", f"{engine}/v1"), Target("router", f"{router.url}/v1")], config)
     direct, routed = report["targets"]["direct"], report["targets"]["router"]
@@ -54,7 +54,7 @@ async def test_bench_compares_router_with_the_engine_behind_it(tmp_path: Path) -
 
 
 async def test_bench_reports_errors_by_status(tmp_path: Path) -> None:
-    deployments = [Deployment(SimEngineProgram("demo", "v1"), 2048, 1)]
+    deployments = [StaticVersion(SimEngineProgram("demo", "v1"), 2048, 1)]
     async with run_router(deployments, tmp_path) as router:
         config = BenchConfig(model="no-such-model", requests=2, concurrency=2, max_tokens=2, rounds=1, seed=0)
         report = await asyncio.wait_for(run([Target("router", f"{router.url}/v1")], config), 30)

@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmserve.replicas.local import Deployment
 from llmserve.settings import RouterSettings
 from loadtest.sim import SimEngineProgram
+from loadtest.simstack import StaticVersion
 from tests.conftest import free_port, run_router
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
@@ -29,7 +29,7 @@ def value(all_samples: dict, name: str, **labels: str) -> float:
 
 
 async def test_metrics_count_what_was_sent(tmp_path: Path) -> None:
-    deployments = [Deployment(SimEngineProgram("demo", "v1", ttft_ms=10, itl_ms=3), 2048, 2)]
+    deployments = [StaticVersion(SimEngineProgram("demo", "v1", ttft_ms=10, itl_ms=3), 2048, 2)]
     async with run_router(deployments, tmp_path) as router, httpx.AsyncClient() as client:
         streams = [client.post(f"{router.url}/v1/chat/completions",
                                json={**CHAT, "stream": True, "max_tokens": 5, "user": f"u{i}"}) for i in range(6)]
@@ -65,7 +65,7 @@ async def test_metrics_count_what_was_sent(tmp_path: Path) -> None:
 async def test_metrics_can_be_turned_off(tmp_path: Path) -> None:
     port = free_port()
     settings = RouterSettings(port=port, metrics_enabled=False)
-    deployments = [Deployment(SimEngineProgram("demo", "v1"), 2048, 1)]
+    deployments = [StaticVersion(SimEngineProgram("demo", "v1"), 2048, 1)]
     async with run_router(deployments, tmp_path, router_settings=settings) as router, httpx.AsyncClient() as client:
         answer = await client.post(f"{router.url}/v1/chat/completions", json={**CHAT, "max_tokens": 1})
         assert answer.status_code == 200
@@ -74,7 +74,7 @@ async def test_metrics_can_be_turned_off(tmp_path: Path) -> None:
 
 async def test_engine_metrics_are_re_exposed_per_replica(tmp_path: Path) -> None:
     settings = RouterSettings(port=free_port(), engine_metrics_interval_s=0.1)
-    deployments = [Deployment(SimEngineProgram("demo", "v1"), 2048, 2)]
+    deployments = [StaticVersion(SimEngineProgram("demo", "v1"), 2048, 2)]
     async with run_router(deployments, tmp_path, router_settings=settings) as router, httpx.AsyncClient() as client:
         await client.post(f"{router.url}/v1/chat/completions", json={**CHAT, "max_tokens": 1})
         found: dict = {}

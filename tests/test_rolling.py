@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from llmserve.replicas.endpoint import ReplicaState
+from llmserve.replicas.backend import EndpointState
+from llmserve.replicas.spec import EngineSpec
 from loadtest.sim import SimEngineProgram
 from router.store.sqlite import SQLiteStore
 from tests.conftest import RunningRouter, fast_engine_settings, run_router
@@ -34,10 +35,10 @@ class FailsAfterMarker(SimEngineProgram):
 @contextlib.asynccontextmanager
 async def rolling_router(tmp_path: Path, v2_program: SimEngineProgram | None = None,
                          ready_timeout_s: float = 30) -> AsyncIterator[RunningRouter]:
-    def factory(model_name: str, version: str, model_dir: Path, engine: dict) -> SimEngineProgram:
-        if version == "v2" and v2_program is not None:
+    def factory(spec: EngineSpec) -> SimEngineProgram:
+        if spec.version == "v2" and v2_program is not None:
             return v2_program
-        return SimEngineProgram(model_name, version, ttft_ms=5, itl_ms=5)
+        return SimEngineProgram(spec.model_name, spec.version, ttft_ms=5, itl_ms=5)
 
     for version in ("v1", "v2"):
         make_version(tmp_path / "models", version)
@@ -62,7 +63,7 @@ async def roll_v2(client: httpx.AsyncClient, url: str) -> None:
 
 
 def ready_count(router: RunningRouter) -> int:
-    return sum(r.state is ReplicaState.READY for r in router.stack.supervisor.replicas)
+    return sum(r.state is EndpointState.READY for r in router.backend.supervisor.replicas)
 
 
 async def test_a_rolling_update_keeps_the_ready_count_and_loses_no_request(tmp_path: Path) -> None:
@@ -97,7 +98,7 @@ async def test_a_rolling_update_keeps_the_ready_count_and_loses_no_request(tmp_p
         assert [s for s, _ in results if s != 200] == []
         assert {v for _, v in results} == {"v1", "v2"}
         assert results[-1][1] == "v2"
-        live = [r for r in router.stack.supervisor.replicas if r.state is not ReplicaState.STOPPED]
+        live = [r for r in router.backend.supervisor.replicas if r.state is not EndpointState.STOPPED]
         assert sorted(r.id for r in live) == [f"{MODEL}:v2/{i}" for i in range(REPLICAS)]
 
 
@@ -119,7 +120,7 @@ async def test_a_replica_that_fails_mid_roll_gives_the_old_version_everything_ba
         assert "replica 2 of 3 failed" in failed["reason"]
         deadline = time.monotonic() + 20
         while ready_count(router) < REPLICAS or any(
-                r.version == "v2" and r.state is not ReplicaState.STOPPED for r in router.stack.supervisor.replicas):
+                r.version == "v2" and r.state is not EndpointState.STOPPED for r in router.backend.supervisor.replicas):
             assert time.monotonic() < deadline, "v1 never got its replicas back"
             await asyncio.sleep(0.05)
         answers = await asyncio.gather(*(chat(client, router.url, f"u{i}") for i in range(20)))
@@ -139,8 +140,8 @@ async def test_a_rollback_during_a_rolling_update_restores_the_old_replicas(tmp_
         assert back.status_code == 200 and back.json()["to"] == "v1"
         await wait_status(client, router.url, "v2", "retired", timeout=30)
         deadline = time.monotonic() + 20
-        while sum(r.version == "v1" and r.state is ReplicaState.READY
-                  for r in router.stack.supervisor.replicas) < REPLICAS:
+        while sum(r.version == "v1" and r.state is EndpointState.READY
+                  for r in router.backend.supervisor.replicas) < REPLICAS:
             assert time.monotonic() < deadline, "v1 never got its replicas back"
             await asyncio.sleep(0.05)
         state = (await client.get(f"{router.url}/api/v1/deployments/{MODEL}")).json()

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import httpx
 
-from llmserve.replicas.endpoint import ReplicaState
-from llmserve.replicas.local import Deployment
+from llmserve.replicas.backend import EndpointState
 from loadtest.sim import SimEngineProgram
+from loadtest.simstack import StaticVersion
 from tests.conftest import ScriptProgram, run_router
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def sim(replicas: int = 1, ttft_ms: float = 10, itl_ms: float = 5) -> list[Deployment]:
-    return [Deployment(SimEngineProgram("demo", "v1", ttft_ms=ttft_ms, itl_ms=itl_ms), 2048, replicas)]
+def sim(replicas: int = 1, ttft_ms: float = 10, itl_ms: float = 5) -> list[StaticVersion]:
+    return [StaticVersion(SimEngineProgram("demo", "v1", ttft_ms=ttft_ms, itl_ms=itl_ms), 2048, replicas)]
 
 
 async def read_sse(response: httpx.Response) -> list[tuple[float, str]]:
@@ -117,7 +117,7 @@ async def test_least_outstanding_spreads_concurrent_requests(tmp_path: Path) -> 
 async def test_client_disconnect_aborts_the_engine_request(tmp_path: Path) -> None:
     running = 'vllm:num_requests_running{model_name="demo:v1"}'
     async with run_router(sim(itl_ms=50), tmp_path) as router, httpx.AsyncClient() as client:
-        replica = router.stack.supervisor.replicas[0]
+        replica = router.backend.supervisor.replicas[0]
         body = {**CHAT, "stream": True, "max_tokens": 200}
         async with client.stream("POST", f"{router.url}/v1/chat/completions", json=body) as response:
             lines = response.aiter_lines()
@@ -138,7 +138,7 @@ async def test_client_disconnect_aborts_the_engine_request(tmp_path: Path) -> No
 
 async def test_dead_replica_is_skipped_before_the_first_token(tmp_path: Path) -> None:
     async with run_router(sim(replicas=2), tmp_path) as router, httpx.AsyncClient() as client:
-        victim = router.stack.supervisor.replicas[0]
+        victim = router.backend.supervisor.replicas[0]
         os.killpg(victim.pid, signal.SIGKILL)
         await asyncio.sleep(0.1)
         responses = [
@@ -147,13 +147,13 @@ async def test_dead_replica_is_skipped_before_the_first_token(tmp_path: Path) ->
         assert [r.status_code for r in responses] == [200] * 4
         assert all(r.headers["x-served-by"] == "demo:v1/1" for r in responses)
         # And the supervisor brings the dead one back.
-        await router.stack.supervisor.wait_ready(victim, timeout=20)
+        await router.backend.supervisor.wait_ready(victim, timeout=20)
         assert victim.restarts >= 1
 
 
 async def test_replica_killed_mid_stream_ends_the_stream_with_an_error(tmp_path: Path) -> None:
     async with run_router(sim(itl_ms=50), tmp_path) as router, httpx.AsyncClient(timeout=10) as client:
-        replica = router.stack.supervisor.replicas[0]
+        replica = router.backend.supervisor.replicas[0]
         body = {**CHAT, "stream": True, "max_tokens": 100}
         datas: list[str] = []
         async with client.stream("POST", f"{router.url}/v1/chat/completions", json=body) as response:
@@ -168,9 +168,9 @@ async def test_replica_killed_mid_stream_ends_the_stream_with_an_error(tmp_path:
 
 
 async def test_no_ready_replica_is_503_with_retry_after(tmp_path: Path) -> None:
-    deployment = Deployment(ScriptProgram("import time; time.sleep(120)"), 2048, 1)
+    deployment = StaticVersion(ScriptProgram("import time; time.sleep(120)"), 2048, 1)
     async with run_router([deployment], tmp_path, wait_ready=False) as router, httpx.AsyncClient() as client:
-        assert router.stack.supervisor.replicas[0].state is ReplicaState.STARTING
+        assert router.backend.supervisor.replicas[0].state is EndpointState.STARTING
         ready = await client.get(f"{router.url}/readyz")
         assert ready.status_code == 503 and ready.headers["retry-after"] == "2"
         assert ready.json()["waiting_for"] == ["demo"]
@@ -192,13 +192,13 @@ async def test_readyz_once_every_model_has_a_ready_replica(tmp_path: Path) -> No
 
 async def test_the_only_replica_dying_gives_503_with_retry_after_then_recovers(tmp_path: Path) -> None:
     async with run_router(sim(), tmp_path) as router, httpx.AsyncClient() as client:
-        replica = router.stack.supervisor.replicas[0]
+        replica = router.backend.supervisor.replicas[0]
         os.killpg(replica.pid, signal.SIGKILL)
         await asyncio.sleep(0.05)
         response = await client.post(f"{router.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2})
         assert response.status_code == 503
         assert response.headers["retry-after"] == "2"
         assert "refused" in response.json()["error"]["message"] or "restarting" in response.json()["error"]["message"]
-        await router.stack.supervisor.wait_ready(replica, timeout=20)
+        await router.backend.supervisor.wait_ready(replica, timeout=20)
         again = await client.post(f"{router.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2})
         assert again.status_code == 200

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from llmserve.errors import ReplicaStartError
-from llmserve.replicas.endpoint import ReplicaState
+from llmserve.replicas.backend import EndpointState
 from llmserve.replicas.supervisor import PortAllocator, Supervisor
 from loadtest.sim import SimEngineProgram
 from tests.conftest import ScriptProgram, fast_engine_settings
@@ -24,15 +24,15 @@ async def test_replica_becomes_ready_and_logs_to_a_file(tmp_path: Path) -> None:
     supervisor = Supervisor(fast_engine_settings(), tmp_path)
     try:
         replica = supervisor.start(SimEngineProgram("demo", "v1"), 0)
-        assert replica.state is ReplicaState.STARTING
+        assert replica.state is EndpointState.STARTING
         await supervisor.wait_ready(replica)
-        assert replica.state is ReplicaState.READY
+        assert replica.state is EndpointState.READY
         async with httpx.AsyncClient() as client:
             assert (await client.get(f"{replica.base_url}/health")).status_code == 200
         assert replica.log_path is not None and "starting demo:v1/0" in replica.log_path.read_text()
     finally:
         await supervisor.shutdown()
-    assert replica.state is ReplicaState.STOPPED
+    assert replica.state is EndpointState.STOPPED
 
 
 async def test_crashed_replica_is_restarted_with_backoff(tmp_path: Path) -> None:
@@ -43,9 +43,9 @@ async def test_crashed_replica_is_restarted_with_backoff(tmp_path: Path) -> None
         first_pid = replica.pid
         os.killpg(first_pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while replica.state is ReplicaState.READY and time.monotonic() < deadline:
+        while replica.state is EndpointState.READY and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        assert replica.state in (ReplicaState.RESTARTING, ReplicaState.STARTING)
+        assert replica.state in (EndpointState.RESTARTING, EndpointState.STARTING)
         await supervisor.wait_ready(replica, timeout=20)
         assert replica.pid != first_pid and replica.restarts == 1
     finally:
@@ -73,13 +73,13 @@ async def test_stop_waits_for_in_flight_requests_then_stops(tmp_path: Path) -> N
     try:
         replica = supervisor.start(SimEngineProgram("demo", "v1"), 0)
         await supervisor.wait_ready(replica)
-        replica.outstanding = 1
+        replica.endpoint.outstanding = 1  # as the router counts a request in flight
         stopping = asyncio.create_task(supervisor.stop(replica))
         await asyncio.sleep(0.3)
-        assert replica.state is ReplicaState.DRAINING and not stopping.done()
-        replica.outstanding = 0
+        assert replica.state is EndpointState.DRAINING and not stopping.done()
+        replica.endpoint.outstanding = 0
         await asyncio.wait_for(stopping, timeout=5)
-        assert replica.state is ReplicaState.STOPPED
+        assert replica.state is EndpointState.STOPPED
     finally:
         await supervisor.shutdown()
 
@@ -91,14 +91,14 @@ async def test_health_check_failure_ejects_and_recovery_readmits(tmp_path: Path)
         await supervisor.wait_ready(replica)
         os.killpg(replica.pid, signal.SIGSTOP)  # alive but unresponsive
         deadline = time.monotonic() + 10
-        while replica.state is not ReplicaState.UNHEALTHY and time.monotonic() < deadline:
+        while replica.state is not EndpointState.UNHEALTHY and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert replica.state is ReplicaState.UNHEALTHY
+        assert replica.state is EndpointState.UNHEALTHY
         os.killpg(replica.pid, signal.SIGCONT)
         deadline = time.monotonic() + 10
-        while replica.state is not ReplicaState.READY and time.monotonic() < deadline:
+        while replica.state is not EndpointState.READY and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert replica.state is ReplicaState.READY and replica.restarts == 0
+        assert replica.state is EndpointState.READY and replica.restarts == 0
     finally:
         await supervisor.shutdown()
 

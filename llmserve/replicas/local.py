@@ -1,132 +1,92 @@
-"""The local engine backend: replicas as processes under one supervisor.
+"""The local replica backend: each replica a process on this machine, under one supervisor.
 
-Static deployments given at construction start with the router; the control
-plane adds and retires versions at run time through ``launch`` and
-``retire``. A version's replicas join the catalog at once in state STARTING,
-so the router answers (503 with Retry-After, /readyz false) while engines load.
+``LocalBackend`` implements ``ReplicaBackend``. It turns an ``EngineSpec``
+into a program to run with ``program`` (by default the spec itself: vLLM's
+OpenAI server; the tests map specs to the simulated engine) and hands the
+supervisor the process life cycle: ports, health checks, restarts with
+backoff, drain and stop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
-from llmserve.errors import EngineSettingsError
-from llmserve.replicas.endpoint import Replica, ReplicaProgram
+from llmserve.replicas.backend import Endpoint, ReplicaSet
+from llmserve.replicas.process import LocalReplica, ReplicaProgram
+from llmserve.replicas.spec import EngineSpec
 from llmserve.replicas.supervisor import Supervisor
 from llmserve.settings import EngineSettings
-from router.traffic.catalog import Catalog, ServedVersion
 
-logger = logging.getLogger(__name__)
-
-# (model name, version, model folder, engine setting overrides) -> what to run
-ProgramFactory = Callable[[str, str, Path, dict[str, Any]], ReplicaProgram]
+# What a replica of a spec runs. The identity for vLLM: EngineSpec is a ReplicaProgram.
+ProgramFactory = Callable[[EngineSpec], ReplicaProgram]
 
 
-@dataclass(frozen=True)
-class Deployment:
-    """One model version to run: what to launch and how many copies."""
-
-    program: ReplicaProgram
-    max_model_len: int
-    replicas: int = 1
+def vllm_program(spec: EngineSpec) -> ReplicaProgram:
+    return spec
 
 
-class LocalStack:
-    def __init__(
-        self,
-        engine_settings: EngineSettings,
-        logs_dir: Path,
-        deployments: list[Deployment] | None = None,
-        on_ready: Callable[[], None] | None = None,
-        program_factory: ProgramFactory | None = None,
-    ) -> None:
-        self._deployments = deployments or []
-        self._on_ready = on_ready
-        self._program_factory = program_factory
-        self._max_model_len = engine_settings.max_model_len
-        self.supervisor = Supervisor(engine_settings, logs_dir)
-        self._ready_task: asyncio.Task[None] | None = None
-        # What each version runs, so a rolling update can add replicas one at a time.
-        self._programs: dict[tuple[str, str], ReplicaProgram] = {}
+class LocalBackend:
+    def __init__(self, settings: EngineSettings, logs_dir: Path, program: ProgramFactory = vllm_program) -> None:
+        self._program = program
+        self.supervisor = Supervisor(settings, logs_dir)
+        self._replicas: dict[Endpoint, LocalReplica] = {}
+        self._next_index: dict[str, int] = {}  # versioned name -> next replica index, so ids stay unique
 
-    async def start(self, catalog: Catalog) -> None:
-        for deployment in self._deployments:
-            program = deployment.program
-            served = ServedVersion(program.model_name, program.version, deployment.max_model_len,
-                                   generation=program.generation)
-            self._programs[(program.model_name, program.version)] = program
-            for index in range(deployment.replicas):
-                served.replicas.append(self.supervisor.start(program, index))
-            catalog.add_version(served)
-        if self._deployments:
-            self._ready_task = asyncio.create_task(self._announce_ready(), name="announce ready")
+    async def start(self, spec: EngineSpec, replicas: int) -> ReplicaSet:
+        # The set's spec says what actually runs: a substitute program (the simulated engine)
+        # brings its own generation defaults, and the router must apply the same ones.
+        generation = getattr(self._program(spec), "generation", spec.generation)
+        replica_set = ReplicaSet(dataclasses.replace(spec, generation=generation))
+        await self.scale(replica_set, replicas)
+        return replica_set
 
-    async def launch(
-        self, model_name: str, version: str, model_dir: Path, replicas: int, engine: dict[str, Any] | None = None
-    ) -> ServedVersion:
-        """Start a version's replicas (state STARTING); the caller adds it to the catalog."""
-        if self._program_factory is None:
-            raise RuntimeError("this stack was built without a program factory; it cannot launch versions")
-        engine = engine or {}
-        try:
-            program = self._program_factory(model_name, version, model_dir, engine)
-        except ValueError as exc:  # pydantic's ValidationError is one: the overrides do not fit the settings
-            raise EngineSettingsError(f"the engine settings of {model_name}:{version} do not fit: {exc}") from None
-        self._programs[(model_name, version)] = program
-        served = ServedVersion(model_name, version, int(engine.get("max_model_len", self._max_model_len)),
-                               generation=program.generation)
-        served.replicas = [self.supervisor.start(program, index) for index in range(replicas)]
-        return served
+    async def scale(self, replica_set: ReplicaSet, replicas: int) -> list[Endpoint]:
+        live = replica_set.live
+        added = [self._add(replica_set) for _ in range(replicas - len(live))]
+        surplus = live[:max(0, len(live) - replicas)]  # the oldest go first
+        await asyncio.gather(*(self._remove(replica_set, e, drain=True) for e in surplus))
+        return added
 
-    async def wait_ready(self, served: ServedVersion) -> None:
-        await asyncio.gather(*(self.supervisor.wait_ready(r) for r in served.replicas))
+    async def wait_ready(self, endpoints: Iterable[Endpoint]) -> None:
+        await asyncio.gather(*(self.supervisor.wait_ready(self._replicas[e]) for e in endpoints))
 
-    def add_replica(self, served: ServedVersion) -> Replica:
-        """Start one more replica of a launched version (state STARTING); it joins ``served`` at once."""
-        program = self._programs.get((served.model_name, served.version))
-        if program is None:
-            raise RuntimeError(f"{served.versioned_name} was not launched by this stack")
-        index = max((r.index for r in served.replicas), default=-1) + 1
-        replica = self.supervisor.start(program, index)
-        served.replicas.append(replica)
-        return replica
+    async def retire(self, replica_set: ReplicaSet, drain: bool = True) -> None:
+        await asyncio.gather(*(self._remove(replica_set, e, drain, keep=True) for e in list(replica_set.endpoints)))
 
-    async def wait_replica_ready(self, replica: Replica) -> None:
-        await self.supervisor.wait_ready(replica)
+    def report_failure(self, endpoint: Endpoint, reason: str) -> None:
+        replica = self._replicas.get(endpoint)
+        if replica is not None:
+            self.supervisor.report_failure(replica, reason)
 
-    async def remove_replica(self, served: ServedVersion, replica: Replica, drain: bool = True) -> None:
-        """Drain (in-flight requests finish) and stop one replica, then forget it."""
-        await self.supervisor.stop(replica, drain=drain)
-        if replica in served.replicas:
-            served.replicas.remove(replica)
-        if replica in self.supervisor.replicas:
-            self.supervisor.replicas.remove(replica)
+    def endpoints(self) -> list[Endpoint]:
+        return list(self._replicas)
 
-    async def retire(self, served: ServedVersion, drain: bool = True) -> None:
-        await asyncio.gather(*(self.supervisor.stop(r, drain=drain) for r in served.replicas))
-        for replica in served.replicas:
-            if replica in self.supervisor.replicas:
-                self.supervisor.replicas.remove(replica)
+    def process(self, endpoint: Endpoint) -> LocalReplica:
+        """The process behind an endpoint (pid, port, log file): for operators and tests."""
+        return self._replicas[endpoint]
 
-    async def _announce_ready(self) -> None:
-        results = await asyncio.gather(
-            *(self.supervisor.wait_ready(r) for r in self.supervisor.replicas), return_exceptions=True
-        )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        for failure in failures:
-            logger.error("%s", failure)
-        if not failures and self._on_ready is not None:
-            self._on_ready()
-
-    async def stop(self) -> None:
-        if self._ready_task is not None:
-            self._ready_task.cancel()
+    async def close(self) -> None:
         await self.supervisor.shutdown()
 
-    def report_failure(self, replica: Replica, reason: str) -> None:
-        self.supervisor.report_failure(replica, reason)
+    def _add(self, replica_set: ReplicaSet) -> Endpoint:
+        program = self._program(replica_set.spec)
+        index = self._next_index.get(program.versioned_name, 0)
+        self._next_index[program.versioned_name] = index + 1
+        replica = self.supervisor.start(program, index)
+        self._replicas[replica.endpoint] = replica
+        replica_set.endpoints.append(replica.endpoint)
+        return replica.endpoint
+
+    async def _remove(self, replica_set: ReplicaSet, endpoint: Endpoint, drain: bool, keep: bool = False) -> None:
+        """Drain and stop one endpoint; it leaves the set unless ``keep`` (a retired set keeps its record)."""
+        replica = self._replicas.get(endpoint)
+        if replica is not None:
+            await self.supervisor.stop(replica, drain=drain)
+            if replica in self.supervisor.replicas:
+                self.supervisor.replicas.remove(replica)
+            self._replicas.pop(endpoint, None)
+        if not keep and endpoint in replica_set.endpoints:
+            replica_set.endpoints.remove(endpoint)

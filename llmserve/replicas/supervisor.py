@@ -15,13 +15,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from llmserve.errors import ReplicaStartError
-from llmserve.replicas.endpoint import Replica, ReplicaProgram, ReplicaState
+from llmserve.replicas.backend import EndpointState
+from llmserve.replicas.process import LocalReplica, ReplicaProgram
 from llmserve.settings import EngineSettings
 
 logger = logging.getLogger(__name__)
@@ -79,35 +79,34 @@ class Supervisor:
         settings: EngineSettings,
         logs_dir: Path,
         host: str = "127.0.0.1",
-        on_change: Callable[[Replica], None] | None = None,
     ) -> None:
         self._settings = settings
         self._logs_dir = Path(logs_dir)
         self._host = host
         self._ports = PortAllocator(host, settings.first_port)
-        self._tasks: dict[Replica, asyncio.Task[None]] = {}
-        self._processes: dict[Replica, asyncio.subprocess.Process] = {}
-        self._ready_events: dict[Replica, asyncio.Event] = {}
-        self._stopping: set[Replica] = set()
-        self._stop_tasks: dict[Replica, asyncio.Future[None]] = {}
-        self._cores: dict[Replica, int] = {}  # replica -> the CPU core its engine threads are pinned to
-        self._on_change = on_change
+        self._tasks: dict[LocalReplica, asyncio.Task[None]] = {}
+        self._processes: dict[LocalReplica, asyncio.subprocess.Process] = {}
+        self._ready_events: dict[LocalReplica, asyncio.Event] = {}
+        self._stopping: set[LocalReplica] = set()
+        self._stop_tasks: dict[LocalReplica, asyncio.Future[None]] = {}
+        self._cores: dict[LocalReplica, int] = {}  # replica -> the CPU core its engine threads are pinned to
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0), trust_env=False)
-        self.replicas: list[Replica] = []
+        self.replicas: list[LocalReplica] = []
 
     # -- public API ---------------------------------------------------------
 
-    def start(self, program: ReplicaProgram, index: int) -> Replica:
+    def start(self, program: ReplicaProgram, index: int) -> LocalReplica:
         """Launch a replica in the background; returns at once in state STARTING."""
-        replica = Replica(program=program, index=index, host=self._host)
+        replica = LocalReplica.of(program, index, self._host)
         safe_name = replica.id.replace("/", "-").replace(":", "-")
         replica.log_path = self._logs_dir / "replicas" / f"{safe_name}.log"
+        replica.endpoint.details["log_path"] = str(replica.log_path)
         self.replicas.append(replica)
         self._ready_events[replica] = asyncio.Event()
         self._tasks[replica] = asyncio.create_task(self._run(replica), name=f"replica {replica.id}")
         return replica
 
-    async def wait_ready(self, replica: Replica, timeout: float | None = None) -> None:
+    async def wait_ready(self, replica: LocalReplica, timeout: float | None = None) -> None:
         """Block until the replica is READY; raise ReplicaStartError if it fails first."""
         timeout = self._settings.ready_timeout_s if timeout is None else timeout
         task = self._tasks[replica]
@@ -116,18 +115,18 @@ class Supervisor:
             done, _ = await asyncio.wait({ready, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             ready.cancel()
-        if replica.state is ReplicaState.READY:
+        if replica.state is EndpointState.READY:
             return
         reason = replica.last_error or ("timed out" if not done else f"state {replica.state.value}")
         raise ReplicaStartError(replica.id, reason, replica.log_path)
 
-    def report_failure(self, replica: Replica, reason: str) -> None:
+    def report_failure(self, replica: LocalReplica, reason: str) -> None:
         """The router saw a refused connection: eject until a health check passes."""
-        if replica.state is ReplicaState.READY:
+        if replica.state is EndpointState.READY:
             replica.last_error = reason
-            self._set_state(replica, ReplicaState.UNHEALTHY)
+            self._set_state(replica, EndpointState.UNHEALTHY)
 
-    async def stop(self, replica: Replica, drain: bool = True) -> None:
+    async def stop(self, replica: LocalReplica, drain: bool = True) -> None:
         """Drain (bounded) and stop one replica; it is not restarted.
 
         The stop runs as its own task: a caller that is cancelled (a shutdown
@@ -139,10 +138,10 @@ class Supervisor:
             task = self._stop_tasks[replica] = asyncio.ensure_future(self._stop(replica, drain))
         await asyncio.shield(task)
 
-    async def _stop(self, replica: Replica, drain: bool) -> None:
+    async def _stop(self, replica: LocalReplica, drain: bool) -> None:
         self._stopping.add(replica)
-        if drain and replica.state is not ReplicaState.STOPPED:
-            self._set_state(replica, ReplicaState.DRAINING)
+        if drain and replica.state is not EndpointState.STOPPED:
+            self._set_state(replica, EndpointState.DRAINING)
             deadline = time.monotonic() + self._settings.drain_timeout_s
             while replica.outstanding > 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -152,7 +151,7 @@ class Supervisor:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._set_state(replica, ReplicaState.STOPPED)
+        self._set_state(replica, EndpointState.STOPPED)
         self._ports.release(replica.port)
         self._cores.pop(replica, None)
 
@@ -162,7 +161,7 @@ class Supervisor:
 
     # -- the life cycle loop ------------------------------------------------
 
-    async def _run(self, replica: Replica) -> None:
+    async def _run(self, replica: LocalReplica) -> None:
         backoff = self._settings.restart_backoff_initial_s
         while replica not in self._stopping:
             try:
@@ -170,7 +169,7 @@ class Supervisor:
                 await self._launch(replica)
                 # 2. ready
                 await self._wait_until_ready(replica)
-                self._set_state(replica, ReplicaState.READY)
+                self._set_state(replica, EndpointState.READY)
                 replica.ready_at = time.monotonic()
                 replica.last_error = None
                 self._ready_events[replica].set()
@@ -190,17 +189,18 @@ class Supervisor:
             await self._terminate(replica)
             if replica.ready_at is not None and time.monotonic() - replica.ready_at > 60:
                 backoff = self._settings.restart_backoff_initial_s  # it had been stable
-            replica.restarts += 1
-            self._set_state(replica, ReplicaState.RESTARTING)
+            replica.endpoint.restarts += 1
+            self._set_state(replica, EndpointState.RESTARTING)
             self._ready_events[replica].clear()
             logger.warning("replica %s restarting in %.1fs (restart %d)", replica.id, backoff, replica.restarts)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._settings.restart_backoff_max_s)
 
-    async def _launch(self, replica: Replica) -> None:
+    async def _launch(self, replica: LocalReplica) -> None:
         if replica.port:  # a restart: keep the same port if it is still free
             self._ports.release(replica.port)
         replica.port = self._ports.allocate(preferred=replica.port or None)
+        replica.endpoint.url = replica.base_url
         command = replica.program.command(self._host, replica.port)
         env = {**os.environ, **replica.program.environment()}
         core = self._pick_core(replica)
@@ -231,12 +231,12 @@ class Supervisor:
                 start_new_session=True,
             )
         self._processes[replica] = process
-        replica.pid = process.pid
+        replica.pid = replica.endpoint.details["pid"] = process.pid
         replica.started_at = time.monotonic()
         replica.ready_at = None  # last_error stays until it is ready: a crash loop keeps saying why
-        self._set_state(replica, ReplicaState.STARTING)
+        self._set_state(replica, EndpointState.STARTING)
 
-    def _pick_core(self, replica: Replica) -> int | None:
+    def _pick_core(self, replica: LocalReplica) -> int | None:
         """The core this replica's engine threads run on: the one with the fewest live replicas.
 
         vLLM's CPU backend binds its threads to the first core by default; two engines on the
@@ -250,12 +250,12 @@ class Supervisor:
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             return None
-        used = [self._cores[r] for r in self._cores if r.state not in (ReplicaState.STOPPED, ReplicaState.FAILED)]
+        used = [self._cores[r] for r in self._cores if r.state not in (EndpointState.STOPPED,)]
         core = min(cpus, key=lambda c: (used.count(c), c))
         self._cores[replica] = core
         return core
 
-    async def _wait_until_ready(self, replica: Replica) -> None:
+    async def _wait_until_ready(self, replica: LocalReplica) -> None:
         process = self._processes[replica]
         deadline = time.monotonic() + self._settings.ready_timeout_s
         while True:
@@ -271,7 +271,7 @@ class Supervisor:
                 await asyncio.wait_for(process.wait(), timeout=0.5)
         await self._warm_up(replica)
 
-    async def _warm_up(self, replica: Replica) -> None:
+    async def _warm_up(self, replica: LocalReplica) -> None:
         """One one-token completion, so the first user request does not pay for lazy initialisation."""
         body = {"model": replica.program.versioned_name, "prompt": "Hello", "max_tokens": 1}
         try:
@@ -283,7 +283,7 @@ class Supervisor:
                 replica.id, f"warm-up answered {response.status_code}: {response.text[:200]}", replica.log_path
             )
 
-    async def _watch(self, replica: Replica) -> None:
+    async def _watch(self, replica: LocalReplica) -> None:
         """Health-check until the process exits."""
         process = self._processes[replica]
         while True:
@@ -295,30 +295,30 @@ class Supervisor:
                 replica.last_error = f"process exited with code {process.returncode}"
                 logger.warning("replica %s exited with code %s", replica.id, process.returncode)
                 return
-            if replica.state is ReplicaState.DRAINING:
+            if replica.state is EndpointState.DRAINING:
                 continue
             if await self._healthy(replica):
                 replica.consecutive_health_failures = 0
-                if replica.state is ReplicaState.UNHEALTHY:
+                if replica.state is EndpointState.UNHEALTHY:
                     logger.info("replica %s healthy again", replica.id)
-                    self._set_state(replica, ReplicaState.READY)
+                    self._set_state(replica, EndpointState.READY)
             else:
                 replica.consecutive_health_failures += 1
                 if (
-                    replica.state is ReplicaState.READY
+                    replica.state is EndpointState.READY
                     and replica.consecutive_health_failures >= self._settings.health_failures_to_eject
                 ):
                     replica.last_error = "failed health checks"
-                    self._set_state(replica, ReplicaState.UNHEALTHY)
+                    self._set_state(replica, EndpointState.UNHEALTHY)
 
-    async def _healthy(self, replica: Replica) -> bool:
+    async def _healthy(self, replica: LocalReplica) -> bool:
         try:
             response = await self._http.get(f"{replica.base_url}/health", timeout=2.0)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
 
-    async def _terminate(self, replica: Replica) -> None:
+    async def _terminate(self, replica: LocalReplica) -> None:
         """SIGTERM the replica's process group, SIGKILL it after the grace period."""
         process = self._processes.get(replica)
         if process is None or process.returncode is not None:
@@ -333,14 +333,12 @@ class Supervisor:
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
 
-    def _set_state(self, replica: Replica, state: ReplicaState) -> None:
+    def _set_state(self, replica: LocalReplica, state: EndpointState) -> None:
         if replica.state is not state:
-            replica.state = state
-            if self._on_change is not None:
-                self._on_change(replica)
+            replica.endpoint.state = state
 
     @staticmethod
-    def _log_tail(replica: Replica) -> str:
+    def _log_tail(replica: LocalReplica) -> str:
         if replica.log_path is None or not replica.log_path.exists():
             return ""
         with replica.log_path.open("rb") as fh:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from llmserve.settings import SamplingDefaults
 from router.control.canary_analysis import CanaryPolicy
 from router.control.plane import ControlPlane
+from router.control.strategies.base import RolloutPlan, StrategyType
 from router.errors import APIError, InvalidRequest, ModelNotFound, VersionNotFound
 from router.gateway.protocol import parse_json_object, read_body, validate
 from router.store import Conflict, ModelRecord, NotFound
@@ -96,13 +97,15 @@ class Strategy(BaseModel):
     error_margin: float = Field(0.01, ge=0, le=1)
     grace_s: float = Field(300.0, ge=0, description="blue_green: how long the old version stays ready")
 
-    def policy(self) -> CanaryPolicy | None:
-        if self.type != "canary":
-            return None
-        return CanaryPolicy(steps=tuple(self.steps), bake_s=self.bake_s, min_samples=self.min_samples,
-                            max_samples=self.max_samples, max_step_s=self.max_step_s,
-                            ttft_tolerance=self.ttft_tolerance,
-                            confidence=self.confidence, error_margin=self.error_margin)
+    def plan(self, traffic_percent: int) -> RolloutPlan:
+        """The domain's plan; a canary policy whose numbers do not fit together raises ValueError."""
+        canary = None
+        if self.type == "canary":
+            canary = CanaryPolicy(steps=tuple(self.steps), bake_s=self.bake_s, min_samples=self.min_samples,
+                                  max_samples=self.max_samples, max_step_s=self.max_step_s,
+                                  ttft_tolerance=self.ttft_tolerance,
+                                  confidence=self.confidence, error_margin=self.error_margin)
+        return RolloutPlan(StrategyType(self.type), traffic_percent, canary, self.grace_s)
 
 
 class BatchingOverrides(BaseModel):
@@ -198,7 +201,7 @@ async def get_model(model_name: str, request: Request) -> dict[str, Any]:
 async def create_deployment(request: Request) -> JSONResponse:
     body: CreateDeployment = validate(CreateDeployment, await _body(request))
     try:
-        canary = body.strategy.policy()
+        plan = body.strategy.plan(body.traffic_percent)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="strategy") from None
     control = _control(request)
@@ -218,12 +221,8 @@ async def create_deployment(request: Request) -> JSONResponse:
     elif batching:
         raise InvalidRequest("batching applies to traditional models; vLLM batches continuously", param="batching")
     try:
-        record = await control.deploy(
-            body.model_name, body.version, body.traffic_percent, body.resources.replicas, body.resources.gpu,
-            _actor(request), engine=engine, canary=canary,
-            blue_green_grace_s=body.strategy.grace_s if body.strategy.type == "blue_green" else None,
-            rolling=body.strategy.type == "rolling",
-        )
+        record = await control.deploy(body.model_name, body.version, body.resources.replicas, _actor(request),
+                                      plan, engine=engine, gpu=body.resources.gpu)
     except (Conflict, NotFound) as exc:
         raise _translate(exc) from None
     return JSONResponse(_deployment_json(record), status_code=202)
@@ -232,13 +231,13 @@ async def create_deployment(request: Request) -> JSONResponse:
 @router.get("/deployments")
 async def list_deployments(request: Request) -> dict[str, Any]:
     control = _control(request)
-    return {"deployments": [await control.describe(m.name) for m in await control.store.list_models()]}
+    return {"deployments": [await describe(control, m.name) for m in await control.store.list_models()]}
 
 
 @router.get("/deployments/{model_name}")
 async def get_deployments(model_name: str, request: Request) -> dict[str, Any]:
     try:
-        return await _control(request).describe(model_name)
+        return await describe(_control(request), model_name)
     except NotFound as exc:
         raise _translate(exc) from None
 
@@ -309,3 +308,29 @@ async def delete_version(model_name: str, version: str, request: Request) -> dic
     except (Conflict, NotFound) as exc:
         raise _translate(exc) from None
     return {"deployment_id": record.id, "model_name": model_name, "version": version, "status": "draining"}
+
+
+async def describe(control: ControlPlane, model_name: str) -> dict[str, Any]:
+    """A model's versions (with this router's replicas of each), its split, canary and history."""
+    await control.require_model(model_name)
+    deployments = await control.store.list_deployments(model_name)
+    traffic = await control.store.get_traffic(model_name)
+    versions = []
+    for record in deployments:
+        served = control.versions.get((record.model_name, record.version))
+        versions.append({
+            **record.to_dict(),
+            "traffic_percent": traffic.split.get(record.version, 0),
+            "replica_states": [r.describe() for r in served.replicas] if served else [],
+            "ready_replicas": len(served.ready_replicas) if served else 0,
+        })
+    history = await control.store.history(model_name)
+    rollout = control.canaries.get(model_name)
+    return {
+        "canary": rollout.state.to_dict() if rollout else None,
+        "model_name": model_name,
+        "split": traffic.split,
+        "revision": traffic.revision,
+        "versions": versions,
+        "history": [h.__dict__ for h in history],
+    }

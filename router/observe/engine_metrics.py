@@ -9,7 +9,6 @@ version and replica, so one Prometheus job on the router sees everything.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterator
 
@@ -18,9 +17,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from llmserve.loops import PeriodicLoop
+from llmserve.replicas.backend import EndpointState
 from router.traffic.catalog import Catalog
 
 logger = logging.getLogger(__name__)
+
+# engines that may answer /metrics (a starting one may not be listening yet)
+_SCRAPED = (EndpointState.READY, EndpointState.UNHEALTHY, EndpointState.DRAINING)
 
 # vLLM sample name -> (router metric name, help)
 ENGINE_SAMPLES: dict[str, tuple[str, str]] = {
@@ -48,29 +52,35 @@ def parse_engine_metrics(text: str) -> dict[str, float]:
 class EngineMetricsScraper(Collector):
     def __init__(self, catalog: Catalog, interval_s: float = 5.0) -> None:
         self._catalog = catalog
-        self._interval_s = interval_s
         self._latest: dict[str, tuple[str, str, dict[str, float]]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._loop = PeriodicLoop("engine metrics scraper", interval_s, self._tick, on_close=self._close_session)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="engine metrics scraper")
+        self._loop.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.close()
+
+    async def _tick(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0), trust_env=False)
+        await self.scrape_once(self._session)
+
+    async def _close_session(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     async def scrape_once(self, session: aiohttp.ClientSession) -> None:
         seen = set()
         for model in self._catalog.models():
             for served in model.versions.values():
                 for replica in served.replicas:
-                    if replica.state.value not in ("ready", "unhealthy", "draining"):
+                    if replica.state not in _SCRAPED:
                         continue
                     seen.add(replica.id)
                     try:
-                        async with session.get(f"{replica.base_url}/metrics") as response:
+                        async with session.get(f"{replica.url}/metrics") as response:
                             text = await response.text()
                     except (aiohttp.ClientError, asyncio.TimeoutError):
                         continue
@@ -84,18 +94,6 @@ class EngineMetricsScraper(Collector):
     def values_for(self, model: str, version: str) -> list[dict[str, float]]:
         """The latest scraped values of each replica of one version (for admission control)."""
         return [values for m, v, values in self._latest.values() if m == model and v == version]
-
-    async def _run(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=2.0)
-        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
-            while True:
-                try:
-                    await self.scrape_once(session)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    logger.exception("scraping engine metrics failed; will retry")
-                await asyncio.sleep(self._interval_s)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         families = {source: GaugeMetricFamily(name, text, labels=["model", "version", "replica"])

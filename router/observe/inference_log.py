@@ -10,13 +10,12 @@ matters more than logging them.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 
+from llmserve.loops import PeriodicLoop
 from router.store import InferenceLog, Store
 
 logger = logging.getLogger(__name__)
@@ -34,12 +33,10 @@ class InferenceLogWriter:
     ) -> None:
         self._store = store
         self._max_batch = max_batch
-        self._flush_interval_s = flush_interval_s
         self._retention_days = retention_days
         self._clock = clock
         self._buffer: collections.deque[InferenceLog] = collections.deque(maxlen=max_buffer)
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = PeriodicLoop("inference log writer", flush_interval_s, self._tick, on_close=self.flush)
         self._last_purge_day = ""
         self.dropped = 0
         self.written = 0
@@ -49,38 +46,34 @@ class InferenceLogWriter:
             self.dropped += 1  # the deque drops the oldest row as this one goes in
         self._buffer.append(log)
         if len(self._buffer) >= self._max_batch:
-            self._wakeup.set()
+            self._loop.wake()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="inference log writer")
+        self._loop.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()
+        await self._loop.close()  # its last act is a flush
 
     async def flush(self) -> None:
+        """Write everything buffered; a batch whose write fails goes back to the front, in order."""
         while self._buffer:
             batch = [self._buffer.popleft() for _ in range(min(self._max_batch, len(self._buffer)))]
-            await self._store.write_inference_logs(batch)
+            try:
+                await self._store.write_inference_logs(batch)
+            except BaseException:
+                room = self._buffer.maxlen - len(self._buffer) if self._buffer.maxlen else len(batch)
+                kept = batch[:room]  # when the buffer filled up meanwhile, the oldest rows are the ones lost
+                self.dropped += len(batch) - len(kept)
+                self._buffer.extendleft(reversed(kept))
+                logger.warning("writing %d inference logs failed; kept for the next try (%d rows buffered)",
+                               len(batch), len(self._buffer))
+                raise
             self.written += len(batch)
 
-    async def _run(self) -> None:
-        while True:
-            # 1. wait for a full batch or the flush interval
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self._flush_interval_s)
-            self._wakeup.clear()
-            # 2. write what has gathered; 3. apply the retention once a day
-            try:
-                await self.flush()
-                await self._purge_if_new_day()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("writing inference logs failed; will retry (%d rows buffered)", len(self._buffer))
+    async def _tick(self) -> None:
+        # each period (or at once when a batch fills): write what has gathered, then the daily retention
+        await self.flush()
+        await self._purge_if_new_day()
 
     async def _purge_if_new_day(self) -> None:
         today = time.strftime("%Y%m%d", time.gmtime(self._clock()))

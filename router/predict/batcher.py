@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from llmserve.settings import PredictSettings
 from router.predict.runtimes import Runtime
 
 PRIORITIES = ("critical", "standard", "batch")
@@ -44,6 +45,12 @@ class BatchingConfig:
     instances: int = 1  # worker threads running batches at once
     max_queue_rows: int = 65536
     default_deadline_ms: float | None = None  # requests without their own deadline
+
+    @classmethod
+    def from_settings(cls, predict: PredictSettings) -> BatchingConfig:
+        return cls(enabled=predict.batching, max_batch_size=predict.max_batch_size, max_wait_ms=predict.max_wait_ms,
+                   adaptive=predict.adaptive, instances=predict.instances, max_queue_rows=predict.max_queue_rows,
+                   default_deadline_ms=predict.default_deadline_ms)
 
 
 class Overloaded(Exception):

@@ -1,8 +1,8 @@
 """Predict model versions in the router process: load, validate, predict, retire.
 
-``PredictLauncher`` gives the control plane the same life cycle it uses for
-engine replicas (launch, wait_ready, retire), so deploy, split, canary and
-rollback work the same for traditional models. Loading runs in a thread:
+``PredictorHost`` loads a version into a ``ServedVersion`` with a predictor
+(no replicas: it runs here), so deploy, split, canary and rollback work the
+same for traditional models as for engines. Loading runs in a thread:
 requests to the versions already served never wait on it.
 """
 
@@ -75,19 +75,19 @@ def batching_config(base: BatchingConfig, overrides: dict[str, Any]) -> Batching
     return BatchingConfig(**{**base.__dict__, **overrides})
 
 
-class PredictLauncher:
-    """The control plane's launcher for predict models: a version is a Predictor in this process."""
+class PredictorHost:
+    """Where the control plane puts traditional model versions: a Predictor each, in this process."""
 
     def __init__(self, batching: BatchingConfig, observer_for: Any = None) -> None:
         self._batching = batching
         self._observer_for = observer_for  # (model, version) -> BatchObserver | None
 
-    async def launch(self, model_name: str, version: str, model_dir: Path, replicas: int,
-                     engine: dict[str, Any] | None = None) -> ServedVersion:
+    async def load(self, model_name: str, version: str, model_dir: Path,
+                   overrides: dict[str, Any] | None = None) -> ServedVersion:
         """Load the model (in a thread) and start its batcher; raises ManifestError for a bad folder."""
         manifest = await asyncio.to_thread(PredictManifest.read, model_dir)
         runtime = await asyncio.to_thread(load_runtime, model_dir, manifest)
-        config = batching_config(self._batching, dict((engine or {}).get("batching") or {}))
+        config = batching_config(self._batching, dict((overrides or {}).get("batching") or {}))
         observer: BatchObserver | None = self._observer_for(model_name, version) if self._observer_for else None
         served = ServedVersion(model_name, version, max_model_len=0)
         served.predictor = Predictor(manifest, DynamicBatcher(runtime, config, observer))
@@ -100,9 +100,6 @@ class PredictLauncher:
             raise ManifestError(f"{model_name}:{version} failed its first prediction: {exc}") from None
         logger.info("predict model %s:%s loaded (%s, %s)", model_name, version, manifest.framework, manifest.file)
         return served
-
-    async def wait_ready(self, served: ServedVersion) -> None:
-        return None
 
     async def retire(self, served: ServedVersion, drain: bool = True) -> None:
         if served.predictor is not None:

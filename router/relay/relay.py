@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 from fastapi.responses import Response
 
-from llmserve.replicas.endpoint import Replica
+from llmserve.replicas.backend import Endpoint
 from llmserve.settings import RouterSettings
 from router.errors import APIError, NoReplicaReady, RequestTimedOut, UpstreamFailed
 from router.observe.request_record import RequestRecord, served_headers
@@ -78,7 +78,7 @@ class Upstream:
     request, nothing per chunk); reads then raise ``UpstreamTimedOut``.
     """
 
-    replica: Replica
+    replica: Endpoint
     served: ServedVersion
     response: aiohttp.ClientResponse
     budget_s: float = 0.0
@@ -154,7 +154,7 @@ class Relay:
     def __init__(
         self,
         settings: RouterSettings,
-        on_replica_failure: Callable[[Replica, str], None],
+        on_replica_failure: Callable[[Endpoint, str], None],
         balancer: LeastOutstanding | None = None,
     ) -> None:
         self._settings = settings
@@ -192,7 +192,7 @@ class Relay:
         headers = {"content-type": "application/json", "x-request-id": request_id}
         timeout = self._stream_timeout if stream else self._buffered_timeout
         budget_s = self._settings.request_timeout_s
-        tried: set[Replica] = set()
+        tried: set[Endpoint] = set()
         refused = 0
         last_error = ""
         for _attempt in range(1 + self._settings.retry_before_first_token):
@@ -203,7 +203,7 @@ class Relay:
             replica.outstanding += 1
             try:
                 async with asyncio.timeout_at(deadline):
-                    response = await self._session.post(replica.base_url + path, data=body, headers=headers,
+                    response = await self._session.post(replica.url + path, data=body, headers=headers,
                                                         timeout=timeout)
             except aiohttp.ClientConnectorError as exc:
                 # Refused or unreachable: the engine is down, so it leaves the rotation until a

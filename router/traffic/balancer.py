@@ -1,11 +1,11 @@
-"""Replica choice within one version."""
+"""Endpoint choice within one version."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
 
-from llmserve.replicas.endpoint import Replica
+from llmserve.replicas.backend import Endpoint
 
 
 class LeastOutstanding:
@@ -18,7 +18,7 @@ class LeastOutstanding:
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def pick(self, replicas: Iterable[Replica], exclude: set[Replica] | None = None) -> Replica | None:
+    def pick(self, replicas: Iterable[Endpoint], exclude: set[Endpoint] | None = None) -> Endpoint | None:
         candidates = [r for r in replicas if r.routable and (not exclude or r not in exclude)]
         if not candidates:
             return None

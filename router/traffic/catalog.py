@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llmserve.generation import GenerationDefaults
-from llmserve.replicas.endpoint import Replica
+from llmserve.replicas.backend import Endpoint, ReplicaSet
 from router.errors import InvalidRequest, ModelNotFound, NoReplicaReady, VersionNotFound
 from router.traffic.split import choose_version
 
@@ -23,12 +23,21 @@ if TYPE_CHECKING:
 
 @dataclass
 class ServedVersion:
+    """One version the router can send requests to: engine endpoints, or a predictor in this process."""
+
     model_name: str
     version: str
     max_model_len: int
-    replicas: list[Replica] = field(default_factory=list)
+    replicas: list[Endpoint] = field(default_factory=list)  # the replica set's own list: scaling shows here
     predictor: Predictor | None = None  # a traditional model served in the router process
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    replica_set: ReplicaSet | None = None  # what the backend started (None for a predictor)
+
+    @classmethod
+    def of(cls, replica_set: ReplicaSet) -> ServedVersion:
+        spec = replica_set.spec
+        return cls(spec.model_name, spec.version, spec.max_model_len, replicas=replica_set.endpoints,
+                   generation=spec.generation, replica_set=replica_set)
 
     @property
     def versioned_name(self) -> str:
@@ -40,7 +49,7 @@ class ServedVersion:
         return self.generation.output_limit(self.max_model_len)
 
     @property
-    def ready_replicas(self) -> list[Replica]:
+    def ready_replicas(self) -> list[Endpoint]:
         return [r for r in self.replicas if r.routable]
 
     @property
@@ -140,5 +149,5 @@ class Catalog:
             raise VersionNotFound(f"model {name!r} has no version {version!r}; versions: {known}", param="version")
         return served
 
-    def all_replicas(self) -> list[Replica]:
+    def all_replicas(self) -> list[Endpoint]:
         return [r for m in self._models.values() for v in m.versions.values() for r in v.replicas]

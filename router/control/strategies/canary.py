@@ -14,19 +14,56 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from router.control.canary_analysis import CanaryPolicy, Decision, analyze
+from router.control.strategies.base import Rollout, Traffic, launch_and_wait, mark_active
+from router.control.strategies.direct import give_share
 from router.observe.samples import SampleWindows
 from router.store import HistoryEntry
 from router.traffic.split import rebalance
 
-if TYPE_CHECKING:
-    from router.control.plane import ControlPlane
-
 logger = logging.getLogger(__name__)
+
+
+class CanaryStatus(str, enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+
+
+class Command(str, enum.Enum):
+    ABORT = "abort"
+    PROMOTE = "promote"
+
+
+class Canary:
+    """The strategy: start every replica, then step the traffic up under ``CanaryRollout``.
+
+    The first version of a model has no stable version to compare with: it is activated like ``direct``.
+    """
+
+    def __init__(self, samples: SampleWindows, rollouts: dict[str, CanaryRollout], interval_s: float = 0.5) -> None:
+        self._samples = samples
+        self._rollouts = rollouts  # the latest per model, readable at /api/v1/deployments/{model}/canary
+        self._interval_s = interval_s
+
+    async def run(self, rollout: Rollout) -> None:
+        await launch_and_wait(rollout)
+        ready_s, stable = await mark_active(rollout)
+        policy = rollout.plan.canary
+        if stable is None or policy is None:
+            await give_share(rollout, rollout.plan.traffic_percent, ready_s)
+            return
+        state = CanaryState(rollout.model_name, rollout.version, stable, policy)
+        canary = CanaryRollout(rollout.control, self._samples, state, rollout.actor, self._interval_s)
+        self._rollouts[rollout.model_name] = canary
+        rollout.control.spawn(canary.run(), name=f"canary {rollout.model_name}:{rollout.version}")
 
 
 @dataclass
@@ -35,7 +72,7 @@ class CanaryState:
     canary_version: str
     stable_version: str
     policy: CanaryPolicy
-    status: str = "running"  # running | paused | promoted | rolled_back | aborted
+    status: CanaryStatus = CanaryStatus.RUNNING
     step: int = 0
     decisions: list[dict[str, Any]] = field(default_factory=list)
     latest: dict[str, Any] | None = None
@@ -43,7 +80,7 @@ class CanaryState:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model_name": self.model_name, "canary_version": self.canary_version,
-            "stable_version": self.stable_version, "status": self.status, "step_percent": self.step,
+            "stable_version": self.stable_version, "status": self.status.value, "step_percent": self.step,
             "policy": {**self.policy.__dict__, "steps": list(self.policy.steps)},
             "latest_analysis": self.latest, "decisions": self.decisions,
         }
@@ -52,7 +89,7 @@ class CanaryState:
 class CanaryRollout:
     def __init__(
         self,
-        control: ControlPlane,
+        control: Traffic,
         samples: SampleWindows,
         state: CanaryState,
         actor: str,
@@ -66,38 +103,38 @@ class CanaryRollout:
         self._unpaused = asyncio.Event()
         self._unpaused.set()
         self._wake = asyncio.Event()
-        self._command: str | None = None
+        self._command: Command | None = None
 
     # -- manual control -------------------------------------------------------
 
     def pause(self) -> None:
         self._require_active()
-        self.state.status = "paused"
+        self.state.status = CanaryStatus.PAUSED
         self._unpaused.clear()
 
     def resume(self) -> None:
         self._require_active()
-        self.state.status = "running"
+        self.state.status = CanaryStatus.RUNNING
         self._unpaused.set()
 
     def promote_now(self) -> None:
         self._require_active()
-        self._command = "promote"
+        self._command = Command.PROMOTE
         self._wake.set()
         self._unpaused.set()
-        self.state.status = "running"
+        self.state.status = CanaryStatus.RUNNING
 
     def abort(self) -> None:
         self._require_active()
-        self._command = "abort"
+        self._command = Command.ABORT
         self._wake.set()
         self._unpaused.set()
 
     def _require_active(self) -> None:
-        if self.state.status not in ("running", "paused"):
-            raise ValueError(f"the canary is {self.state.status}; nothing to change")
+        if self.state.status not in (CanaryStatus.RUNNING, CanaryStatus.PAUSED):
+            raise ValueError(f"the canary is {self.state.status.value}; nothing to change")
 
-    async def _wait(self, seconds: float) -> str | None:
+    async def _wait(self, seconds: float) -> Command | None:
         """Sleep, waking early for a manual command; stay here while paused. Returns the command."""
         self._wake.clear()
         with contextlib.suppress(asyncio.TimeoutError):
@@ -116,24 +153,24 @@ class CanaryRollout:
                 HistoryEntry(s.model_name, "canary_step", self._actor, {"version": s.canary_version, "percent": step}),
             )
             if step == 100:
-                s.status = "promoted"  # the split above is already in effect
+                s.status = CanaryStatus.PROMOTED  # the split above is already in effect
                 logger.info("canary %s:%s promoted to 100%%", s.model_name, s.canary_version)
                 return
             step_began = self._samples.now()
             command = await self._wait(s.policy.bake_s)
             while True:
-                if command == "abort":
-                    await self._record_manual("abort")
+                if command is Command.ABORT:
+                    await self._record_manual(Command.ABORT)
                     await self._control.rollback(s.model_name, s.stable_version, f"canary abort ({self._actor})")
-                    s.status = "aborted"  # only once the rollback is in effect
+                    s.status = CanaryStatus.ABORTED  # only once the rollback is in effect
                     return
-                if command == "promote":
-                    await self._record_manual("promote")
+                if command is Command.PROMOTE:
+                    await self._record_manual(Command.PROMOTE)
                     break
                 decision = await self._analyze(began, step_began)
                 if decision is Decision.ROLLBACK:
                     await self._control.rollback(s.model_name, s.stable_version, f"canary ({self._actor})")
-                    s.status = "rolled_back"  # only once the rollback is in effect
+                    s.status = CanaryStatus.ROLLED_BACK  # only once the rollback is in effect
                     logger.warning("canary %s:%s rolled back at %d%%: %s", s.model_name, s.canary_version, step,
                                    (s.latest or {}).get("reason"))
                     return
@@ -141,8 +178,8 @@ class CanaryRollout:
                     break
                 command = await self._wait(self._interval_s)
 
-    async def _record_manual(self, action: str) -> None:
-        s = self.state
+    async def _record_manual(self, command: Command) -> None:
+        s, action = self.state, command.value
         entry = {"step_percent": s.step, "decision": action, "reason": f"manual {action}", "manual": True}
         s.decisions.append(entry)
         await self._control.store.append_history(HistoryEntry(s.model_name, f"canary_{action}", self._actor, entry))

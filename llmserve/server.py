@@ -1,0 +1,62 @@
+"""The composition root: one place that assembles a whole router from settings.
+
+``llmserve up``, the tests and every benchmark call ``build``; they differ only
+in what they pass: a backend (the local one by default), a store (SQLite at
+``settings.sqlite_path`` or Redis by default; ``None``: static versions only),
+a spec builder, static versions. This module and the CLI are the only parts
+of ``llmserve`` that import the router.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI
+
+from llmserve.replicas.backend import ReplicaBackend
+from llmserve.replicas.local import LocalBackend
+from llmserve.replicas.spec import EngineSpec
+from llmserve.settings import Settings
+from router.app import StartedHook, create_app
+from router.control.versions import SpecBuilder, spec_builder
+from router.store import Store
+
+
+@dataclass
+class Server:
+    settings: Settings
+    app: FastAPI
+    backend: ReplicaBackend
+    store: Store | None
+
+
+def open_store(settings: Settings) -> Store:
+    """Redis when ``redis_url`` is set (routers share it), else SQLite in the data folder."""
+    if settings.redis_url:
+        from router.store.redis_store import RedisStore
+
+        return RedisStore(settings.redis_url)
+    from router.store.sqlite import SQLiteStore
+
+    return SQLiteStore(settings.sqlite_path)
+
+
+def build(
+    settings: Settings,
+    *,
+    backend: ReplicaBackend | None = None,
+    store: Store | Literal["settings"] | None = "settings",
+    specs: SpecBuilder | None = None,
+    static: Sequence[tuple[EngineSpec, int]] = (),
+    models_dir: Path | None = None,
+    on_started: StartedHook | None = None,
+) -> Server:
+    backend = backend or LocalBackend(settings.engine, settings.logs_dir)
+    """The router app and its parts; ``store=None``: no control plane, only the ``static`` versions."""
+    chosen = open_store(settings) if store == "settings" else store
+    app = create_app(settings.router, backend, specs or spec_builder(settings.engine), store=chosen,
+                     models_dir=models_dir or settings.model_repository, static=static, on_started=on_started)
+    return Server(settings, app, backend, chosen)
