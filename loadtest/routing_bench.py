@@ -43,7 +43,7 @@ def measure(split: dict[str, int], requests: int) -> dict[str, float]:
     for i in range(requests):
         user = users[i % len(users)]
         start = clock()
-        served = catalog.resolve("chat", None, user)
+        served = catalog.resolve("chat", None, user, retry_after_s=1)
         balancer.pick(served.replicas)
         samples.append((clock() - start) / 1000)
     return {

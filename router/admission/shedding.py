@@ -219,7 +219,7 @@ class Admission:
         if name is None or self._catalog.find(name) is None:
             return None
         try:
-            candidate = self._catalog.resolve(name, None, user, predict=served.predictor is not None)
+            candidate = self._catalog.resolve(name, None, user, retry_after_s=1, predict=served.predictor is not None)
         except APIError:
             return None
         return candidate if candidate.can_answer else None

@@ -16,21 +16,21 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from router.admission.shedding import admit_request
 from router.errors import APIError, RequestTimedOut, UpstreamFailed
-from router.gateway.protocol import GenerateRequest, check_output_limit, parse_json_object, read_body, validate
-from router.observe.request_record import RequestRecord, served_headers, user_key
+from router.gateway.pipeline import InferenceCall, inference
+from router.gateway.protocol import GenerateRequest, check_output_limit
+from router.observe.request_record import RequestRecord
 from router.relay.relay import StreamFailure, Upstream, UpstreamBroken, buffered_response, sse_bytes, sse_data
-from router.state import RouterState
 from router.traffic.catalog import ServedVersion
 
 router = APIRouter(prefix="/api/v1", tags=["generate"])
+GenerateCall = Annotated[InferenceCall, Depends(inference("generate"))]
 
 
 @dataclass
@@ -41,28 +41,18 @@ class _Outcome:
 
 
 @router.post("/models/{model_name}/generate")
-async def generate(model_name: str, request: Request) -> Response:
-    state: RouterState = request.app.state.router
-    request_id: str = request.state.request_id
-    deadline = state.relay.deadline()
-    record = RequestRecord(request_id, "generate", sink=state.log_sink, metrics=state.metrics,
-                           samples=state.samples)
-    extra: dict[str, str] = {}  # admission's headers, on errors too
-    with record.failures(extra):
-        body = await read_body(request.stream(), request.headers.get("content-length"),
-                               state.settings.max_body_bytes)
-        parsed: GenerateRequest = validate(GenerateRequest, parse_json_object(body))
-        record.user = user_key(request.headers, parsed.user)
-        served = state.catalog.resolve(model_name, parsed.params.version, record.user)
-        record.resolved(served.model_name, served.version)
-        served, admission_headers = await admit_request(state.admission, request.headers, served, record.user)
-        extra.update(admission_headers)
+async def generate(model_name: str, call: GenerateCall) -> Response:
+    state, record, request_id = call.state, call.record, call.request_id
+    with call.failures():
+        parsed = call.parse(GenerateRequest, await call.read_json())
+        call.identify(parsed.user)
+        served = await call.admit(call.resolve(model_name, parsed.params.version))
         check_output_limit(parsed.max_tokens, served)
         path, payload = _engine_request(parsed, served)
         record.begin(served.model_name, served.version, parsed.stream)
-        upstream = await state.relay.open(served, path, payload, request_id, deadline)
+        upstream = await state.relay.open(served, path, payload, request_id, call.deadline)
     record.replica = upstream.replica.id
-    headers = {**served_headers(request_id, served.version, upstream.replica.id), **extra}
+    headers = call.answer_headers(served, upstream.replica.id)
     if upstream.status_code != 200:
         return await buffered_response(upstream, record, headers)
 

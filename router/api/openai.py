@@ -3,37 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
-from router.admission.shedding import admit_request
-from router.gateway.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    check_output_limit,
-    drop_tools,
-    parse_json_object,
-    read_body,
-    validate,
-)
-from router.observe.request_record import RequestRecord, served_headers, user_key
+from router.gateway.pipeline import InferenceCall, State, inference
+from router.gateway.protocol import ChatCompletionRequest, CompletionRequest, check_output_limit, drop_tools
+from router.observe.request_record import RequestRecord
 from router.relay.relay import StreamFailure, Upstream, UpstreamBroken, buffered_response, sse_bytes, sse_data
-from router.state import RouterState
 from router.traffic.catalog import Catalog
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 VERSION_HEADER = "x-model-version"
+ChatCall = Annotated[InferenceCall, Depends(inference("/v1/chat/completions"))]
+CompletionCall = Annotated[InferenceCall, Depends(inference("/v1/completions"))]
 
 
 @router.get("/models")
-async def list_models(request: Request) -> dict[str, Any]:
+async def list_models(state: State) -> dict[str, Any]:
     """Each generative model once, with what its default version does when a request leaves things out;
     ``name:version`` aliases too when ``list_version_aliases`` is on (pinning works either way)."""
-    state: RouterState = request.app.state.router
     catalog: Catalog = state.catalog
     created = int(state.started_at)
     data: list[dict[str, Any]] = []
@@ -64,54 +56,40 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    return await _relay_openai(request, "/v1/chat/completions", ChatCompletionRequest)
+async def chat_completions(call: ChatCall) -> Response:
+    return await _relay_openai(call, "/v1/chat/completions", ChatCompletionRequest)
 
 
 @router.post("/completions")
-async def completions(request: Request) -> Response:
-    return await _relay_openai(request, "/v1/completions", CompletionRequest)
+async def completions(call: CompletionCall) -> Response:
+    return await _relay_openai(call, "/v1/completions", CompletionRequest)
 
 
 async def _relay_openai(
-    request: Request, path: str, schema: type[ChatCompletionRequest] | type[CompletionRequest]
+    call: InferenceCall, path: str, schema: type[ChatCompletionRequest] | type[CompletionRequest]
 ) -> Response:
-    state: RouterState = request.app.state.router
-    request_id: str = request.state.request_id
-    deadline = state.relay.deadline()
-    record = RequestRecord(request_id, path, sink=state.log_sink, metrics=state.metrics, samples=state.samples)
-    extra: dict[str, str] = {}  # admission's headers and what the router changed, on errors too
-    with record.failures(extra):
-        body = await read_body(request.stream(), request.headers.get("content-length"),
-                               state.settings.max_body_bytes)
-        payload = parse_json_object(body)
-        parsed = validate(schema, payload)
-        pinned = request.headers.get(VERSION_HEADER) or None
-        user = record.user = user_key(request.headers, parsed.user)
-        served = state.catalog.resolve(parsed.model, pinned, user)
-        record.resolved(served.model_name, served.version)
-        served, admission_headers = await admit_request(state.admission, request.headers, served, user)
-        extra.update(admission_headers)
+    with call.failures():
+        payload = await call.read_json()
+        parsed = call.parse(schema, payload)
+        call.identify(parsed.user)
+        served = await call.admit(call.resolve(parsed.model, call.request.headers.get(VERSION_HEADER) or None))
         check_output_limit(
             parsed.output_limit(), served,
             "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) else "max_tokens",
         )
         dropped = 0 if served.generation.can_call_tools else drop_tools(payload)
         if dropped:
-            extra["x-tools-dropped"] = str(dropped)
+            call.headers["x-tools-dropped"] = str(dropped)
         payload["model"] = served.versioned_name
-        record.begin(served.model_name, served.version, parsed.stream)
-        upstream = await state.relay.open(served, path, payload, request_id, deadline, stream=parsed.stream)
-    record.replica = upstream.replica.id
-    headers = {**served_headers(request_id, served.version, upstream.replica.id), **extra}
+        call.record.begin(served.model_name, served.version, parsed.stream)
+        upstream = await call.state.relay.open(served, path, payload, call.request_id, call.deadline,
+                                               stream=parsed.stream)
+    call.record.replica = upstream.replica.id
+    headers = call.answer_headers(served, upstream.replica.id)
     if upstream.status_code != 200 or not parsed.stream:
-        return await buffered_response(upstream, record, headers)
-    return EventSourceResponse(
-        _relay_stream(upstream, record),
-        headers=headers,
-        sep="\n",
-        ping=state.sse_ping_s,
-    )
+        return await buffered_response(upstream, call.record, headers)
+    return EventSourceResponse(_relay_stream(upstream, call.record), headers=headers, sep="\n",
+                               ping=call.state.sse_ping_s)
 
 
 async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncIterator[bytes]:

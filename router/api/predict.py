@@ -10,17 +10,17 @@ Priority: ``X-Priority: critical|standard|batch``; deadline: ``X-Deadline-Ms``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from router.admission.shedding import parse_deadline_ms, resolve_priority
 from router.errors import APIError, InvalidRequest, PayloadTooLarge
-from router.gateway.protocol import read_body
-from router.observe.request_record import RequestRecord, served_headers, user_key
+from router.gateway.pipeline import InferenceCall, inference
+from router.observe.request_record import user_key
 from router.predict.batcher import Overloaded
 from router.predict.codec import (
     NPY_TYPES,
@@ -37,6 +37,8 @@ from router.state import RouterState
 from router.traffic.catalog import ServedVersion
 
 router = APIRouter(tags=["predict"])
+PredictCall = Annotated[InferenceCall, Depends(inference("predict"))]
+V2InferCall = Annotated[InferenceCall, Depends(inference("v2_infer"))]
 
 
 class ServiceOverloaded(APIError):
@@ -51,18 +53,9 @@ class TooManyRequests(APIError):
     code = "queue_full"
 
 
-def _priority(request: Request, state: RouterState) -> str:
-    return resolve_priority(request.headers, state.settings.admission)
-
-
 def _deadline_ms(request: Request, params: dict[str, Any]) -> float | None:
     return parse_deadline_ms(request.headers.get("x-deadline-ms", params.get("deadline_ms")),
                              "X-Deadline-Ms or params.deadline_ms", "deadline_ms")
-
-
-async def _body(request: Request, state: RouterState) -> bytes:
-    return await read_body(request.stream(), request.headers.get("content-length"),
-                           state.settings.max_predict_body_bytes)
 
 
 def _predictor(served: ServedVersion) -> Predictor:
@@ -70,13 +63,16 @@ def _predictor(served: ServedVersion) -> Predictor:
     return served.predictor
 
 
-async def _run(state: RouterState, served: ServedVersion, inputs: dict[str, np.ndarray], priority: str,
-               deadline_ms: float | None, record: RequestRecord, user: str | None
-               ) -> tuple[ServedVersion, dict[str, np.ndarray], dict[str, str]]:
-    """Validate and predict; when the version's queue is full, its fallback model answers if it has one.
+async def _run(call: InferenceCall, served: ServedVersion, inputs: dict[str, np.ndarray],
+               deadline_ms: float | None) -> tuple[ServedVersion, dict[str, np.ndarray]]:
+    """Admit, validate and predict; when the version's queue is full, its fallback model answers if it has one.
 
-    Returns the version that answered, the outputs, and headers to add (priority, fallback).
+    Admission for a predictor is its batcher's queue (bounded rows, deadlines), so this is the
+    pipeline's admit step for traditional models; returns the version that answered and the outputs.
     """
+    state, record = call.state, call.record
+    priority = resolve_priority(call.request.headers, state.settings.admission)
+    call.headers["x-priority"] = priority
     predictor = _predictor(served)
     try:
         rows = predictor.check(inputs)
@@ -88,22 +84,21 @@ async def _run(state: RouterState, served: ServedVersion, inputs: dict[str, np.n
                               "(LLMSERVE_ROUTER__PREDICT__MAX_REQUEST_ROWS); split it")
     record.begin(served.model_name, served.version, False)
     record.output_tokens = rows
-    extra = {"x-priority": priority}
     try:
-        return served, await predictor.batcher.submit(inputs, priority, deadline_ms), extra
+        return served, await predictor.batcher.submit(inputs, priority, deadline_ms)
     except Overloaded as exc:
         if state.metrics is not None:
             state.metrics.predict_rejected.labels(served.model_name, served.version, str(exc.status)).inc()
-        fallback = _fallback(state, served, user, priority) if exc.status == 429 else None
+        fallback = _fallback(state, served, record.user, priority) if exc.status == 429 else None
         if fallback is not None:
             try:
                 outputs = await _predictor(fallback).batcher.submit(inputs, priority, deadline_ms)
             except Overloaded:
                 pass
             else:
-                if state.admission is not None:
-                    state.admission.count(served.model_name, priority, "fallback")
-                return fallback, outputs, {**extra, "x-fallback": fallback.versioned_name}
+                state.admission.count(served.model_name, priority, "fallback")
+                call.headers["x-fallback"] = fallback.versioned_name
+                return fallback, outputs
         error = TooManyRequests if exc.status == 429 else ServiceOverloaded
         raise error(f"{served.versioned_name} is overloaded: {exc.reason}; retry in {exc.retry_after_s}s",
                     headers={"Retry-After": str(exc.retry_after_s)}) from None
@@ -111,18 +106,13 @@ async def _run(state: RouterState, served: ServedVersion, inputs: dict[str, np.n
 
 def _fallback(state: RouterState, served: ServedVersion, user: str | None, priority: str) -> ServedVersion | None:
     """The predict fallback for a full queue: a model with the same inputs; never for batch traffic."""
-    if state.admission is None or not state.settings.admission.enabled or priority == "batch":
+    if not state.settings.admission.enabled or priority == "batch":
         return None
     candidate = state.admission.fallback_for(served, user)
     if candidate is None or candidate.predictor is None \
             or candidate.predictor.manifest.inputs != _predictor(served).manifest.inputs:
         return None
     return candidate
-
-
-def _record(state: RouterState, request: Request, route: str) -> RequestRecord:
-    return RequestRecord(request.state.request_id, route, sink=state.log_sink, metrics=state.metrics,
-                         samples=state.samples)
 
 
 # -- the design's API ---------------------------------------------------------------
@@ -142,12 +132,11 @@ def _predictions(outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 
 
 @router.post("/api/v1/models/{model_name}/predict")
-async def predict(model_name: str, request: Request) -> Response:
+async def predict(model_name: str, call: PredictCall) -> Response:
     """``{"inputs": [{"features": [...]}, ...], "params": {"version": "v3"}}`` or an ``.npy`` body."""
-    state: RouterState = request.app.state.router
-    record = _record(state, request, "predict")
-    with record.failures():
-        raw = await _body(request, state)
+    state, record, request = call.state, call.record, call.request
+    with call.failures():
+        raw = await call.read(state.settings.max_predict_body_bytes)
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         npy = content_type in NPY_TYPES or raw[:6] == b"\x93NUMPY"
         params: dict[str, Any] = {}
@@ -162,17 +151,15 @@ async def predict(model_name: str, request: Request) -> Response:
                 raise InvalidRequest('"params" must be an object such as {"version": "v3"}', param="params")
         version = params.get("version") or request.query_params.get("version") or \
             request.headers.get("x-model-version")
-        record.user = user_key(request.headers, body.get("user") if isinstance(body.get("user"), str) else None)
-        served = state.catalog.resolve(model_name, version, record.user, predict=True)
-        record.resolved(served.model_name, served.version)
+        call.identify(body.get("user") if isinstance(body.get("user"), str) else None)
+        served = call.resolve(model_name, version, predict=True)
         manifest = _predictor(served).manifest
         try:
             inputs = decode_npy(raw, manifest) if npy else decode_rows(body, manifest, may_hold_booleans(raw))
         except InvalidInput as exc:
             raise InvalidRequest(str(exc), param=exc.param) from None
-        served, outputs, extra = await _run(state, served, inputs, _priority(request, state),
-                                            _deadline_ms(request, params), record, record.user)
-    headers = {**served_headers(record.request_id, served.version, "router"), **extra}
+        served, outputs = await _run(call, served, inputs, _deadline_ms(request, params))
+    headers = call.answer_headers(served, "router")
     record.finish(200)
     answer: dict[str, Any] = {"model_name": served.model_name, "version": served.version, "id": record.request_id}
     if npy:  # a columnar answer: no per-row objects at high row counts
@@ -186,12 +173,9 @@ async def predict(model_name: str, request: Request) -> Response:
 # -- Open Inference Protocol v2 ---------------------------------------------------
 
 
-def _v2_error(exc: APIError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=exc.headers)
-
-
 def _v2_served(state: RouterState, model_name: str, version: str | None, request: Request) -> ServedVersion:
-    return state.catalog.resolve(model_name, version, user_key(request.headers, None), predict=True)
+    return state.catalog.resolve(model_name, version, user_key(request.headers, None),
+                                 retry_after_s=state.settings.retry_after_s, predict=True)
 
 
 def _metadata(served: ServedVersion, versions: list[str]) -> dict[str, Any]:
@@ -221,10 +205,7 @@ async def v2_ready(request: Request) -> JSONResponse:
 @router.get("/v2/models/{model_name}/versions/{version}")
 async def v2_model_metadata(model_name: str, request: Request, version: str | None = None) -> JSONResponse:
     state: RouterState = request.app.state.router
-    try:
-        served = _v2_served(state, model_name, version, request)
-    except APIError as exc:
-        return _v2_error(exc)
+    served = _v2_served(state, model_name, version, request)  # errors: the handler answers in the /v2 shape
     model = state.catalog.get_model(model_name)
     return JSONResponse(_metadata(served, sorted(model.versions)))
 
@@ -233,23 +214,18 @@ async def v2_model_metadata(model_name: str, request: Request, version: str | No
 @router.get("/v2/models/{model_name}/versions/{version}/ready")
 async def v2_model_ready(model_name: str, request: Request, version: str | None = None) -> JSONResponse:
     state: RouterState = request.app.state.router
-    try:
-        served = _v2_served(state, model_name, version, request)
-    except APIError as exc:
-        return _v2_error(exc)
+    served = _v2_served(state, model_name, version, request)  # errors: the handler answers in the /v2 shape
     return JSONResponse({"name": model_name, "ready": served.can_answer})
 
 
 @router.post("/v2/models/{model_name}/infer")
 @router.post("/v2/models/{model_name}/versions/{version}/infer")
-async def v2_infer(model_name: str, request: Request, version: str | None = None) -> Response:
-    state: RouterState = request.app.state.router
-    record = _record(state, request, "v2_infer")
-    try:
-        raw = await _body(request, state)
-        record.user = user_key(request.headers, None)
-        served = _v2_served(state, model_name, version, request)
-        record.resolved(served.model_name, served.version)
+async def v2_infer(model_name: str, call: V2InferCall, version: str | None = None) -> Response:
+    state, record, request = call.state, call.record, call.request
+    with call.failures():  # the error handler answers in the /v2 shape
+        raw = await call.read(state.settings.max_predict_body_bytes)
+        call.identify()
+        served = call.resolve(model_name, version, predict=True)
         header_length = request.headers.get("inference-header-content-length")
         try:
             length = int(header_length) if header_length is not None else None
@@ -259,18 +235,11 @@ async def v2_infer(model_name: str, request: Request, version: str | None = None
             parsed = decode_v2(raw, length, _predictor(served).manifest, binary_default=False)
         except InvalidInput as exc:
             raise InvalidRequest(str(exc), param=exc.param) from None
-        served, outputs, extra = await _run(state, served, parsed.inputs, _priority(request, state),
-                                            _deadline_ms(request, parsed.parameters), record, record.user)
+        served, outputs = await _run(call, served, parsed.inputs, _deadline_ms(request, parsed.parameters))
         missing = unknown_outputs(parsed.outputs, outputs)
         if missing:
             raise InvalidRequest(f"unknown outputs {missing}; this model gives {sorted(outputs)}", param="outputs")
-    except APIError as exc:
-        record.fail(exc)
-        return _v2_error(exc)
-    except BaseException as exc:
-        record.fail(exc)
-        raise
     body, headers = encode_v2(served.model_name, served.version, parsed.id, outputs, parsed.outputs,
                               parsed.binary_outputs)
     record.finish(200)
-    return Response(body, headers={**headers, **served_headers(record.request_id, served.version, "router"), **extra})
+    return Response(body, headers={**headers, **call.answer_headers(served, "router")})

@@ -110,8 +110,8 @@ class Catalog:
         return model
 
     def resolve(
-        self, requested: str, pinned_version: str | None = None, user_key: str | None = None, retry_after_s: int = 5,
-        predict: bool = False,
+        self, requested: str, pinned_version: str | None = None, user_key: str | None = None, *,
+        retry_after_s: int, predict: bool = False,
     ) -> ServedVersion:
         """Map a request's model (``name`` or ``name:version``), pin and user to a version.
 
