@@ -1,8 +1,38 @@
 """One exception tree for everything a client can be told, and its HTTP mapping.
 
-Every error leaves the router as JSON in the OpenAI shape
-``{"error": {"message", "type", "param", "code"}}`` with the right status;
-nothing a client sends can produce a traceback in a response.
+Every error leaves the router as JSON with the right status: the OpenAI shape
+``{"error": {"message", "type", "param", "code"}}`` everywhere, and the Open
+Inference Protocol's ``{"error": "<message>"}`` under ``/v2``. Nothing a client
+sends can produce a traceback in a response.
+
+The tree (status, ``code``)::
+
+    APIError                       500 internal_error
+    ├── InvalidRequest             400 invalid_request       a field, the JSON or a header is wrong
+    ├── PriorityForbidden          403 priority_not_allowed  the caller may not use that X-Priority
+    ├── ModelNotFound              404 model_not_found
+    ├── VersionNotFound            404 version_not_found
+    ├── RouteNotFound              404 not_found
+    ├── MethodNotAllowed           405 method_not_allowed
+    ├── ConflictError              409 conflict              a live duplicate, a stale If-Match, a state that forbids it
+    ├── PayloadTooLarge            413 payload_too_large
+    ├── ShedLoad                   429 overloaded            saturated; Retry-After
+    ├── QueueFull                  429 queue_full            a predictor's queue is full; Retry-After
+    ├── UpstreamFailed             502 replica_failed        the engine failed while answering
+    ├── NoReplicaReady             503 no_replica_ready      starting, restarting or ejected; Retry-After
+    ├── DeadlineExceeded           503 deadline_exceeded     saturated past the request's deadline; Retry-After
+    ├── PredictorOverloaded        503 overloaded            a predictor cannot meet the deadline; Retry-After
+    └── RequestTimedOut            504 request_timeout       past the request's time budget
+
+Domain code raises its own errors, which carry fields and no status; the one
+table here (``as_api_error``) turns them into the tree above, for the
+handlers and for the request record alike:
+
+    router.store.Conflict                 -> ConflictError
+    router.store.NotFound(kind)           -> ModelNotFound | VersionNotFound
+    router.traffic.split.InvalidSplit     -> InvalidRequest(param="split")
+    router.predict.errors.InvalidInput    -> InvalidRequest(param=the field)
+    router.predict.errors.Overloaded      -> QueueFull | PredictorOverloaded, with Retry-After
 """
 
 from __future__ import annotations
@@ -13,6 +43,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.predict.errors import InvalidInput, Overloaded
+from router.store.base import Conflict, NotFound
+from router.traffic.split import InvalidSplit
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +84,18 @@ class InvalidRequest(APIError):
     status_code = 400
     error_type = "invalid_request_error"
     code = "invalid_request"
+
+
+class PriorityForbidden(APIError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "priority_not_allowed"
+
+
+class ConflictError(APIError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
 
 
 class PayloadTooLarge(APIError):
@@ -98,6 +144,42 @@ class NoReplicaReady(APIError):
         self.retry_after_s = retry_after_s
 
 
+class _RetryLater(APIError):
+    """Refusals that tell the client when to come back."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+        self.retry_after_s = retry_after_s
+
+
+class ShedLoad(_RetryLater):
+    """Refused under overload: the version is saturated and the request cannot wait."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "overloaded"
+
+
+class DeadlineExceeded(_RetryLater):
+    """The version stayed saturated past the request's deadline."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "deadline_exceeded"
+
+
+class QueueFull(_RetryLater):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+
+class PredictorOverloaded(_RetryLater):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "overloaded"
+
+
 class RequestTimedOut(APIError):
     """The answer took longer than the request's time budget; the engine request was aborted."""
 
@@ -139,6 +221,27 @@ def validation_error(exc: RequestValidationError | Exception) -> InvalidRequest:
     return InvalidRequest(detail, param=param or None)
 
 
+def as_api_error(exc: BaseException) -> APIError | None:
+    """The client-facing error a domain error stands for; None for anything else (a bug: 500)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, Conflict):
+        return ConflictError(str(exc))
+    if isinstance(exc, NotFound):
+        return (ModelNotFound if exc.kind == "model" else VersionNotFound)(str(exc), param=exc.kind)
+    if isinstance(exc, InvalidSplit):
+        return InvalidRequest(str(exc), param="split")
+    if isinstance(exc, InvalidInput):
+        return InvalidRequest(str(exc), param=exc.param)
+    if isinstance(exc, Overloaded):
+        kind = QueueFull if exc.status == 429 else PredictorOverloaded
+        return kind(f"{exc.reason}; retry in {exc.retry_after_s}s", exc.retry_after_s)
+    return None
+
+
+_DOMAIN_ERRORS = (Conflict, NotFound, InvalidSplit, InvalidInput, Overloaded)
+
+
 def _respond(request: Request, error: APIError) -> JSONResponse:
     """OpenAI-shaped errors everywhere except under /v2, where the Open Inference Protocol's
     ``{"error": "<message>"}`` is what KServe and Triton clients parse."""
@@ -151,6 +254,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return _respond(request, exc)
+
+    for domain_error in _DOMAIN_ERRORS:
+        @app.exception_handler(domain_error)
+        async def _domain(request: Request, exc: Exception) -> JSONResponse:
+            error = as_api_error(exc)
+            assert error is not None
+            return _respond(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -14,8 +14,8 @@ from llmserve.replicas.backend import Endpoint, EndpointState
 from llmserve.settings import AdmissionSettings, KeyPolicy, RouterSettings
 from loadtest.sim import SimEngineProgram
 from loadtest.simstack import StaticVersion
-from router.admission.shedding import Admission, PriorityForbidden, resolve_priority
-from router.errors import InvalidRequest
+from router.admission.shedding import Admission, resolve_priority
+from router.errors import InvalidRequest, PriorityForbidden
 from router.observe.samples import SampleWindows
 from router.store.sqlite import SQLiteStore
 from router.traffic.catalog import Catalog, ServedVersion

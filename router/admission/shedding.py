@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from llmserve.settings import AdmissionSettings, KeyPolicy
 from llmserve.stats import percentile
-from router.errors import APIError, InvalidRequest
+from router.errors import APIError, DeadlineExceeded, InvalidRequest, PriorityForbidden, ShedLoad
 from router.traffic.catalog import Catalog, ServedVersion
 
 if TYPE_CHECKING:
@@ -47,31 +47,6 @@ if TYPE_CHECKING:
 PRIORITIES = ("critical", "standard", "batch")
 
 logger = logging.getLogger(__name__)
-
-
-class PriorityForbidden(APIError):
-    status_code = 403
-    error_type = "permission_error"
-    code = "priority_not_allowed"
-
-
-class UnknownApiKey(APIError):
-    status_code = 401
-    error_type = "authentication_error"
-    code = "invalid_api_key"
-
-
-class Shed(APIError):
-    """Refused under overload: 429 (no room) or 503 (deadline passed), always with Retry-After."""
-
-    error_type = "rate_limit_error"
-    code = "overloaded"
-
-    def __init__(self, status: int, message: str, retry_after_s: int) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
-        self.status_code = status
-        if status == 503:
-            self.error_type, self.code = "service_unavailable", "deadline_exceeded"
 
 
 def api_key(headers: Mapping[str, str]) -> str | None:
@@ -182,13 +157,13 @@ class Admission:
 
     async def admit(self, served: ServedVersion, priority: str, user: str | None,
                     deadline_s: float | None = None) -> Admitted:
-        """Where this request goes, or a Shed error. ``deadline_s``: seconds it may wait."""
+        """Where this request goes, or a ShedLoad or DeadlineExceeded error. ``deadline_s``: seconds it may wait."""
         if not self.settings.enabled or priority == "critical" or not self.saturation(served).saturated:
             self.count(served.model_name, priority, "full")
             return Admitted(served)
         if priority == "batch":
             self.count(served.model_name, priority, "rejected")
-            raise Shed(429, f"{served.versioned_name} is saturated ({', '.join(self.saturation(served).reasons)}); "
+            raise ShedLoad(f"{served.versioned_name} is saturated ({', '.join(self.saturation(served).reasons)}); "
                             "batch traffic is refused until it drains", self.retry_after_s(served))
         fallback = self.fallback_for(served, user)
         if fallback is not None and not self.saturation(fallback).saturated:
@@ -207,11 +182,11 @@ class Admission:
                 return Admitted(fallback, fallback_from=served.model_name)
         if deadline_s is not None and deadline_s <= self.settings.queue_wait_s:
             self.count(served.model_name, priority, "expired")
-            raise Shed(503, f"{served.versioned_name} stayed saturated past the request's deadline",
+            raise DeadlineExceeded(f"{served.versioned_name} stayed saturated past the request's deadline",
                        self.retry_after_s(served))
         self.count(served.model_name, priority, "rejected")
         where = f"{served.versioned_name} and its fallback are" if fallback else f"{served.versioned_name} is"
-        raise Shed(429, f"{where} saturated; waited {limit:.1f}s for room", self.retry_after_s(served))
+        raise ShedLoad(f"{where} saturated; waited {limit:.1f}s for room", self.retry_after_s(served))
 
     def fallback_for(self, served: ServedVersion, user: str | None) -> ServedVersion | None:
         """The version of ``served``'s fallback model that would answer this user, if one can."""

@@ -12,21 +12,15 @@ from llmserve.settings import SamplingDefaults
 from router.control.canary_analysis import CanaryPolicy
 from router.control.plane import ControlPlane
 from router.control.strategies.base import RolloutPlan, StrategyType
-from router.errors import APIError, InvalidRequest, ModelNotFound, VersionNotFound
+from router.errors import APIError, ConflictError, InvalidRequest, ModelNotFound, VersionNotFound
 from router.gateway.protocol import parse_json_object, read_body, validate
-from router.store import Conflict, ModelRecord, NotFound
+from router.store import ModelRecord
 from router.store.base import DeploymentRecord
 
 router = APIRouter(prefix="/api/v1", tags=["control"])
 
 _NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-
-
-class ConflictError(APIError):
-    status_code = 409
-    error_type = "invalid_request_error"
-    code = "conflict"
 
 
 class RegisterModel(BaseModel):
@@ -154,16 +148,6 @@ async def _body(request: Request) -> dict[str, Any]:
     return parse_json_object(raw) if raw else {}
 
 
-def _translate(exc: Exception) -> APIError:
-    if isinstance(exc, Conflict):
-        return ConflictError(str(exc))
-    if isinstance(exc, NotFound):
-        return (ModelNotFound if exc.kind == "model" else VersionNotFound)(str(exc), param=exc.kind)
-    if isinstance(exc, ValueError):
-        return InvalidRequest(str(exc), param="split")
-    raise exc
-
-
 def _deployment_json(record: DeploymentRecord) -> dict[str, Any]:
     data = record.to_dict()
     data["deployment_id"] = data.pop("id")
@@ -174,10 +158,7 @@ def _deployment_json(record: DeploymentRecord) -> dict[str, Any]:
 async def register_model(request: Request) -> dict[str, Any]:
     body: RegisterModel = validate(RegisterModel, await _body(request))
     record = ModelRecord(body.model_name, body.description, body.framework, body.owner)
-    try:
-        await _control(request).register_model(record)
-    except Conflict as exc:
-        raise _translate(exc) from None
+    await _control(request).register_model(record)
     return record.__dict__ | {"model_name": record.name}
 
 
@@ -207,10 +188,7 @@ async def create_deployment(request: Request) -> JSONResponse:
     control = _control(request)
     engine = body.engine.model_dump(exclude_none=True)
     batching = body.batching.model_dump(exclude_none=True)
-    try:
-        model = await control.require_model(body.model_name)
-    except NotFound as exc:
-        raise _translate(exc) from None
+    model = await control.require_model(body.model_name)
     if model.framework != "vllm":
         if body.strategy.type == "rolling":
             raise InvalidRequest("rolling replaces engine replicas; a traditional model's version loads in the "
@@ -220,11 +198,8 @@ async def create_deployment(request: Request) -> JSONResponse:
         engine = {"batching": batching} if batching else {}
     elif batching:
         raise InvalidRequest("batching applies to traditional models; vLLM batches continuously", param="batching")
-    try:
-        record = await control.deploy(body.model_name, body.version, body.resources.replicas, _actor(request),
-                                      plan, engine=engine, gpu=body.resources.gpu)
-    except (Conflict, NotFound) as exc:
-        raise _translate(exc) from None
+    record = await control.deploy(body.model_name, body.version, body.resources.replicas, _actor(request),
+                                  plan, engine=engine, gpu=body.resources.gpu)
     return JSONResponse(_deployment_json(record), status_code=202)
 
 
@@ -236,19 +211,13 @@ async def list_deployments(request: Request) -> dict[str, Any]:
 
 @router.get("/deployments/{model_name}")
 async def get_deployments(model_name: str, request: Request) -> dict[str, Any]:
-    try:
-        return await describe(_control(request), model_name)
-    except NotFound as exc:
-        raise _translate(exc) from None
+    return await describe(_control(request), model_name)
 
 
 @router.get("/deployments/{model_name}/canary")
 async def get_canary(model_name: str, request: Request) -> dict[str, Any]:
     control = _control(request)
-    try:
-        await control.require_model(model_name)
-    except NotFound as exc:
-        raise _translate(exc) from None
+    await control.require_model(model_name)
     rollout = control.canaries.get(model_name)
     if rollout is None:
         raise VersionNotFound(f"model {model_name!r} has no canary rollout; deploy with "
@@ -283,30 +252,21 @@ async def set_traffic(model_name: str, request: Request) -> dict[str, Any]:
         raise InvalidRequest("If-Match must be the split's revision number, as GET /api/v1/deployments/{model} "
                              "returns it", param="If-Match")
     expected = int(if_match.strip('"')) if if_match is not None else None
-    try:
-        record = await _control(request).set_traffic(model_name, split, _actor(request), expected)
-    except (Conflict, NotFound, ValueError) as exc:
-        raise _translate(exc) from None
+    record = await _control(request).set_traffic(model_name, split, _actor(request), expected)
     return {"model_name": model_name, "split": record.split, "revision": record.revision}
 
 
 @router.post("/deployments/{model_name}/rollback")
 async def rollback(model_name: str, request: Request) -> dict[str, Any]:
     body: RollbackBody = validate(RollbackBody, await _body(request))
-    try:
-        result = await _control(request).rollback(model_name, body.to, _actor(request))
-    except (Conflict, NotFound) as exc:
-        raise _translate(exc) from None
+    result = await _control(request).rollback(model_name, body.to, _actor(request))
     return {"model_name": model_name, "from": result.from_version, "to": result.to_version,
             "applied_in_ms": round(result.applied_in_ms, 3), "revision": result.revision}
 
 
 @router.delete("/deployments/{model_name}/versions/{version}")
 async def delete_version(model_name: str, version: str, request: Request) -> dict[str, Any]:
-    try:
-        record = await _control(request).delete_version(model_name, version, _actor(request))
-    except (Conflict, NotFound) as exc:
-        raise _translate(exc) from None
+    record = await _control(request).delete_version(model_name, version, _actor(request))
     return {"deployment_id": record.id, "model_name": model_name, "version": version, "status": "draining"}
 
 

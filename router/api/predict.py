@@ -18,10 +18,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from router.admission.shedding import parse_deadline_ms, resolve_priority
-from router.errors import APIError, InvalidRequest, PayloadTooLarge
+from router.errors import InvalidRequest, PayloadTooLarge, PredictorOverloaded, QueueFull
 from router.gateway.pipeline import InferenceCall, inference
 from router.observe.request_record import user_key
-from router.predict.batcher import Overloaded
 from router.predict.codec import (
     NPY_TYPES,
     decode_npy,
@@ -32,25 +31,14 @@ from router.predict.codec import (
     parse_object,
     unknown_outputs,
 )
-from router.predict.host import InvalidInput, Predictor
+from router.predict.errors import InvalidInput, Overloaded
+from router.predict.host import Predictor
 from router.state import RouterState
 from router.traffic.catalog import ServedVersion
 
 router = APIRouter(tags=["predict"])
 PredictCall = Annotated[InferenceCall, Depends(inference("predict"))]
 V2InferCall = Annotated[InferenceCall, Depends(inference("v2_infer"))]
-
-
-class ServiceOverloaded(APIError):
-    status_code = 503
-    error_type = "service_unavailable"
-    code = "overloaded"
-
-
-class TooManyRequests(APIError):
-    status_code = 429
-    error_type = "rate_limit_error"
-    code = "queue_full"
 
 
 def _deadline_ms(request: Request, params: dict[str, Any]) -> float | None:
@@ -74,10 +62,7 @@ async def _run(call: InferenceCall, served: ServedVersion, inputs: dict[str, np.
     priority = resolve_priority(call.request.headers, state.settings.admission)
     call.headers["x-priority"] = priority
     predictor = _predictor(served)
-    try:
-        rows = predictor.check(inputs)
-    except InvalidInput as exc:
-        raise InvalidRequest(str(exc), param=exc.param) from None
+    rows = predictor.check(inputs)
     limit = state.settings.predict.max_request_rows
     if rows > limit:
         raise PayloadTooLarge(f"the request has {rows} rows; the limit is {limit} "
@@ -99,9 +84,9 @@ async def _run(call: InferenceCall, served: ServedVersion, inputs: dict[str, np.
                 state.admission.count(served.model_name, priority, "fallback")
                 call.headers["x-fallback"] = fallback.versioned_name
                 return fallback, outputs
-        error = TooManyRequests if exc.status == 429 else ServiceOverloaded
+        error = QueueFull if exc.status == 429 else PredictorOverloaded
         raise error(f"{served.versioned_name} is overloaded: {exc.reason}; retry in {exc.retry_after_s}s",
-                    headers={"Retry-After": str(exc.retry_after_s)}) from None
+                    exc.retry_after_s) from None
 
 
 def _fallback(state: RouterState, served: ServedVersion, user: str | None, priority: str) -> ServedVersion | None:
@@ -144,7 +129,7 @@ async def predict(model_name: str, call: PredictCall) -> Response:
         if not npy:
             try:
                 body = parse_object(raw)
-            except InvalidInput as exc:
+            except InvalidInput as exc:  # the one input error with its own code
                 raise InvalidRequest(str(exc), param=exc.param, code="invalid_json") from None
             params = body.get("params") or {}
             if not isinstance(params, dict):
@@ -154,10 +139,7 @@ async def predict(model_name: str, call: PredictCall) -> Response:
         call.identify(body.get("user") if isinstance(body.get("user"), str) else None)
         served = call.resolve(model_name, version, predict=True)
         manifest = _predictor(served).manifest
-        try:
-            inputs = decode_npy(raw, manifest) if npy else decode_rows(body, manifest, may_hold_booleans(raw))
-        except InvalidInput as exc:
-            raise InvalidRequest(str(exc), param=exc.param) from None
+        inputs = decode_npy(raw, manifest) if npy else decode_rows(body, manifest, may_hold_booleans(raw))
         served, outputs = await _run(call, served, inputs, _deadline_ms(request, params))
     headers = call.answer_headers(served, "router")
     record.finish(200)
@@ -231,10 +213,7 @@ async def v2_infer(model_name: str, call: V2InferCall, version: str | None = Non
             length = int(header_length) if header_length is not None else None
         except ValueError:
             raise InvalidRequest("Inference-Header-Content-Length must be a number of bytes") from None
-        try:
-            parsed = decode_v2(raw, length, _predictor(served).manifest, binary_default=False)
-        except InvalidInput as exc:
-            raise InvalidRequest(str(exc), param=exc.param) from None
+        parsed = decode_v2(raw, length, _predictor(served).manifest, binary_default=False)
         served, outputs = await _run(call, served, parsed.inputs, _deadline_ms(request, parsed.parameters))
         missing = unknown_outputs(parsed.outputs, outputs)
         if missing:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from router.errors import APIError
+from router.errors import APIError, as_api_error
 from router.traffic.split import user_bucket
 
 if TYPE_CHECKING:
@@ -114,18 +114,22 @@ class RequestRecord:
 
     @contextlib.contextmanager
     def failures(self, headers: Mapping[str, str] | None = None) -> Iterator[None]:
-        """Finish the record for any exception that escapes, as the error handlers will answer it; an
-        APIError also gets ``headers`` (those known when it is raised: a mapping the block may fill)."""
+        """Finish the record for any exception that escapes, as the error handlers will answer it. A
+        client-facing error (a domain error becomes one here, by ``router.errors.as_api_error``) also
+        gets ``headers`` (those known when it is raised: a mapping the block may fill)."""
         try:
             yield
-        except APIError as exc:
-            if headers:
-                exc.headers = {**headers, **exc.headers}
-            self.fail(exc)
-            raise
         except BaseException as exc:
-            self.fail(exc)
-            raise
+            error = as_api_error(exc)
+            if error is None:
+                self.fail(exc)
+                raise
+            if headers:
+                error.headers = {**headers, **error.headers}
+            self.fail(error)
+            if error is exc:
+                raise
+            raise error from None
 
     def finish(self, status_code: int | None = None) -> None:
         if self._finished:

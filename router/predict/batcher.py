@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from llmserve.settings import PredictSettings
+from router.predict.errors import Overloaded
 from router.predict.runtimes import Runtime
 
 PRIORITIES = ("critical", "standard", "batch")
@@ -51,16 +51,6 @@ class BatchingConfig:
         return cls(enabled=predict.batching, max_batch_size=predict.max_batch_size, max_wait_ms=predict.max_wait_ms,
                    adaptive=predict.adaptive, instances=predict.instances, max_queue_rows=predict.max_queue_rows,
                    default_deadline_ms=predict.default_deadline_ms)
-
-
-class Overloaded(Exception):
-    """Refused at admission: the caller answers ``status`` with Retry-After."""
-
-    def __init__(self, status: int, reason: str, retry_after_s: float) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.retry_after_s = max(1, math.ceil(retry_after_s))
 
 
 class BatchObserver(Protocol):

@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 
 from llmserve.models.predict_manifest import DATATYPE_OF, DATATYPES, PredictManifest, TensorSpec
-from router.predict.host import InvalidInput
+from router.predict.errors import InvalidInput
 
 NPY_TYPES = ("application/x-npy", "application/npy", "application/vnd.numpy")
 

@@ -18,18 +18,11 @@ import numpy as np
 
 from llmserve.models.predict_manifest import ManifestError, PredictManifest
 from router.predict.batcher import BatchingConfig, BatchObserver, DynamicBatcher
+from router.predict.errors import InvalidInput
 from router.predict.runtimes import load_runtime
 from router.traffic.catalog import ServedVersion
 
 logger = logging.getLogger(__name__)
-
-
-class InvalidInput(ValueError):
-    """An input that does not match the model's schema; ``param`` names the field."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass

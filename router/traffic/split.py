@@ -56,28 +56,31 @@ def user_bucket(user_key: str | None) -> int | None:
     return int.from_bytes(digest, "big") % BUCKETS
 
 
+class InvalidSplit(ValueError):
+    """A requested split that cannot be applied; the message names the offending keys."""
+
+
 def validate_split(split: Mapping[str, object], active_versions: set[str]) -> dict[str, int]:
     """Check a requested split: whole percentages, active versions only, summing to 100.
 
-    Returns the split as ``{version: int}``; raises ValueError with a message
-    naming the offending keys.
+    Returns the split as ``{version: int}``; raises InvalidSplit.
     """
     if not split:
-        raise ValueError("the split is empty; give each active version a whole percentage summing to 100")
+        raise InvalidSplit("the split is empty; give each active version a whole percentage summing to 100")
     bad_type = sorted(k for k, v in split.items() if isinstance(v, bool) or not isinstance(v, int))
     if bad_type:
-        raise ValueError(f"percentages must be whole numbers: {', '.join(bad_type)}")
+        raise InvalidSplit(f"percentages must be whole numbers: {', '.join(bad_type)}")
     values = {k: int(v) for k, v in split.items()}  # type: ignore[call-overload]
     out_of_range = sorted(k for k, v in values.items() if not 0 <= v <= 100)
     if out_of_range:
-        raise ValueError(f"percentages must be between 0 and 100: {', '.join(out_of_range)}")
+        raise InvalidSplit(f"percentages must be between 0 and 100: {', '.join(out_of_range)}")
     unknown = sorted(set(values) - active_versions)
     if unknown:
         known = ", ".join(sorted(active_versions)) or "none"
-        raise ValueError(f"not active versions: {', '.join(unknown)} (active: {known})")
+        raise InvalidSplit(f"not active versions: {', '.join(unknown)} (active: {known})")
     total = sum(values.values())
     if total != 100:
-        raise ValueError(f"percentages sum to {total}, not 100: {values}")
+        raise InvalidSplit(f"percentages sum to {total}, not 100: {values}")
     return values
 
 
