@@ -1,0 +1,281 @@
+"""One contract for every replica backend (``llmserve.replicas.backend.ReplicaBackend``).
+
+The tests below speak only the protocol: ``start``, ``scale``, ``wait_ready``,
+``retire``, ``report_failure``, ``endpoints``, ``close``, and the ``Endpoint``s
+and ``ReplicaSet``s they return. The one backend-specific thing a test needs,
+killing a replica behind the backend's back, comes from the fixture.
+
+To join the suite, a backend provides a ``Harness`` factory in ``HARNESSES``
+(then ``backend``'s params pick it up):
+
+- ``make(**engine_overrides)``: a new backend with ``fast_engine_settings``
+  (fast health checks and restarts, a 3 s drain timeout) and these overrides;
+  the fixture closes every backend it made;
+- ``spec(behaviour)``: an ``EngineSpec`` whose replicas behave as asked:
+  ``SERVES`` answers ``/health`` and ``/v1/completions`` within a second or
+  two (the simulated engine, ``loadtest.sim``, serving ``<model>:<version>``
+  and ``<model>``); ``NEVER_READY`` runs but never answers ``/health``;
+  ``EXITS_AT_ONCE`` exits with an error as soon as it starts;
+- ``kill(endpoint)``: make the replica behind ``endpoint`` die at once, as a
+  crash would (locally: SIGKILL its process group; on Kubernetes: delete the
+  pod with no grace period);
+- every URL an endpoint reports is reachable from the test process, and
+  nothing it starts listens beyond the loopback interface (or the cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmserve.errors import ReplicaStartError
+from llmserve.replicas.backend import Endpoint, EndpointState, ReplicaBackend
+from llmserve.replicas.local import LocalBackend
+from llmserve.replicas.process import ReplicaProgram
+from llmserve.replicas.spec import EngineSpec
+from loadtest.simstack import fast_sim
+from tests.conftest import ScriptProgram, fast_engine_settings
+
+STARTING, READY, UNHEALTHY = EndpointState.STARTING, EndpointState.READY, EndpointState.UNHEALTHY
+DRAINING, STOPPED = EndpointState.DRAINING, EndpointState.STOPPED
+
+
+class Behaviour(enum.Enum):
+    SERVES = "chat"
+    NEVER_READY = "stuck"
+    EXITS_AT_ONCE = "broken"
+
+
+@dataclass
+class Harness:
+    """What one backend brings to the suite (see the module docstring)."""
+
+    make: Callable[..., ReplicaBackend]
+    spec: Callable[[Behaviour], EngineSpec]
+    kill: Callable[[Endpoint], None]
+    made: list[ReplicaBackend] = field(default_factory=list)
+
+
+def local_harness(tmp_path: Path) -> Harness:
+    def program(spec: EngineSpec) -> ReplicaProgram:
+        behaviour = Behaviour(spec.model_name)
+        if behaviour is Behaviour.NEVER_READY:
+            return ScriptProgram("import time; time.sleep(600)", spec.model_name, spec.version)
+        if behaviour is Behaviour.EXITS_AT_ONCE:
+            return ScriptProgram("import sys; print('CUDA out of memory, pretend'); sys.exit(3)",
+                                 spec.model_name, spec.version)
+        return fast_sim(spec)
+
+    def make(**overrides: object) -> ReplicaBackend:
+        backend = LocalBackend(fast_engine_settings(**overrides), tmp_path / f"logs-{len(harness.made)}",
+                               program=program)
+        harness.made.append(backend)
+        return backend
+
+    def spec(behaviour: Behaviour) -> EngineSpec:
+        return EngineSpec(model_dir=tmp_path, model_name=behaviour.value, version="v1")
+
+    def kill(endpoint: Endpoint) -> None:
+        [owner] = [b for b in harness.made if isinstance(b, LocalBackend) and endpoint in b.endpoints()]
+        pid = owner.process(endpoint).pid
+        assert pid is not None
+        os.killpg(pid, signal.SIGKILL)
+
+    harness = Harness(make, spec, kill)
+    return harness
+
+
+HARNESSES: dict[str, Callable[[Path], Harness]] = {"local": local_harness}
+
+
+@pytest.fixture(params=list(HARNESSES))
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    harness = HARNESSES[request.param](tmp_path)
+    try:
+        yield harness
+    finally:
+        for backend in harness.made:
+            await backend.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
+        yield client
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def assert_serves(http: httpx.AsyncClient, endpoint: Endpoint) -> None:
+    assert endpoint.state is READY and endpoint.routable
+    assert (await http.get(f"{endpoint.url}/health")).status_code == 200
+    body = {"model": endpoint.model_name, "prompt": "Hello", "max_tokens": 2}
+    response = await http.post(f"{endpoint.url}/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model"] == f"{endpoint.model_name}:{endpoint.version}" and answer["choices"]
+
+
+async def test_start_returns_at_once_with_starting_endpoints_that_wait_ready_makes_serve(
+    harness: Harness, http: httpx.AsyncClient
+) -> None:
+    backend, spec = harness.make(), harness.spec(Behaviour.SERVES)
+    began = time.monotonic()
+    replica_set = await backend.start(spec, 2)
+    assert time.monotonic() - began < 1.0
+    endpoints = list(replica_set.endpoints)
+    assert len(endpoints) == 2 and len({e.id for e in endpoints}) == 2
+    assert [e.state for e in endpoints] == [STARTING, STARTING] and not any(e.routable for e in endpoints)
+    assert all((e.model_name, e.version) == (spec.model_name, spec.version) for e in endpoints)
+    assert (replica_set.model_name, replica_set.version) == (spec.model_name, spec.version)
+    await asyncio.wait_for(backend.wait_ready(endpoints), timeout=20)
+    assert len({e.url for e in endpoints}) == 2
+    for endpoint in endpoints:
+        await assert_serves(http, endpoint)
+    assert set(backend.endpoints()) == set(endpoints)
+
+
+async def test_scale_up_adds_starting_endpoints_that_become_ready(harness: Harness, http: httpx.AsyncClient) -> None:
+    backend = harness.make()
+    replica_set = await backend.start(harness.spec(Behaviour.SERVES), 1)
+    held = replica_set.endpoints  # what a router holds
+    [first] = held
+    added = await backend.scale(replica_set, 3)
+    assert len(added) == 2 and all(e.state is STARTING for e in added)
+    assert replica_set.endpoints is held and held == [first, *added]
+    assert len({e.id for e in held}) == 3
+    await asyncio.wait_for(backend.wait_ready(held), timeout=20)
+    for endpoint in held:
+        await assert_serves(http, endpoint)
+    assert set(backend.endpoints()) == set(held)
+    assert await backend.scale(replica_set, 3) == [] and len(held) == 3  # already there: nothing changes
+
+
+async def test_scale_down_drains_and_removes_the_oldest_endpoints_in_place(harness: Harness) -> None:
+    backend = harness.make()
+    replica_set = await backend.start(harness.spec(Behaviour.SERVES), 1)
+    held = replica_set.endpoints
+    await backend.scale(replica_set, 3)
+    await asyncio.wait_for(backend.wait_ready(held), timeout=20)
+    oldest, second, newest = held
+    oldest.outstanding = 1  # a request in flight, as the router counts it
+    shrinking = asyncio.create_task(backend.scale(replica_set, 1))
+    await asyncio.sleep(0.3)
+    assert oldest.state is DRAINING and not oldest.routable and not shrinking.done()
+    assert newest.state is READY
+    oldest.outstanding = 0
+    assert await asyncio.wait_for(shrinking, timeout=10) == []
+    assert replica_set.endpoints is held and held == [newest]
+    assert oldest.state is STOPPED and second.state is STOPPED and newest.state is READY
+    assert backend.endpoints() == [newest]
+
+
+async def test_retire_with_drain_waits_for_in_flight_requests_and_retiring_twice_is_harmless(
+    harness: Harness,
+) -> None:
+    backend = harness.make()
+    replica_set = await backend.start(harness.spec(Behaviour.SERVES), 2)
+    endpoints = list(replica_set.endpoints)
+    await asyncio.wait_for(backend.wait_ready(endpoints), timeout=20)
+    busy, idle = endpoints
+    busy.outstanding = 1
+    retiring = asyncio.create_task(backend.retire(replica_set, drain=True))
+    await asyncio.sleep(0.3)
+    assert busy.state is DRAINING and not busy.routable and not retiring.done()
+    assert idle.state in (DRAINING, STOPPED) and not idle.routable
+    busy.outstanding = 0
+    await asyncio.wait_for(retiring, timeout=10)
+    assert [e.state for e in endpoints] == [STOPPED, STOPPED]
+    await asyncio.wait_for(backend.retire(replica_set, drain=True), timeout=5)
+    assert [e.state for e in endpoints] == [STOPPED, STOPPED]
+    assert backend.endpoints() == []
+
+
+async def test_wait_ready_raises_for_a_replica_that_never_gets_ready(harness: Harness) -> None:
+    backend = harness.make(ready_timeout_s=1.0)
+    replica_set = await backend.start(harness.spec(Behaviour.NEVER_READY), 1)
+    with pytest.raises(ReplicaStartError) as raised:
+        await asyncio.wait_for(backend.wait_ready(replica_set.endpoints), timeout=15)
+    assert raised.value.replica_id == replica_set.endpoints[0].id
+    assert replica_set.endpoints[0].state is not READY
+
+
+async def test_wait_ready_raises_promptly_for_a_replica_that_exits_at_once(harness: Harness) -> None:
+    backend = harness.make()  # a 30 s ready timeout: the exit, not the timeout, must end the wait
+    replica_set = await backend.start(harness.spec(Behaviour.EXITS_AT_ONCE), 1)
+    with pytest.raises(ReplicaStartError, match="CUDA out of memory, pretend") as raised:
+        await asyncio.wait_for(backend.wait_ready(replica_set.endpoints), timeout=10)
+    assert raised.value.replica_id == replica_set.endpoints[0].id
+    assert not replica_set.endpoints[0].routable
+
+
+async def test_report_failure_ejects_a_ready_endpoint_until_its_health_check_passes(harness: Harness) -> None:
+    backend = harness.make()
+    replica_set = await backend.start(harness.spec(Behaviour.SERVES), 1)
+    [endpoint] = replica_set.endpoints
+    await asyncio.wait_for(backend.wait_ready([endpoint]), timeout=20)
+    backend.report_failure(endpoint, "connection refused")
+    assert endpoint.state is UNHEALTHY and not endpoint.routable
+    await eventually(lambda: endpoint.state is READY)
+    assert endpoint.routable and endpoint.restarts == 0
+
+
+async def test_report_failure_on_a_non_ready_endpoint_changes_nothing(harness: Harness) -> None:
+    backend = harness.make()
+    replica_set = await backend.start(harness.spec(Behaviour.SERVES), 1)
+    [endpoint] = replica_set.endpoints
+    backend.report_failure(endpoint, "connection refused")  # still starting
+    assert endpoint.state is STARTING and endpoint.last_error is None
+    await asyncio.wait_for(backend.wait_ready([endpoint]), timeout=20)
+    assert endpoint.state is READY
+    await backend.retire(replica_set, drain=False)
+    before = (endpoint.state, endpoint.last_error)
+    backend.report_failure(endpoint, "connection refused")  # stopped
+    assert (endpoint.state, endpoint.last_error) == before and endpoint.state is STOPPED
+
+
+async def test_a_killed_replica_is_restarted_and_becomes_ready_again(
+    harness: Harness, http: httpx.AsyncClient
+) -> None:
+    backend = harness.make()
+    replica_set = await backend.start(harness.spec(Behaviour.SERVES), 1)
+    [endpoint] = replica_set.endpoints
+    await asyncio.wait_for(backend.wait_ready([endpoint]), timeout=20)
+    assert endpoint.restarts == 0
+    harness.kill(endpoint)
+    await eventually(lambda: endpoint.restarts == 1)
+    await asyncio.wait_for(backend.wait_ready([endpoint]), timeout=20)
+    assert endpoint.restarts == 1
+    await assert_serves(http, endpoint)
+    assert backend.endpoints() == [endpoint]
+
+
+async def test_close_stops_every_endpoint_and_their_urls_refuse_connections(
+    harness: Harness, http: httpx.AsyncClient
+) -> None:
+    backend = harness.make()
+    first = await backend.start(harness.spec(Behaviour.SERVES), 2)
+    second = await backend.start(harness.spec(Behaviour.SERVES), 1)
+    endpoints = [*first.endpoints, *second.endpoints]
+    await asyncio.wait_for(backend.wait_ready(endpoints), timeout=20)
+    urls = [e.url for e in endpoints]
+    await asyncio.wait_for(backend.close(), timeout=15)
+    assert [e.state for e in endpoints] == [STOPPED] * 3
+    assert not any(e.state is not STOPPED for e in backend.endpoints())
+    for url in urls:
+        with pytest.raises(httpx.ConnectError):
+            await http.get(f"{url}/health")
