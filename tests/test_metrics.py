@@ -90,7 +90,7 @@ async def test_engine_metrics_are_re_exposed_per_replica(tmp_path: Path) -> None
 
 
 def test_vllm_metric_names_are_parsed() -> None:
-    from router.observe.engine_metrics import parse_engine_metrics
+    from router.observe.engine_samples import parse_engine_metrics
 
     text = (
         '# TYPE vllm:num_requests_running gauge\n'

@@ -20,7 +20,7 @@ from llmserve.models.repository import Manifest
 from llmserve.replicas.backend import ReplicaBackend
 from llmserve.replicas.spec import EngineSpec
 from llmserve.settings import EngineSettings
-from router.predict.host import PredictorHost
+from router.predict.host import Predictor, PredictorHost
 from router.store import DeploymentRecord
 from router.traffic.catalog import Catalog, ServedVersion
 
@@ -46,10 +46,10 @@ class NoPredictorHost:
     """The null host of a router that serves no traditional models."""
 
     async def load(self, model_name: str, version: str, model_dir: Path,
-                   overrides: dict[str, Any] | None = None) -> ServedVersion:
+                   overrides: dict[str, Any] | None = None) -> Predictor:
         raise LaunchFailed("this router does not host traditional models")
 
-    async def retire(self, served: ServedVersion, drain: bool = True) -> None:
+    async def retire(self, predictor: Predictor, drain: bool = True) -> None:
         return None
 
 
@@ -77,7 +77,8 @@ class LocalVersions:
         """
         folder = Path(record.model_dir)
         if predict:  # loading checks the folder, the file and a first prediction
-            served = await self._predictors.load(record.model_name, record.version, folder, record.engine)
+            predictor = await self._predictors.load(record.model_name, record.version, folder, record.engine)
+            served = ServedVersion(record.model_name, record.version, max_model_len=0, predictor=predictor)
         else:
             try:
                 Manifest.read(folder)
@@ -124,5 +125,5 @@ class LocalVersions:
     async def _stop(self, served: ServedVersion, drain: bool) -> None:
         if served.replica_set is not None:
             await self.backend.retire(served.replica_set, drain=drain)
-        else:
-            await self._predictors.retire(served, drain=drain)
+        if served.predictor is not None:
+            await self._predictors.retire(served.predictor, drain=drain)

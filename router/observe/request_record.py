@@ -16,17 +16,24 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from router.errors import APIError, as_api_error
 from router.traffic.split import user_bucket
 
 if TYPE_CHECKING:
-    from router.observe.metrics import RouterMetrics
     from router.observe.samples import SampleWindows
 from router.store.base import InferenceLog
 
 logger = logging.getLogger("router.requests")
+
+
+class RequestObserver(Protocol):
+    """Who counts requests as they start and finish (``router.observe.metrics.RouterMetrics``)."""
+
+    def started(self, model: str, version: str) -> None: ...
+
+    def finished(self, record: RequestRecord, latency_s: float, counted_in_flight: bool) -> None: ...
 
 
 @dataclass
@@ -48,7 +55,7 @@ class RequestRecord:
     user: str | None = None
     output_tokens: int | None = None
     sink: Callable[[InferenceLog], None] | None = field(default=None, repr=False)
-    metrics: RouterMetrics | None = field(default=None, repr=False)
+    metrics: RequestObserver | None = field(default=None, repr=False)
     samples: SampleWindows | None = field(default=None, repr=False)
     gaps_s: list[float] = field(default_factory=list, repr=False)
     text_chunks: int = 0

@@ -1,7 +1,7 @@
 """Predict model versions in the router process: load, validate, predict, retire.
 
-``PredictorHost`` loads a version into a ``ServedVersion`` with a predictor
-(no replicas: it runs here), so deploy, split, canary and rollback work the
+``PredictorHost`` loads a version as a ``Predictor`` (no replicas: it runs
+here; the control plane serves it as a version like any other), so deploy, split, canary and rollback work the
 same for traditional models as for engines. Loading runs in a thread:
 requests to the versions already served never wait on it.
 """
@@ -20,7 +20,6 @@ from llmserve.models.predict_manifest import ManifestError, PredictManifest
 from router.predict.batcher import BatchingConfig, BatchObserver, DynamicBatcher
 from router.predict.errors import InvalidInput
 from router.predict.runtimes import load_runtime
-from router.traffic.catalog import ServedVersion
 
 logger = logging.getLogger(__name__)
 
@@ -76,24 +75,22 @@ class PredictorHost:
         self._observer_for = observer_for  # (model, version) -> BatchObserver | None
 
     async def load(self, model_name: str, version: str, model_dir: Path,
-                   overrides: dict[str, Any] | None = None) -> ServedVersion:
+                   overrides: dict[str, Any] | None = None) -> Predictor:
         """Load the model (in a thread) and start its batcher; raises ManifestError for a bad folder."""
         manifest = await asyncio.to_thread(PredictManifest.read, model_dir)
         runtime = await asyncio.to_thread(load_runtime, model_dir, manifest)
         config = batching_config(self._batching, dict((overrides or {}).get("batching") or {}))
         observer: BatchObserver | None = self._observer_for(model_name, version) if self._observer_for else None
-        served = ServedVersion(model_name, version, max_model_len=0)
-        served.predictor = Predictor(manifest, DynamicBatcher(runtime, config, observer))
+        predictor = Predictor(manifest, DynamicBatcher(runtime, config, observer))
         # A first prediction proves the file runs, before any traffic.
         sample = {t.name: np.zeros([1 if d == -1 else d for d in t.shape], dtype=t.dtype) for t in manifest.inputs}
         try:
-            await served.predictor.batcher.submit(sample)
+            await predictor.batcher.submit(sample)
         except Exception as exc:  # whatever the runtime raises: the version cannot serve
-            await served.predictor.batcher.close(0)
+            await predictor.batcher.close(0)
             raise ManifestError(f"{model_name}:{version} failed its first prediction: {exc}") from None
         logger.info("predict model %s:%s loaded (%s, %s)", model_name, version, manifest.framework, manifest.file)
-        return served
+        return predictor
 
-    async def retire(self, served: ServedVersion, drain: bool = True) -> None:
-        if served.predictor is not None:
-            await served.predictor.batcher.close(drain_timeout_s=30.0 if drain else 0.0)
+    async def retire(self, predictor: Predictor, drain: bool = True) -> None:
+        await predictor.batcher.close(drain_timeout_s=30.0 if drain else 0.0)
