@@ -14,8 +14,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from llmserve.errors import ReplicaStartError
-from llmserve.replicas.backend import Endpoint, EndpointState, ReplicaSet
+from llmserve.replicas.backend import Endpoint, ReplicaSet
 from llmserve.replicas.process import LocalReplica, ReplicaProgram
 from llmserve.replicas.spec import EngineSpec
 from llmserve.replicas.supervisor import Supervisor
@@ -52,24 +51,7 @@ class LocalBackend:
         return added
 
     async def wait_ready(self, endpoints: Iterable[Endpoint]) -> None:
-        await asyncio.gather(*(self._wait_ready(self._replicas[e]) for e in endpoints))
-
-    async def _wait_ready(self, replica: LocalReplica) -> None:
-        """The supervisor's wait, ended early by a launch that fails before ready (exit or start timeout).
-
-        The supervisor keeps relaunching such a replica with backoff, so its own wait would only end
-        at ``ready_timeout_s``; a version whose engine cannot start fails now, with the reason. A
-        replica that crashed after being ready (``ready_at`` set) is waited for through its restart.
-        """
-        waiting = asyncio.ensure_future(self.supervisor.wait_ready(replica))
-        try:
-            while not waiting.done():
-                if replica.state is EndpointState.RESTARTING and replica.ready_at is None:
-                    raise ReplicaStartError(replica.id, replica.last_error or "exited before ready", replica.log_path)
-                await asyncio.wait({waiting}, timeout=0.05)
-            await waiting
-        finally:
-            waiting.cancel()
+        await asyncio.gather(*(self.supervisor.wait_ready(self._replicas[e]) for e in endpoints))
 
     async def retire(self, replica_set: ReplicaSet, drain: bool = True) -> None:
         await asyncio.gather(*(self._remove(replica_set, e, drain, keep=True) for e in list(replica_set.endpoints)))

@@ -87,6 +87,9 @@ class Supervisor:
         self._tasks: dict[LocalReplica, asyncio.Task[None]] = {}
         self._processes: dict[LocalReplica, asyncio.subprocess.Process] = {}
         self._ready_events: dict[LocalReplica, asyncio.Event] = {}
+        # set when a replica that was never ready fails a launch: waiting for it is pointless,
+        # although it keeps being relaunched with backoff (the cause may pass: a port, a file)
+        self._first_start_failed: dict[LocalReplica, asyncio.Event] = {}
         self._stopping: set[LocalReplica] = set()
         self._stop_tasks: dict[LocalReplica, asyncio.Future[None]] = {}
         self._cores: dict[LocalReplica, int] = {}  # replica -> the CPU core its engine threads are pinned to
@@ -103,6 +106,7 @@ class Supervisor:
         replica.endpoint.details["log_path"] = str(replica.log_path)
         self.replicas.append(replica)
         self._ready_events[replica] = asyncio.Event()
+        self._first_start_failed[replica] = asyncio.Event()
         self._tasks[replica] = asyncio.create_task(self._run(replica), name=f"replica {replica.id}")
         return replica
 
@@ -111,10 +115,12 @@ class Supervisor:
         timeout = self._settings.ready_timeout_s if timeout is None else timeout
         task = self._tasks[replica]
         ready = asyncio.create_task(self._ready_events[replica].wait())
+        failed = asyncio.create_task(self._first_start_failed[replica].wait())
         try:
-            done, _ = await asyncio.wait({ready, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({ready, failed, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             ready.cancel()
+            failed.cancel()
         if replica.state is EndpointState.READY:
             return
         reason = replica.last_error or ("timed out" if not done else f"state {replica.state.value}")
@@ -181,6 +187,8 @@ class Supervisor:
             except ReplicaStartError as exc:
                 replica.last_error = exc.reason
                 logger.warning("%s", exc)
+                if not replica.restarts and replica.ready_at is None:
+                    self._first_start_failed[replica].set()
             except Exception:
                 logger.exception("replica %s: unexpected error in its life cycle", replica.id)
             if replica in self._stopping:
