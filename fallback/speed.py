@@ -34,6 +34,7 @@ from llmserve.settings import EngineSettings, Settings
 from loadtest.overhead import free_port
 from loadtest.report import emit
 from router.observe.engine_metrics import parse_engine_metrics
+from router.relay.sse import iter_events
 
 PASSAGE = ("The lighthouse stood at the edge of the cliff for two hundred years. Every night its keeper climbed "
            "the one hundred and twelve steps, trimmed the wick, polished the great lens and watched the beam "
@@ -86,10 +87,10 @@ def _one(url: str, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
     text, tokens = [], 0
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        for event in iter_events(response.iter_bytes()):
+            if event.done:
                 continue
-            chunk = json.loads(line[6:])
+            chunk = json.loads(event.data)
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices") or []:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from loadtest.workload import RequestSpec, Workload
-from router.observe.request_record import has_text
+from router.relay.sse import DONE, Decoder, has_text
 
 LATE_SEND_MS = 10.0  # a send this late against its intended time counts as not on time
 
@@ -100,6 +100,7 @@ async def send(
     headers = {"x-priority": spec.priority} if spec.priority else {}
     last = record.sent_s
     pieces = 0
+    decoder = Decoder()
     try:
         async with session.post(url, json=body, headers=headers) as response:
             record.status = response.status
@@ -110,13 +111,10 @@ async def send(
                 record.retry_after = response.headers.get("retry-after")
                 record.error = (await response.text())[:200]
                 return
-            buffer = b""
             async for raw in response.content.iter_any():
-                buffer += raw
-                *events, buffer = buffer.split(b"\n\n")
-                for event in events:
-                    data = next((line[6:] for line in event.split(b"\n") if line.startswith(b"data: ")), None)
-                    if data is None or data == b"[DONE]":
+                for event in decoder.feed(raw):
+                    data = event.data
+                    if data == DONE:
                         continue
                     now = clock()
                     if b'"error"' in data or b'"usage":{' in data or b'"usage": {' in data:

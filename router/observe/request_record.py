@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from router.errors import APIError, as_api_error
+from router.relay.sse import has_text
 from router.traffic.split import user_bucket
 
 if TYPE_CHECKING:
@@ -177,18 +178,6 @@ class RequestRecord:
                 output_tokens=self.output_tokens, status_code=self.status_code, route=self.route,
                 reason=self.reason,
             ))
-
-
-_TEXT_KEYS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
-
-
-def has_text(data: bytes) -> bool:
-    """Whether an OpenAI stream chunk carries output text, read off the bytes (no JSON parse per chunk)."""
-    for key in _TEXT_KEYS:
-        at = data.find(key)
-        if at >= 0 and data[at + len(key): at + len(key) + 1] != b'"':
-            return True
-    return False
 
 
 def user_key(headers: Mapping[str, str], body_user: str | None) -> str | None:

@@ -7,7 +7,8 @@ has reached the client yet, so a retry is safe); only a refused connection
 ejects it, because that is evidence the engine is down. A timeout never
 ejects: a long generation says nothing about the replica's health.
 After that, bytes flow through unchanged: ``sse_data`` cuts the engine's SSE
-stream into events as they arrive, never waiting for more than one event.
+stream into events as they arrive (``router.relay.sse``), never waiting for
+more than one event.
 
 Every request has a time budget (a deadline on the event loop's clock). Past
 it the upstream connection is closed, which is how vLLM learns to abort the
@@ -31,13 +32,11 @@ from llmserve.replicas.backend import Endpoint
 from llmserve.settings import RouterSettings
 from router.errors import APIError, NoReplicaReady, RequestTimedOut, UpstreamFailed
 from router.observe.request_record import RequestRecord, served_headers
+from router.relay.sse import Decoder, encode
 from router.traffic.balancer import LeastOutstanding
 from router.traffic.catalog import ServedVersion
 
 logger = logging.getLogger(__name__)
-
-_EVENT_END = b"\n\n"
-_DATA_PREFIX = b"data: "
 
 
 class UpstreamBroken(Exception):
@@ -268,18 +267,11 @@ class Relay:
 
 
 async def sse_data(upstream: Upstream) -> AsyncIterator[bytes]:
-    """Yield the ``data:`` payload of each SSE event as soon as the event is complete."""
-    buffer = b""
+    """Yield the data of each SSE event (``[DONE]`` included) as soon as the event is complete."""
+    decoder = Decoder()
     async for chunk in upstream.chunks():
-        buffer += chunk
-        start = 0
-        while (end := buffer.find(_EVENT_END, start)) >= 0:
-            event = buffer[start:end]
-            start = end + 2
-            for line in event.split(b"\n"):
-                if line.startswith(_DATA_PREFIX):
-                    yield line[len(_DATA_PREFIX):]
-        buffer = buffer[start:]
+        for event in decoder.feed(chunk):
+            yield event.data
 
 
 def engine_failure(upstream: Upstream, content: bytes) -> UpstreamFailed:
@@ -361,8 +353,4 @@ def error_event(message: str, code: str, error_type: str = "server_error") -> st
     return json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
 
 
-def sse_bytes(data: bytes | str, event: str | None = None) -> bytes:
-    """One SSE event, framed as vLLM frames them (``\n`` separators)."""
-    payload = data.encode() if isinstance(data, str) else data
-    head = f"event: {event}\n".encode() if event else b""
-    return head + _DATA_PREFIX + payload + _EVENT_END
+sse_bytes = encode  # one SSE event, framed as vLLM frames them (the routes' name for it)
