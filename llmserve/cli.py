@@ -1,4 +1,4 @@
-"""The ``llmserve`` command: prepare models, bring the stack up, run benchmarks."""
+"""The ``llmserve`` command: prepare models, bring the stack up, run load tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -190,12 +190,6 @@ async def _announce_when_ready(state: RouterState, host: str, port: int, model_n
         await asyncio.sleep(0.2)
 
 
-def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from loadtest.bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
     from loadtest.cli import main as loadtest_main
 
@@ -247,10 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     examples = sub.add_parser("examples", help="build the example traditional models (fraud classifiers)")
     examples.set_defaults(func=cmd_examples)
-
-    bench = sub.add_parser("bench", help="streamed-request benchmark (same as python -m loadtest bench)")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=cmd_bench)
 
     loadtest = sub.add_parser("loadtest", help="load tests: run, sweep, bench (same as python -m loadtest)")
     loadtest.add_argument("loadtest_args", nargs=argparse.REMAINDER)

@@ -7,28 +7,35 @@
     python -m loadtest run ... --rate 2 --shape spike --spike-factor 5 --spike-start 20 --spike-duration 10
     # the highest rate that holds the SLO
     python -m loadtest sweep ... --rates 1,2,4,8 --duration 30 --slo ttft:500 tpot:100
+    # the router against the engine behind it: 64 requests each, 8 at a time, interleaved in rounds
+    python -m loadtest bench --target direct=http://127.0.0.1:8100/v1 --target router=http://127.0.0.1:8000/v1 \\
+        --model smollm2-135m-instruct -n 64 -c 8 --max-tokens 64
 
-Each run writes ``result.json``, ``requests.csv``, PNG plots and ``report.html``
-to ``--output-dir`` (default ``loadtest-results/<time>``).
+Each run or sweep writes ``result.json``, ``requests.csv``, PNG plots and
+``report.html`` to ``--output-dir`` (default ``loadtest-results/<time>``).
+``bench`` prints one JSON report (and writes it to ``--output``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from loadtest import report
-from loadtest.metrics import summarize
-from loadtest.runner import Record, RunPlan, Target, execute, now_iso
+from loadtest.metrics import BENCH_COMPARISON, compare, summarize
+from loadtest.runner import Record, RunPlan, Target, busy_s, execute, now_iso
 from loadtest.schedule import Shape, intended_send_times
 from loadtest.slo import SLO, parse_slo
-from loadtest.workload import LengthDistribution, Workload, load_prompt_file, parse_length
+from loadtest.workload import LengthDistribution, RequestSpec, Workload, load_prompt_file, parse_length
 
 
 class UsageError(Exception):
@@ -96,7 +103,19 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--rates", required=True, help="comma-separated offered rates, ascending")
             p.add_argument("--attainment", type=float, default=0.99,
                            help="fraction of requests that must meet the SLO for a rate to hold it")
-    sub.add_parser("bench", help="closed-loop comparison of targets (see loadtest.bench)", add_help=False)
+    bench_parser = sub.add_parser("bench", help="targets compared closed loop, interleaved in rounds")
+    bench_parser.add_argument("--target", action="append", required=True, type=_target,
+                              help="NAME=BASE_URL (OpenAI base URL ending in /v1); repeat to compare")
+    bench_parser.add_argument("--model", required=True)
+    bench_parser.add_argument("--requests", "-n", type=int, default=32, help="per target")
+    bench_parser.add_argument("--concurrency", "-c", type=int, default=4)
+    bench_parser.add_argument("--max-tokens", type=int, default=64, help="every answer's length (ignore_eos)")
+    bench_parser.add_argument("--rounds", type=int, default=4, help="interleaving rounds when comparing targets")
+    bench_parser.add_argument("--completions", action="store_true",
+                              help="use /completions instead of /chat/completions")
+    bench_parser.add_argument("--seed", type=int, default=0)
+    bench_parser.add_argument("--request-timeout", type=float, default=300.0)
+    bench_parser.add_argument("--output", help="also write the JSON here")
     return parser
 
 
@@ -222,25 +241,6 @@ async def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def compare(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Each target against the first, side by side (targets were interleaved in the same run)."""
-    names = list(summaries)
-    base = summaries[names[0]]
-    out = {}
-    for name in names[1:]:
-        other = summaries[name]
-        out[f"{name}_vs_{names[0]}"] = {
-            "added_ttft_p50_ms": other["p50_ttft_ms"] - base["p50_ttft_ms"],
-            "added_ttft_p99_ms": other["p99_ttft_ms"] - base["p99_ttft_ms"],
-            "added_tpot_p50_ms": other["p50_tpot_ms"] - base["p50_tpot_ms"],
-            "output_throughput_ratio": other["output_throughput"] / base["output_throughput"]
-            if base["output_throughput"] else float("nan"),
-            "goodput_ratio": other["request_goodput"] / base["request_goodput"]
-            if base["request_goodput"] else float("nan"),
-        }
-    return out
-
-
 def saturation_point(runs: list[dict[str, Any]]) -> float | None:
     """The first offered rate where throughput stopped growing with the load and latency climbed."""
     for before, after in zip(runs, runs[1:], strict=False):
@@ -290,15 +290,84 @@ async def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from loadtest.bench import main as bench_main
+# The bench's prompts: short questions, so that TTFT is mostly the serving path's, not prefill.
+BENCH_PROMPTS = (
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "Give me three tips for learning a new language.",
+    "What is the boiling point of water at sea level?",
+    "Summarize the plot of Romeo and Juliet.",
+    "How do airplanes stay in the air?",
+    "List five fruits that are rich in vitamin C.",
+)
 
-        return bench_main(argv[1:])
-    parser = _parser()
-    args = parser.parse_args(argv)
-    command = cmd_run if args.command == "run" else cmd_sweep
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    requests: int  # per target
+    concurrency: int
+    max_tokens: int
+    rounds: int
+    seed: int
+    chat: bool = True  # False: /completions
+    timeout_s: float = 300.0
+
+
+class PromptList:
+    """Requests drawn (seeded) from a fixed list of prompts, each answered with exactly ``max_tokens``."""
+
+    def __init__(self, prompts: Sequence[str], max_tokens: int, seed: int) -> None:
+        self._prompts, self._max_tokens, self._rng = list(prompts), max_tokens, random.Random(seed)
+
+    def next(self) -> RequestSpec:
+        return RequestSpec(None, self._rng.choice(self._prompts), self._max_tokens, None, None)
+
+
+async def bench(targets: list[Target], config: BenchConfig) -> dict[str, Any]:
+    """Each target sent ``config.requests`` streamed requests, ``config.concurrency`` at a time, the
+    targets interleaved in ``config.rounds`` rounds; the report has each target's figures (vLLM's
+    names) and, for two or more, each against the first (``BENCH_COMPARISON``)."""
+    if not config.chat:
+        targets = [replace(t, endpoint="completions") if t.endpoint == "chat" else t for t in targets]
+    plan = RunPlan(targets=targets, model=config.model, intended=[], users=config.concurrency,
+                   max_requests=config.requests, warmup=min(config.concurrency, 4) * len(targets),
+                   request_timeout_s=config.timeout_s, rounds=config.rounds,
+                   # Greedy and fixed-length (ignore_eos) answers make the targets comparable.
+                   extra_body={"temperature": 0.0})
+    records, _ = await execute(plan, PromptList(BENCH_PROMPTS, config.max_tokens, config.seed))
+    summaries: dict[str, dict[str, Any]] = {}
+    for target in targets:
+        own = [r for r in records if r.target == target.name]
+        summaries[target.name] = summarize(own, busy_s(own))  # throughput over its own turns only
+    result: dict[str, Any] = {
+        "config": {**config.__dict__, "targets": {t.name: t.base_url for t in targets}},
+        "targets": summaries,
+    }
+    if len(targets) > 1:
+        result["comparison"] = compare(summaries, BENCH_COMPARISON)
+    return result
+
+
+async def cmd_bench(args: argparse.Namespace) -> int:
+    if min(args.requests, args.concurrency, args.max_tokens, args.rounds) < 1:
+        raise UsageError("--requests, --concurrency, --max-tokens and --rounds must be at least 1")
+    await _preflight(args.target)
+    config = BenchConfig(model=args.model, requests=args.requests, concurrency=args.concurrency,
+                         max_tokens=args.max_tokens, rounds=args.rounds, seed=args.seed, chat=not args.completions,
+                         timeout_s=args.request_timeout)
+    result = await bench(args.target, config)
+    report.emit(result, args.output)
+    return 1 if any(t["failed"] for t in result["targets"].values()) else 0
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = COMMANDS[args.command]
     try:
         return asyncio.run(command(args))
     except UsageError as exc:

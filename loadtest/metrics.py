@@ -7,20 +7,33 @@
 Failed and warm-up requests are left out of every latency figure. Open-loop
 runs also report TTFT and E2E from each request's *intended* send time (the
 ``*_from_intended_*`` keys, as wrk2 does), the generator's lag, and the time
-requests waited for a concurrency-cap slot.
+requests waited for a concurrency-cap slot. ``compare`` sets targets side by
+side: ``added_*`` figures are differences from the first target, ``*_ratio``
+figures quotients.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from llmserve.stats import percentile
 from loadtest.runner import LATE_SEND_MS, Record
 from loadtest.slo import SLO
-from loadtest.stats import percentile
 
 PERCENTILES = (50, 90, 95, 99)
+NO_SLO = SLO({})  # every completed request is good
+
+# What ``compare`` reports: its key -> the summary's figure. ``run`` and ``sweep``
+# judge latency by TPOT and goodput; ``bench`` (and the overhead benchmarks
+# built on it) by ITL and tokens/s, the figures its README tables quote.
+RUN_COMPARISON = {"added_ttft_p50_ms": "p50_ttft_ms", "added_ttft_p99_ms": "p99_ttft_ms",
+                  "added_tpot_p50_ms": "p50_tpot_ms", "output_throughput_ratio": "output_throughput",
+                  "goodput_ratio": "request_goodput"}
+BENCH_COMPARISON = {"added_ttft_p50_ms": "p50_ttft_ms", "added_ttft_p99_ms": "p99_ttft_ms",
+                    "added_itl_p50_ms": "p50_itl_ms", "output_throughput_ratio": "output_throughput"}
 
 
 def distribution(values_ms: Sequence[float], name: str) -> dict[str, float]:
@@ -47,7 +60,7 @@ def slo_values(record: Record) -> dict[str, float | None]:
             "itl": max(record.itl_s) * 1000 if record.itl_s else (0.0 if record.ok else None)}
 
 
-def summarize(records: Sequence[Record], duration_s: float, slo: SLO) -> dict[str, object]:
+def summarize(records: Sequence[Record], duration_s: float, slo: SLO = NO_SLO) -> dict[str, object]:
     measured = [r for r in records if not r.warmup]
     ok = [r for r in measured if r.ok]
     errors = Counter(str(r.status or r.error.split(":")[0] or "error") for r in measured if not r.ok)
@@ -88,3 +101,22 @@ def summarize(records: Sequence[Record], duration_s: float, slo: SLO) -> dict[st
         "max_cap_wait_ms": max(waits, default=0.0),
     })
     return summary
+
+
+def compare(summaries: Mapping[str, Mapping[str, Any]], figures: Mapping[str, str] = RUN_COMPARISON
+            ) -> dict[str, dict[str, float]]:
+    """Each target against the first (``"B_vs_A"``), for targets measured interleaved in one run.
+
+    A ratio against a zero is NaN (the first target did nothing to compare with).
+    """
+    names = list(summaries)
+    base = summaries[names[0]]
+    out = {}
+    for name in names[1:]:
+        other = summaries[name]
+        out[f"{name}_vs_{names[0]}"] = {
+            key: (other[figure] - base[figure]) if key.startswith("added_")
+            else (other[figure] / base[figure] if base[figure] else float("nan"))
+            for key, figure in figures.items()
+        }
+    return out

@@ -19,9 +19,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from llmserve.settings import EngineSettings, RouterSettings
-from loadtest.bench import BenchConfig, Target, run
+from loadtest.cli import BenchConfig, bench
 from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port
+from loadtest.runner import Target
 from loadtest.sim import SimEngineProgram
 from loadtest.simstack import StaticVersion, sim_server
 
@@ -41,7 +42,7 @@ async def measure(requests: int, concurrency: int) -> dict[str, object]:
         async with _router(False, Path(tmp) / "off") as off, _router(True, Path(tmp) / "on") as on:
             config = BenchConfig(model="demo", requests=requests, concurrency=concurrency, max_tokens=16,
                                  rounds=10, seed=0)
-            return await run([Target("metrics_off", off), Target("metrics_on", on)], config)
+            return await bench([Target("metrics_off", off), Target("metrics_on", on)], config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,10 @@
 
 The direct address is the router's first ready replica (from
 ``/api/v1/replicas``). Each scenario interleaves the two targets in rounds
-(see ``loadtest.bench``) and reports added TTFT (p50, p99), added ITL p50 and
-the router's output throughput as a fraction of direct; single-stream and
-32-concurrent tokens/s come from the same runs.
+(``loadtest.cli.bench``, as ``python -m loadtest bench`` does) and reports
+added TTFT (p50, p99), added ITL p50 and the router's output throughput as a
+fraction of direct; single-stream and 32-concurrent tokens/s come from the
+same runs.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from loadtest.bench import BenchConfig, Target, run
+from loadtest.cli import BenchConfig, bench
 from loadtest.report import emit
+from loadtest.runner import Target
 
 MODEL = "smollm2-135m-instruct"
 
@@ -92,7 +94,7 @@ def measure(router_url: str, scenarios: tuple[Scenario, ...], model: str = MODEL
     for scenario in scenarios:
         config = BenchConfig(model=model, requests=scenario.requests, concurrency=scenario.concurrency,
                              max_tokens=scenario.max_tokens, rounds=scenario.rounds, seed=0)
-        report = asyncio.run(run(targets, config))
+        report = asyncio.run(bench(targets, config))
         direct, routed = report["targets"]["direct"], report["targets"]["router"]  # type: ignore[index]
         results[scenario.name] = {
             "concurrency": scenario.concurrency,

@@ -16,7 +16,7 @@ import sys
 import time
 
 from llmserve.replicas.backend import Endpoint, EndpointState
-from loadtest.stats import percentile
+from llmserve.stats import percentile
 from router.traffic.balancer import LeastOutstanding
 from router.traffic.catalog import Catalog, ServedVersion
 

@@ -245,3 +245,33 @@ def test_two_targets_are_interleaved_and_compared(sim_url: str, tmp_path: Path) 
     ratios = result["comparison"]["b_vs_a"]
     assert set(ratios) >= {"added_ttft_p50_ms", "output_throughput_ratio", "goodput_ratio"}
     assert 0.5 < ratios["output_throughput_ratio"] < 2
+
+
+def test_bench_is_a_subcommand_that_interleaves_the_targets(sim_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "--target", f"a={sim_url}/v1", "--target", f"b={sim_url}/v1", "--model", "sim",
+                     "-n", "6", "-c", "2", "--max-tokens", "4", "--rounds", "3", "--output", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["targets"]["a"]["completed"] == report["targets"]["b"]["completed"] == 6
+    assert set(report["comparison"]["b_vs_a"]) == {"added_ttft_p50_ms", "added_ttft_p99_ms", "added_itl_p50_ms",
+                                                   "output_throughput_ratio"}
+    assert cli.main(["bench", "--target", f"a={sim_url}/v1", "--model", "sim", "--rounds", "0"]) == 2
+
+
+def test_an_interleaved_plan_loads_one_target_at_a_time(sim_url: str) -> None:
+    import asyncio
+
+    from loadtest.runner import RunPlan, Target, busy_s, execute
+
+    plan = RunPlan(targets=[Target("a", f"{sim_url}/v1"), Target("b", f"{sim_url}/v1")], model="sim", intended=[],
+                   users=2, max_requests=6, rounds=3)
+    records, duration = asyncio.run(execute(plan, cli.PromptList(cli.BENCH_PROMPTS, 4, seed=0)))
+    assert len(records) == 12 and all(r.ok for r in records)
+    for round_index in range(3):
+        first, second = ("a", "b") if round_index % 2 == 0 else ("b", "a")  # A B, B A, A B
+        batch = [r for r in records if r.round_index == round_index]
+        assert sum(r.target == first for r in batch) == sum(r.target == second for r in batch) == 2
+        assert max(r.done_s for r in batch if r.target == first) <= min(r.sent_s for r in batch if r.target == second)
+    a, b = (busy_s([r for r in records if r.target == name]) for name in "ab")
+    assert 0 < a and 0 < b and a + b <= duration

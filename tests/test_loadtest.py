@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.bench import BenchConfig, Target, run
+from llmserve.stats import percentile
+from loadtest.cli import BenchConfig
+from loadtest.cli import bench as run
+from loadtest.metrics import summarize
+from loadtest.runner import Record, Target
 from loadtest.sim import SimEngineProgram
 from loadtest.simstack import StaticVersion
-from loadtest.stats import RequestResult, percentile, summarize
 from tests.conftest import run_router
 
 
@@ -25,8 +28,9 @@ def test_percentile_interpolates_like_numpy() -> None:
 
 
 def test_failed_requests_are_counted_but_left_out_of_latency() -> None:
-    ok = RequestResult(ok=True, status=200, ttft_s=0.1, e2e_s=0.5, itl_s=[0.01, 0.03], output_tokens=3)
-    failed = RequestResult(ok=False, status=503, ttft_s=9.0)
+    ok = Record(index=0, target="t", intended_s=0.0, sent_s=0.0, ok=True, status=200, first_token_s=0.1, end_s=0.5,
+                itl_s=[0.01, 0.03], output_tokens=3)
+    failed = Record(index=1, target="t", intended_s=0.0, sent_s=0.0, ok=False, status=503, first_token_s=9.0)
     summary = summarize([ok, failed], duration_s=1.0)
     assert summary["completed"] == 1 and summary["failed"] == 1
     assert summary["errors"] == {"503": 1}
