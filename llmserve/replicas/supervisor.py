@@ -148,9 +148,8 @@ class Supervisor:
         self._stopping.add(replica)
         if drain and replica.state is not EndpointState.STOPPED:
             self._set_state(replica, EndpointState.DRAINING)
-            deadline = time.monotonic() + self._settings.drain_timeout_s
-            while replica.outstanding > 0 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            with contextlib.suppress(asyncio.TimeoutError):  # bounded: a stuck request does not block the stop
+                await asyncio.wait_for(replica.endpoint.idle(), timeout=self._settings.drain_timeout_s)
         await self._terminate(replica)
         task = self._tasks.get(replica)
         if task is not None:
