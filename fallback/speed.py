@@ -33,7 +33,7 @@ from llmserve.replicas.spec import DraftModelSpeculation, EngineSpec, NgramSpecu
 from llmserve.settings import EngineSettings, Settings
 from loadtest.overhead import free_port
 from loadtest.report import emit
-from router.observe.engine_metrics import parse_engine_metrics
+from router.observe.engine_samples import parse_engine_metrics
 from router.relay.sse import iter_events
 
 PASSAGE = ("The lighthouse stood at the edge of the cliff for two hundred years. Every night its keeper climbed "
