@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml scripts/install.sh | sha1sum | cut -c1-12)
 PYTEST_ARGS ?= -q
 
-.PHONY: up test install bench
+.PHONY: up test lint install bench
 install: $(STAMP)
 
 $(STAMP):
@@ -18,6 +18,11 @@ up: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The gates CI runs before the tests: lint and types (mypy with the pydantic plugin; see pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	mkdir -p loadtest-results

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -137,7 +137,8 @@ def measure(spec: EngineSpec, requests: int, max_tokens: int, logs: Path) -> dic
 CONFIGURATIONS = ("teacher", "teacher+ngram", "teacher+draft", "student")
 
 
-def run(teacher: Path, student: Path, requests: int, max_tokens: int, logs: Path, dtype: str = "bfloat16",
+def run(teacher: Path, student: Path, requests: int, max_tokens: int, logs: Path,
+        dtype: Literal["bfloat16", "float32"] = "bfloat16",
         draft_tokens: int = 4, only: tuple[str, ...] = CONFIGURATIONS) -> dict[str, Any]:
     engine = EngineSettings(dtype=dtype)
     configs = {

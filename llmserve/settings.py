@@ -19,6 +19,11 @@ def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "llmserve"
 
 
+# Request priorities, most important first: critical is never shed, batch is shed first.
+Priority = Literal["critical", "standard", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("critical", "standard", "batch")
+
+
 class SamplingDefaults(BaseModel):
     """Sampling a version applies to requests that do not set it (vLLM's generation config).
 
@@ -137,9 +142,8 @@ class KeyPolicy(BaseModel):
     """What one API key's requests may ask for."""
 
     name: str = ""
-    default: Literal["critical", "standard", "batch"] = "standard"
-    allowed: list[Literal["critical", "standard", "batch"]] = Field(
-        default_factory=lambda: ["critical", "standard", "batch"])
+    default: Priority = "standard"
+    allowed: list[Priority] = Field(default_factory=lambda: list(PRIORITIES))
 
 
 class AdmissionSettings(BaseModel):

@@ -229,7 +229,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
     records, duration, summaries = await _one_run(args, shape, args.closed_users, slo, input_len, output_len,
                                                   args.warmup)
     out = _output_dir(args)
-    result = {"started_at": started, "settings": _settings(args), "duration": duration, "targets": summaries}
+    result: dict[str, Any] = {"started_at": started, "settings": _settings(args), "duration": duration,
+                              "targets": summaries}
     if len(summaries) > 1:
         result["comparison"] = compare(summaries)
     _write(out, result, records, None)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -87,20 +88,20 @@ def direct_url(router_url: str) -> str:
     return str(ready[0]["url"])
 
 
-def measure(router_url: str, scenarios: tuple[Scenario, ...], model: str = MODEL) -> dict[str, object]:
+def measure(router_url: str, scenarios: tuple[Scenario, ...], model: str = MODEL) -> dict[str, Any]:
     engine = direct_url(router_url)
     targets = [Target("direct", f"{engine}/v1"), Target("router", f"{router_url}/v1")]
-    results: dict[str, object] = {}
+    results: dict[str, Any] = {}
     for scenario in scenarios:
         config = BenchConfig(model=model, requests=scenario.requests, concurrency=scenario.concurrency,
                              max_tokens=scenario.max_tokens, rounds=scenario.rounds, seed=0)
         report = asyncio.run(bench(targets, config))
-        direct, routed = report["targets"]["direct"], report["targets"]["router"]  # type: ignore[index]
+        direct, routed = report["targets"]["direct"], report["targets"]["router"]
         results[scenario.name] = {
             "concurrency": scenario.concurrency,
             "requests_per_target": scenario.requests,
             "max_tokens": scenario.max_tokens,
-            **report["comparison"]["router_vs_direct"],  # type: ignore[index]
+            **report["comparison"]["router_vs_direct"],
             "direct_output_tokens_per_s": direct["output_throughput"],
             "router_output_tokens_per_s": routed["output_throughput"],
             "direct_p50_ttft_ms": direct["p50_ttft_ms"],
@@ -110,10 +111,10 @@ def measure(router_url: str, scenarios: tuple[Scenario, ...], model: str = MODEL
     return {"engine": engine, "router": router_url, "model": model, "scenarios": results}
 
 
-def _table(result: dict[str, object]) -> str:
+def _table(result: dict[str, Any]) -> str:
     rows = ["| scenario | added TTFT p50 | added TTFT p99 | added ITL p50 | router/direct tokens/s | "
             "direct tokens/s | router tokens/s |", "|---|---|---|---|---|---|---|"]
-    for name, s in result["scenarios"].items():  # type: ignore[union-attr]
+    for name, s in result["scenarios"].items():
         rows.append(
             f"| {name} | {s['added_ttft_p50_ms']:.2f} ms | {s['added_ttft_p99_ms']:.2f} ms | "
             f"{s['added_itl_p50_ms']:.2f} ms | {s['output_throughput_ratio'] * 100:.1f}% | "
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             process.wait(timeout=90)
     emit(result, args.output)
     print(_table(result), file=sys.stderr)
-    failed = sum(s["failed"] for s in result["scenarios"].values())  # type: ignore[union-attr]
+    failed = sum(s["failed"] for s in result["scenarios"].values())
     return 1 if failed else 0
 
 

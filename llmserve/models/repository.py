@@ -22,6 +22,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from llmserve.errors import PrepareError
 
@@ -230,7 +231,7 @@ def _check_source(source: Path) -> None:
         raise PrepareError(source, "no *.safetensors weights found in the Hugging Face folder")
 
 
-def _copy_hf_folder(source: Path, dest: Path) -> dict[str, object]:
+def _copy_hf_folder(source: Path, dest: Path) -> dict[str, Any]:
     for path in source.iterdir():
         if path.name.startswith(".") or path.name == MANIFEST_NAME:
             continue
@@ -265,7 +266,7 @@ def _count_safetensors_parameters(folder: Path) -> int:
     return total
 
 
-def _convert_gguf(source: Path, dest: Path, dtype: str) -> dict[str, object]:
+def _convert_gguf(source: Path, dest: Path, dtype: str) -> dict[str, Any]:
     """Dequantize a GGUF file with transformers and save a Hugging Face folder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -280,7 +281,7 @@ def _convert_gguf(source: Path, dest: Path, dtype: str) -> dict[str, object]:
         raise PrepareError(source, f"unsupported dtype {dtype!r}; expected bfloat16 or float32")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             str(source.parent), gguf_file=source.name, dtype=torch.float32
         )
     except Exception as exc:  # a truncated or foreign GGUF fails deep inside gguf/transformers

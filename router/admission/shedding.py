@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from llmserve.settings import AdmissionSettings, KeyPolicy
+from llmserve.settings import PRIORITIES, AdmissionSettings, KeyPolicy
 from llmserve.stats import percentile
 from router.errors import APIError, DeadlineExceeded, InvalidRequest, PriorityForbidden, ShedLoad
 from router.traffic.catalog import Catalog, ServedVersion
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
     from router.observe.engine_metrics import EngineMetricsScraper
     from router.observe.metrics import RouterMetrics
     from router.observe.samples import SampleWindows
-
-PRIORITIES = ("critical", "standard", "batch")
 
 logger = logging.getLogger(__name__)
 

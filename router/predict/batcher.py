@@ -29,11 +29,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from llmserve.settings import PredictSettings
+from llmserve.settings import PRIORITIES, PredictSettings
 from router.predict.errors import Overloaded
 from router.predict.runtimes import Runtime
-
-PRIORITIES = ("critical", "standard", "batch")
 
 
 @dataclass(frozen=True)

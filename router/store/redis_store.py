@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import redis.asyncio as redis
@@ -80,7 +80,7 @@ class RedisStore:
         return ModelRecord(**json.loads(raw)) if raw else None
 
     async def list_models(self) -> list[ModelRecord]:
-        names = sorted(await self._redis.smembers(self._key("models")))
+        names = sorted(_text(await self._redis.smembers(self._key("models"))))
         models = [await self.get_model(n) for n in names]
         return [m for m in models if m is not None]
 
@@ -93,7 +93,7 @@ class RedisStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(index)
-                existing = [await self._get_deployment(i) for i in await pipe.smembers(index)]
+                existing = [await self._get_deployment(i) for i in _text(await pipe.smembers(index))]
                 clash = next((d for d in existing if d and d.version == deployment.version
                               and d.status in LIVE_STATUSES), None)
                 if clash:
@@ -135,10 +135,10 @@ class RedisStore:
         await self._publish(str(data["model_name"]))
 
     async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]:
-        names = [model_name] if model_name else sorted(await self._redis.smembers(self._key("models")))
+        names = [model_name] if model_name else sorted(_text(await self._redis.smembers(self._key("models"))))
         records: list[DeploymentRecord] = []
         for name in names:
-            for deployment_id in await self._redis.smembers(self._key("deployments", name)):
+            for deployment_id in _text(await self._redis.smembers(self._key("deployments", name))):
                 record = await self._get_deployment(deployment_id)
                 if record:
                     records.append(record)
@@ -204,8 +204,13 @@ class RedisStore:
         return [log for log in logs if model_name is None or log.model_name == model_name]
 
     async def drop_inference_logs_before(self, day: str) -> list[str]:
-        days = sorted(d for d in await self._redis.smembers(self._key("log_days")) if d < day)
+        days = sorted(d for d in _text(await self._redis.smembers(self._key("log_days"))) if d < day)
         if days:
             await self._redis.delete(*(self._key("logs", d) for d in days))
             await self._redis.srem(self._key("log_days"), *days)
         return days
+
+
+def _text(values: Iterable[bytes | str]) -> list[str]:
+    """Set members as text: the client decodes responses, but its types cannot say so."""
+    return [v.decode() if isinstance(v, bytes) else v for v in values]

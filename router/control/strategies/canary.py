@@ -17,6 +17,7 @@ import contextlib
 import enum
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from router.control.canary_analysis import CanaryPolicy, Decision, analyze
@@ -149,7 +150,7 @@ class CanaryRollout:
         for step in s.policy.steps:
             s.step = step
             await self._control.update_split(
-                s.model_name, lambda split, step=step: rebalance(split, s.canary_version, step),
+                s.model_name, partial(rebalance, version=s.canary_version, percent=step),
                 HistoryEntry(s.model_name, "canary_step", self._actor, {"version": s.canary_version, "percent": step}),
             )
             if step == 100:

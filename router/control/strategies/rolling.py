@@ -10,6 +10,7 @@ its replicas back. With no stable version running here it is ``direct``.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from llmserve.errors import LLMServeError
 from router.control.strategies.base import Rollout, RolloutFailed, launch
@@ -60,7 +61,7 @@ async def _roll(rollout: Rollout, new: ServedVersion, old: ServedVersion) -> Non
         if step == 1:
             await control.store.update_deployment(record.id, DeploymentStatus.ACTIVE)
         share = round(100 * step / wanted)
-        await control.update_split(model, lambda split, share=share: rebalance(split, record.version, share),
+        await control.update_split(model, partial(rebalance, version=record.version, percent=share),
                                    HistoryEntry(model, "rolling_step", actor, {
                                        "version": record.version, "percent": share,
                                        "ready_replicas": step, "of": wanted}))
