@@ -124,10 +124,3 @@ class PredictManifest:
             classes=tuple(data.get("classes") or ()), allow_nan=bool(data.get("allow_nan", False)),
             feature_names=tuple(data.get("feature_names") or ()), extra=dict(data.get("extra") or {}),
         )
-
-
-def is_predict_folder(folder: Path) -> bool:
-    try:
-        return json.loads((Path(folder) / "manifest.json").read_text()).get("kind") == "predict"
-    except (OSError, ValueError, AttributeError):
-        return False

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -275,8 +275,3 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(Overloaded(503, "this model version was retired", 1))
         self._executor.shutdown(wait=False)
-
-    def stats(self) -> dict[str, Any]:
-        return {"queued_rows": self._queued_rows, "fixed_ms": self.latency.fixed_s * 1000,
-                "per_row_us": self.latency.per_row_s * 1e6, "drain_rows_per_s": self._drain_rows_per_s,
-                "arrival_rows_per_s": self._rate_rows_per_s}
