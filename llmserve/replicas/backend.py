@@ -61,28 +61,25 @@ class Endpoint:
     version: str
     url: str = ""
     state: EndpointState = EndpointState.STARTING
+    outstanding: int = 0  # requests the router has in flight here (least-outstanding balancing, draining)
     restarts: int = 0
     last_error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
-    _outstanding: int = field(default=0, repr=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def __post_init__(self) -> None:
-        if self._outstanding <= 0:
+        if self.outstanding <= 0:
             self._idle.set()
 
-    @property
-    def outstanding(self) -> int:
-        """Requests the router has in flight here (least-outstanding balancing, draining)."""
-        return self._outstanding
-
-    @outstanding.setter
-    def outstanding(self, value: int) -> None:
-        self._outstanding = value
-        if value <= 0:
-            self._idle.set()  # a drain waiting on this endpoint goes on at once, no polling
-        else:
-            self._idle.clear()
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A plain attribute, so the balancer's reads on every request stay cheap; the (rarer)
+        # writes of ``outstanding`` keep the idle event current, so a drain waits without polling.
+        object.__setattr__(self, name, value)
+        if name == "outstanding" and "_idle" in self.__dict__:
+            if value <= 0:
+                self._idle.set()
+            else:
+                self._idle.clear()
 
     async def idle(self) -> None:
         """Return once no request is in flight here."""
