@@ -18,10 +18,8 @@ output equals the teacher's without speculation.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,8 @@ from typing import Any, Literal
 
 import httpx
 
+from llmserve.errors import LLMServeError
+from llmserve.replicas.local import LocalBackend
 from llmserve.replicas.spec import DraftModelSpeculation, EngineSpec, NgramSpeculation
 from llmserve.settings import EngineSettings, Settings
 from loadtest.overhead import free_port
@@ -50,27 +50,6 @@ WORKLOADS: dict[str, list[str]] = {
              "Write a Python function that checks whether a string is a palindrome.",
              "Write a Python function that sums the even numbers in a list."],
 }
-
-
-def _start(spec: EngineSpec, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **spec.environment()}
-    with log.open("ab") as out:
-        return subprocess.Popen(spec.command("127.0.0.1", port), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-
-
-def _wait(url: str, process: subprocess.Popen[bytes], timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the engine exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("the engine did not become ready")
 
 
 def _spec_counters(url: str) -> tuple[float, float]:
@@ -105,33 +84,36 @@ def _one(url: str, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
 
 
 def measure(spec: EngineSpec, requests: int, max_tokens: int, logs: Path) -> dict[str, Any]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = _start(spec, port, logs / f"{spec.model_name}-{port}.log")
+    """One engine of ``spec``, started and stopped by the local replica backend (as ``llmserve up`` runs it)."""
+    return asyncio.run(_measure(spec, requests, max_tokens, logs))
+
+
+async def _measure(spec: EngineSpec, requests: int, max_tokens: int, logs: Path) -> dict[str, Any]:
+    backend = LocalBackend(EngineSettings(first_port=free_port()), logs)
     try:
-        _wait(url, process)
-        _one(url, spec.versioned_name, "Hello", 4)  # warm-up
-        results: dict[str, Any] = {}
-        for workload, prompts in WORKLOADS.items():
-            drafted0, accepted0 = _spec_counters(url)
-            runs = [_one(url, spec.versioned_name, p, max_tokens) for p in prompts[:requests]]
-            drafted1, accepted1 = _spec_counters(url)
-            speeds = [r["decode_tokens_per_s"] for r in runs if r["decode_tokens_per_s"]]
-            drafted = drafted1 - drafted0
-            results[workload] = {
-                "decode_tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
-                "ttft_ms": round(sum(r["ttft_ms"] for r in runs) / len(runs), 1),
-                "acceptance_rate": round((accepted1 - accepted0) / drafted, 3) if drafted else None,
-                "outputs": [r["text"] for r in runs],
-            }
-        return results
+        replicas = await backend.start(spec, 1)
+        await backend.wait_ready(replicas.endpoints)  # health, then the supervisor's one-token warm-up
+        # the measurement is blocking HTTP: in a thread, so the backend keeps health-checking meanwhile
+        return await asyncio.to_thread(_workloads, replicas.endpoints[0].url, spec, requests, max_tokens)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        await backend.close()
+
+
+def _workloads(url: str, spec: EngineSpec, requests: int, max_tokens: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for workload, prompts in WORKLOADS.items():
+        drafted0, accepted0 = _spec_counters(url)
+        runs = [_one(url, spec.versioned_name, p, max_tokens) for p in prompts[:requests]]
+        drafted1, accepted1 = _spec_counters(url)
+        speeds = [r["decode_tokens_per_s"] for r in runs if r["decode_tokens_per_s"]]
+        drafted = drafted1 - drafted0
+        results[workload] = {
+            "decode_tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+            "ttft_ms": round(sum(r["ttft_ms"] for r in runs) / len(runs), 1),
+            "acceptance_rate": round((accepted1 - accepted0) / drafted, 3) if drafted else None,
+            "outputs": [r["text"] for r in runs],
+        }
+    return results
 
 
 CONFIGURATIONS = ("teacher", "teacher+ngram", "teacher+draft", "student")
@@ -157,7 +139,7 @@ def run(teacher: Path, student: Path, requests: int, max_tokens: int, logs: Path
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         try:
             results[name] = measure(spec, requests, max_tokens, logs)
-        except (RuntimeError, TimeoutError, httpx.HTTPError) as exc:
+        except (LLMServeError, httpx.HTTPError) as exc:
             results[name] = {"error": str(exc)}
     baseline = results["teacher"]
     summary: dict[str, Any] = {}

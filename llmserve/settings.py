@@ -172,6 +172,8 @@ class AdmissionSettings(BaseModel):
     min_hold_s: float = Field(2.0, ge=0, description="... and it has held at least this long.")
     queue_wait_s: float = Field(
         2.0, ge=0, description="How long a standard request waits for room when the fallback is saturated too.")
+    recheck_s: float = Field(
+        0.05, gt=0, le=1, description="While a request waits for room, how often saturation is checked again.")
 
 
 class RouterSettings(BaseModel):
@@ -201,6 +203,8 @@ class RouterSettings(BaseModel):
         False, description="/v1/models also lists each name:version (pinning works either way); off, a chat "
         "frontend's model picker shows each model once.")
     engine_metrics_interval_s: float = Field(5.0, gt=0, description="How often engines' own metrics are scraped.")
+    canary_interval_s: float = Field(
+        0.5, gt=0, le=60, description="How often a canary step past its bake time is analysed again.")
     inference_log_retention_days: int = Field(30, ge=1, description="Days of inference logs kept in the store.")
     max_predict_body_bytes: int = Field(256 << 20, ge=1024, description="Larger predict bodies get 413.")
     predict: PredictSettings = Field(default_factory=PredictSettings)

@@ -82,7 +82,7 @@ def create_app(
             predictors = PredictorHost(BatchingConfig.from_settings(settings.predict),
                                        metrics.batch_observer if metrics is not None else None)
             state.control = ControlPlane(store, backend, catalog, models_dir or Path("."), specs, samples,
-                                         predictors=predictors)
+                                         predictors=predictors, canary_interval_s=settings.canary_interval_s)
             await state.control.start()
             log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)
             log_writer.start()

@@ -171,7 +171,8 @@ class Admission:
         started = self._clock()
         limit = self.settings.queue_wait_s if deadline_s is None else min(self.settings.queue_wait_s, deadline_s)
         while self._clock() - started < limit:
-            await asyncio.sleep(0.05)
+            # a poll: saturation comes from scraped engine metrics and TTFT windows too, which notify nobody
+            await asyncio.sleep(self.settings.recheck_s)
             if not self.saturation(served).saturated:
                 self.count(served.model_name, priority, "full")
                 return Admitted(served)

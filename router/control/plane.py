@@ -78,6 +78,7 @@ class ControlPlane:
     def __init__(
         self, store: Store, backend: ReplicaBackend, catalog: Catalog, models_dir: Path, specs: SpecBuilder,
         samples: SampleWindows | None = None, predictors: PredictorHost | None = None,
+        canary_interval_s: float = 0.5,
     ) -> None:
         self.store = store
         self.samples = samples or SampleWindows()
@@ -90,7 +91,7 @@ class ControlPlane:
         self._reconciler = Reconciler(store, self.versions, catalog, self._is_predict, self._owned_rollouts)
         self._strategies: dict[StrategyType, RolloutStrategy] = {
             StrategyType.DIRECT: Direct(),
-            StrategyType.CANARY: Canary(self.samples, self.canaries),
+            StrategyType.CANARY: Canary(self.samples, self.canaries, canary_interval_s),
             StrategyType.BLUE_GREEN: BlueGreen(),
             StrategyType.ROLLING: Rolling(),
         }
