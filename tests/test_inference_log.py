@@ -58,3 +58,49 @@ async def test_retention_drops_old_day_partitions(tmp_path: Path) -> None:
     assert await store.inference_logs(old_day) == []
     assert len(await store.inference_logs(recent_day)) == 1
     await store.close()
+
+
+class FlakyStore(SQLiteStore):
+    """A store whose next ``failures`` writes fail, as a locked or unreachable database does."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+
+    async def write_inference_logs(self, logs: list[InferenceLog]) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError("database is locked")
+        await super().write_inference_logs(logs)
+
+
+async def test_a_failed_write_keeps_its_batch_for_the_next_try_in_order(tmp_path: Path) -> None:
+    store = FlakyStore(tmp_path / "db", failures=1)
+    writer = InferenceLogWriter(store, max_batch=4, clock=lambda: NOW)
+    for i in range(10):
+        writer.submit(row(i))
+    try:
+        await writer.flush()
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the first write was meant to fail")
+    assert writer.written == 0 and writer.dropped == 0
+    await writer.flush()
+    assert [r.request_id for r in await store.inference_logs("20261129")] == [f"r{i}" for i in range(10)]
+    assert writer.written == 10
+    await store.close()
+
+
+async def test_the_writer_loop_survives_a_failed_write_and_writes_the_rows_later(tmp_path: Path) -> None:
+    store = FlakyStore(tmp_path / "db", failures=2)
+    writer = InferenceLogWriter(store, max_batch=100, flush_interval_s=0.02, clock=lambda: NOW)
+    writer.start()
+    for i in range(5):
+        writer.submit(row(i))
+    deadline = time.monotonic() + 5
+    while writer.written < 5 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await writer.close()
+    assert [r.request_id for r in await store.inference_logs("20261129")] == [f"r{i}" for i in range(5)]
+    await store.close()
