@@ -30,7 +30,7 @@ from router.gateway.access_log import AccessLogMiddleware
 from router.gateway.request_id import RequestIdMiddleware
 from router.observe.engine_metrics import EngineMetricsScraper
 from router.observe.inference_log import InferenceLogWriter
-from router.observe.metrics import RouterMetrics
+from router.observe.metrics import Metrics, NoMetrics, RouterMetrics
 from router.observe.samples import SampleWindows
 from router.predict.batcher import BatchingConfig
 from router.predict.host import PredictorHost
@@ -64,9 +64,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         relay = Relay(settings, on_replica_failure=backend.report_failure)
-        metrics = RouterMetrics(catalog) if settings.metrics_enabled else None
+        metrics: Metrics = NoMetrics()
         scraper: EngineMetricsScraper | None = None
-        if metrics is not None:
+        if settings.metrics_enabled:
+            metrics = RouterMetrics(catalog)
             scraper = EngineMetricsScraper(catalog, settings.engine_metrics_interval_s)
             metrics.registry.register(scraper)
             scraper.start()
@@ -79,8 +80,7 @@ def create_app(
             catalog.add_version(ServedVersion.of(await backend.start(spec, replicas)))
         log_writer: InferenceLogWriter | None = None
         if store is not None:
-            predictors = PredictorHost(BatchingConfig.from_settings(settings.predict),
-                                       metrics.batch_observer if metrics is not None else None)
+            predictors = PredictorHost(BatchingConfig.from_settings(settings.predict), metrics.batch_observer)
             state.control = ControlPlane(store, backend, catalog, models_dir or Path("."), specs, samples,
                                          predictors=predictors, canary_interval_s=settings.canary_interval_s)
             await state.control.start()

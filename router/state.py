@@ -1,9 +1,10 @@
 """What the app's lifespan owns: the one place for the router's mutable state.
 
-Parts that can be switched off are still there: ``metrics`` is ``None``
-only when Prometheus metrics are disabled, ``control`` when the router runs
-without a store (static versions only), and ``log_sink`` drops records when
-there is no store to write them to.
+Parts that can be switched off are still there, as null objects: ``metrics``
+is ``NoMetrics`` when Prometheus metrics are disabled and ``log_sink`` drops
+records when there is no store to write them to. Only ``control`` can be
+absent: a router without a store serves its static versions and has no
+control plane (its control API answers 404 saying so).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from llmserve.replicas.backend import ReplicaBackend
 from llmserve.settings import RouterSettings
 from router.admission.shedding import Admission
 from router.control.plane import ControlPlane
-from router.observe.metrics import RouterMetrics
+from router.observe.metrics import Metrics, NoMetrics
 from router.observe.samples import SampleWindows
 from router.relay.relay import Relay
 from router.store.base import InferenceLog
@@ -35,7 +36,7 @@ class RouterState:
     backend: ReplicaBackend
     samples: SampleWindows
     admission: Admission
-    metrics: RouterMetrics | None = None
+    metrics: Metrics = field(default_factory=NoMetrics)
     control: ControlPlane | None = None
     log_sink: Callable[[InferenceLog], None] = drop_log
     started_at: float = field(default_factory=time.time)

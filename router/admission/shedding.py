@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING
 from llmserve.settings import PRIORITIES, AdmissionSettings, KeyPolicy
 from llmserve.stats import percentile
 from router.errors import APIError, DeadlineExceeded, InvalidRequest, PriorityForbidden, ShedLoad
+from router.observe.metrics import Metrics, NoMetrics
 from router.traffic.catalog import Catalog, ServedVersion
 
 if TYPE_CHECKING:
     from router.observe.engine_metrics import EngineMetricsScraper
-    from router.observe.metrics import RouterMetrics
     from router.observe.samples import SampleWindows
 
 logger = logging.getLogger(__name__)
@@ -88,13 +88,13 @@ class Admitted:
 
 class Admission:
     def __init__(self, settings: AdmissionSettings, catalog: Catalog, samples: SampleWindows,
-                 engines: EngineMetricsScraper | None = None, metrics: RouterMetrics | None = None,
+                 engines: EngineMetricsScraper | None = None, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self._catalog = catalog
         self._samples = samples
         self._engines = engines
-        self._metrics = metrics
+        self._metrics: Metrics = metrics or NoMetrics()
         self._clock = clock
         self._state: dict[tuple[str, str], Saturation] = {}
 
@@ -201,8 +201,7 @@ class Admission:
     def count(self, model: str, priority: str, outcome: str) -> None:
         if outcome in ("rejected", "expired"):
             logger.info("admission: %s request to %s %s", priority, model, outcome)
-        if self._metrics is not None:
-            self._metrics.admission.labels(model, priority, outcome).inc()
+        self._metrics.admission_outcome(model, priority, outcome)
 
 
 def parse_deadline_ms(raw: object, where: str, param: str) -> float | None:

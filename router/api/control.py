@@ -12,7 +12,7 @@ from llmserve.settings import SamplingDefaults
 from router.control.canary_analysis import CanaryPolicy
 from router.control.plane import ControlPlane
 from router.control.strategies.base import RolloutPlan, StrategyType
-from router.errors import APIError, ConflictError, InvalidRequest, ModelNotFound, VersionNotFound
+from router.errors import ConflictError, InvalidRequest, ModelNotFound, RouteNotFound, VersionNotFound
 from router.gateway.protocol import parse_json_object, read_body, validate
 from router.store import ModelRecord
 from router.store.base import DeploymentRecord
@@ -134,7 +134,8 @@ class RollbackBody(BaseModel):
 def _control(request: Request) -> ControlPlane:
     control: ControlPlane | None = getattr(request.app.state.router, "control", None)
     if control is None:
-        raise APIError("this router runs without a control plane")
+        raise RouteNotFound("this router runs without a control plane (it was started without a store); "
+                            "start it with `llmserve up`, which keeps one in SQLite or Redis")
     return control
 
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from router.observe.metrics import RouterMetrics
 from router.state import RouterState
 
 router = APIRouter(tags=["health"])
@@ -38,7 +39,7 @@ async def readyz(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of the router's metrics."""
     state: RouterState = request.app.state.router
-    if state.metrics is None:
+    if not isinstance(state.metrics, RouterMetrics):
         return Response("metrics are disabled (LLMSERVE_ROUTER__METRICS_ENABLED=false)\n", status_code=404,
                         media_type="text/plain")
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -72,8 +72,7 @@ async def _run(call: InferenceCall, served: ServedVersion, inputs: dict[str, np.
     try:
         return served, await predictor.batcher.submit(inputs, priority, deadline_ms)
     except Overloaded as exc:
-        if state.metrics is not None:
-            state.metrics.predict_rejected.labels(served.model_name, served.version, str(exc.status)).inc()
+        state.metrics.predict_refused(served.model_name, served.version, exc.status)
         fallback = _fallback(state, served, record.user, priority) if exc.status == 429 else None
         if fallback is not None:
             try:

@@ -48,7 +48,7 @@ class AccessLogMiddleware:
     def _record(self, scope: Scope, status: int, duration_s: float) -> None:
         state: dict[str, Any] = scope.get("state") or {}
         router_state = getattr(getattr(scope.get("app"), "state", None), "router", None)
-        metrics = getattr(router_state, "metrics", None)
+        metrics = getattr(router_state, "metrics", None)  # None only before the lifespan has built the state
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         if metrics is not None:

@@ -86,11 +86,19 @@ class RouterMetrics:
                                  ["model", "priority", "outcome"], registry=self.registry)
         self.registry.register(_CatalogCollector(catalog))
 
-    def batch_observer(self, model: str, version: str) -> _BatchMetrics:
+    enabled = True
+
+    def batch_observer(self, model: str, version: str) -> _BatchMetrics | None:
         return _BatchMetrics(self, model, version)
 
     def http_response(self, method: str, route: str, status: int) -> None:
         self.http_responses.labels(method, route, str(status)).inc()
+
+    def predict_refused(self, model: str, version: str, status: int) -> None:
+        self.predict_rejected.labels(model, version, str(status)).inc()
+
+    def admission_outcome(self, model: str, priority: str, outcome: str) -> None:
+        self.admission.labels(model, priority, outcome).inc()
 
     def started(self, model: str, version: str) -> None:
         self.in_flight.labels(model, version).inc()
@@ -115,6 +123,33 @@ class RouterMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class NoMetrics:
+    """The metrics of a router that runs without them (``metrics_enabled: false``): every call is a no-op."""
+
+    enabled = False
+
+    def batch_observer(self, model: str, version: str) -> _BatchMetrics | None:
+        return None
+
+    def http_response(self, method: str, route: str, status: int) -> None:
+        return None
+
+    def predict_refused(self, model: str, version: str, status: int) -> None:
+        return None
+
+    def admission_outcome(self, model: str, priority: str, outcome: str) -> None:
+        return None
+
+    def started(self, model: str, version: str) -> None:
+        return None
+
+    def finished(self, record: RequestRecord, latency_s: float, counted_in_flight: bool) -> None:
+        return None
+
+
+Metrics = RouterMetrics | NoMetrics
 
 
 class _BatchMetrics:
