@@ -198,6 +198,10 @@ class RouterSettings(BaseModel):
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when no replica is ready.")
     max_connections_per_replica: int = Field(512, ge=1, description="HTTP connection pool size per replica.")
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics on /metrics.")
+    readiness: Literal["startup", "serving"] = Field(
+        "startup", description="What /readyz waits for. startup: the first start of every model with traffic "
+        "has settled (ready, or failed), then stays ready while models come and go; serving: every model with "
+        "traffic has a ready replica now (for routers dedicated to one model pool).")
     access_log: bool = Field(True, description="One log line per HTTP request: method, path, status, duration, id.")
     list_version_aliases: bool = Field(
         False, description="/v1/models also lists each name:version (pinning works either way); off, a chat "

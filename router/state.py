@@ -41,3 +41,4 @@ class RouterState:
     log_sink: Callable[[InferenceLog], None] = drop_log
     started_at: float = field(default_factory=time.time)
     sse_ping_s: int = 15
+    was_ready: bool = False  # /readyz has said ready once (the startup rule keeps it so)

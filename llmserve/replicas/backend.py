@@ -63,6 +63,7 @@ class Endpoint:
     state: EndpointState = EndpointState.STARTING
     outstanding: int = 0  # requests the router has in flight here (least-outstanding balancing, draining)
     restarts: int = 0
+    ever_ready: bool = False  # has been READY at least once (a crash since does not undo it)
     last_error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)

@@ -343,6 +343,8 @@ class Supervisor:
     def _set_state(self, replica: LocalReplica, state: EndpointState) -> None:
         if replica.state is not state:
             replica.endpoint.state = state
+            if state is EndpointState.READY:
+                replica.endpoint.ever_ready = True
 
     @staticmethod
     def _log_tail(replica: LocalReplica) -> str:

@@ -8,8 +8,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from router.gateway.pipeline import State
 from router.observe.metrics import RouterMetrics
 from router.state import RouterState
+from router.traffic.readiness import readiness
 
 router = APIRouter(tags=["health"])
 
@@ -21,16 +23,15 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> JSONResponse:
-    """Ready only when every served model has at least one ready replica (or loaded predictor)."""
-    state: RouterState = request.app.state.router
-    models = {m.name: sum(len(v.ready_replicas) + (v.predictor is not None) for v in m.versions.values())
-              for m in state.catalog.models()}
-    not_ready = sorted(name for name, ready in models.items() if ready == 0)
-    ready = bool(models) and not not_ready
-    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "ready_replicas": models}
-    if not ready:
-        body["waiting_for"] = not_ready or ["a deployed model"]
+async def readyz(state: State) -> JSONResponse:
+    """Whether this router should get traffic, by the rule in ``router.traffic.readiness``; each model's status."""
+    result = readiness(state.catalog, state.settings.readiness, state.was_ready)
+    state.was_ready = state.was_ready or result.ready
+    body: dict[str, Any] = {"status": "ready" if result.ready else "not_ready", "rule": state.settings.readiness,
+                            "models": {name: s.value for name, s in result.models.items()},
+                            "ready_replicas": result.ready_replicas}
+    if not result.ready:
+        body["waiting_for"] = result.waiting_for
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(state.settings.retry_after_s)})
     return JSONResponse(body)
 
