@@ -21,6 +21,8 @@ from llmserve.replicas.local import LocalBackend
 from llmserve.replicas.spec import EngineSpec
 from llmserve.settings import Settings
 from router.app import StartedHook, create_app
+
+__all__ = ["Server", "StartedHook", "build", "open_store"]
 from router.control.versions import SpecBuilder, spec_builder
 from router.store import Store
 
@@ -54,8 +56,8 @@ def build(
     models_dir: Path | None = None,
     on_started: StartedHook | None = None,
 ) -> Server:
-    backend = backend or LocalBackend(settings.engine, settings.logs_dir)
     """The router app and its parts; ``store=None``: no control plane, only the ``static`` versions."""
+    backend = backend or LocalBackend(settings.engine, settings.logs_dir)
     chosen = open_store(settings) if store == "settings" else store
     app = create_app(settings.router, backend, specs or spec_builder(settings.engine), store=chosen,
                      models_dir=models_dir or settings.model_repository, static=static, on_started=on_started)

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from llmserve.replicas.local import LocalBackend
 from llmserve.replicas.process import ReplicaProgram
 from llmserve.replicas.spec import EngineSpec
-from llmserve.server import Server, build
+from llmserve.server import Server, StartedHook, build
 from llmserve.settings import EngineSettings, RouterSettings, Settings
 from loadtest.sim import SimEngineProgram
 from router.store import Store
@@ -38,6 +38,8 @@ def sim_server(
     engine: EngineSettings | None = None,
     store: Store | None = None,
     program: Callable[[EngineSpec], ReplicaProgram] = fast_sim,
+    models_dir: Path | None = None,
+    on_started: StartedHook | None = None,
 ) -> Server:
     """``build`` with ``versions`` as static versions and ``program`` for what the control plane deploys."""
     settings = Settings(data_dir=data_dir, router=router or RouterSettings(), engine=engine or EngineSettings())
@@ -50,4 +52,55 @@ def sim_server(
 
     backend = LocalBackend(settings.engine, data_dir / "logs", program=run)
     chosen: Store | Literal["settings"] | None = store
-    return build(settings, backend=backend, store=chosen, static=static, models_dir=data_dir / "models")
+    return build(settings, backend=backend, store=chosen, static=static, models_dir=models_dir or data_dir / "models",
+                 on_started=on_started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a router over one simulated chat model (``demo``), with a SQLite store and, optionally, the
+    traditional models of a folder deployed: a fast stand-in for ``llmserve up`` (the API fuzzer's target)."""
+    import argparse
+    import asyncio
+    import socket
+    import tempfile
+
+    import uvicorn
+
+    from llmserve.models.predict_manifest import ManifestError, PredictManifest
+    from router.store import ModelRecord
+    from router.store.sqlite import SQLiteStore
+
+    parser = argparse.ArgumentParser(prog="python -m loadtest.simstack", description=main.__doc__)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--data-dir", type=Path, default=None, help="store and logs (default: a new temp folder)")
+    parser.add_argument("--predict-models", type=Path, default=None,
+                        help="a model repository whose traditional models are registered and deployed at start")
+    args = parser.parse_args(argv)
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="simstack-"))
+    predict_dir: Path | None = args.predict_models
+
+    async def deploy_predict_models(state: Any) -> None:  # the router's state (RouterState)
+        assert state.control is not None
+        for manifest_path in sorted(predict_dir.glob("*/v1/manifest.json")) if predict_dir else []:
+            try:
+                manifest = PredictManifest.read(manifest_path.parent)
+            except ManifestError:
+                continue  # an LLM's folder in the same repository
+            if await state.control.store.get_model(manifest.name) is None:
+                await state.control.register_model(ModelRecord(manifest.name, "simstack", manifest.framework, "sim"))
+                await state.control.deploy(manifest.name, manifest.version, 1, "simstack")
+        await asyncio.sleep(0)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        first_port = sock.getsockname()[1] + 1
+    server = sim_server(data_dir, [StaticVersion(SimEngineProgram("demo", "v1", ttft_ms=5, itl_ms=1))],
+                        RouterSettings(port=args.port), EngineSettings(first_port=first_port),
+                        store=SQLiteStore(data_dir / "llmserve.db"), models_dir=predict_dir,
+                        on_started=deploy_predict_models)
+    uvicorn.run(server.app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

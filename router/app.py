@@ -76,20 +76,20 @@ def create_app(
                             admission=Admission(settings.admission, catalog, samples, scraper, metrics),
                             metrics=metrics)
         app.state.router = state
-        for spec, replicas in static:
-            catalog.add_version(ServedVersion.of(await backend.start(spec, replicas)))
         log_writer: InferenceLogWriter | None = None
-        if store is not None:
-            predictors = PredictorHost(BatchingConfig.from_settings(settings.predict), metrics.batch_observer)
-            state.control = ControlPlane(store, backend, catalog, models_dir or Path("."), specs, samples,
-                                         predictors=predictors, canary_interval_s=settings.canary_interval_s)
-            await state.control.start()
-            log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)
-            log_writer.start()
-            state.log_sink = log_writer.submit
-        if on_started is not None:
-            await on_started(state)
-        try:
+        try:  # a start that fails part way still stops what it started
+            for spec, replicas in static:
+                catalog.add_version(ServedVersion.of(await backend.start(spec, replicas)))
+            if store is not None:
+                predictors = PredictorHost(BatchingConfig.from_settings(settings.predict), metrics.batch_observer)
+                state.control = ControlPlane(store, backend, catalog, models_dir or Path("."), specs, samples,
+                                             predictors=predictors, canary_interval_s=settings.canary_interval_s)
+                await state.control.start()
+                log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)
+                log_writer.start()
+                state.log_sink = log_writer.submit
+            if on_started is not None:
+                await on_started(state)
             yield
         finally:
             logger.info("router shutting down: stopping engine replicas")

@@ -13,6 +13,7 @@ from router.control.canary_analysis import CanaryPolicy
 from router.control.plane import ControlPlane
 from router.control.strategies.base import RolloutPlan, StrategyType
 from router.errors import ConflictError, InvalidRequest, ModelNotFound, RouteNotFound, VersionNotFound
+from router.gateway.openapi import json_body
 from router.gateway.protocol import parse_json_object, read_body, validate
 from router.store import ModelRecord
 from router.store.base import DeploymentRecord
@@ -126,6 +127,11 @@ class CreateDeployment(BaseModel):
     batching: BatchingOverrides = Field(default_factory=BatchingOverrides)
 
 
+SPLIT_BODY = {"type": "object", "description": "version -> whole percentage; the active versions, summing to 100",
+              "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 100},
+              "example": {"v1": 90, "v2": 10}}
+
+
 class RollbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     to: str | None = Field(None, pattern=_VERSION)
@@ -155,7 +161,7 @@ def _deployment_json(record: DeploymentRecord) -> dict[str, Any]:
     return data
 
 
-@router.post("/models", status_code=201)
+@router.post("/models", status_code=201, openapi_extra=json_body(RegisterModel))
 async def register_model(request: Request) -> dict[str, Any]:
     body: RegisterModel = validate(RegisterModel, await _body(request))
     record = ModelRecord(body.model_name, body.description, body.framework, body.owner)
@@ -179,7 +185,7 @@ async def get_model(model_name: str, request: Request) -> dict[str, Any]:
     return model.__dict__ | {"model_name": model.name, "versions": [d.version for d in deployments]}
 
 
-@router.post("/deployments", status_code=202)
+@router.post("/deployments", status_code=202, openapi_extra=json_body(CreateDeployment))
 async def create_deployment(request: Request) -> JSONResponse:
     body: CreateDeployment = validate(CreateDeployment, await _body(request))
     try:
@@ -245,7 +251,7 @@ async def control_canary(model_name: str, action: str, request: Request) -> dict
     return rollout.state.to_dict()
 
 
-@router.put("/deployments/{model_name}/traffic")
+@router.put("/deployments/{model_name}/traffic", openapi_extra=json_body(SPLIT_BODY))
 async def set_traffic(model_name: str, request: Request) -> dict[str, Any]:
     split = await _body(request)
     if_match = request.headers.get("if-match")
@@ -257,7 +263,7 @@ async def set_traffic(model_name: str, request: Request) -> dict[str, Any]:
     return {"model_name": model_name, "split": record.split, "revision": record.revision}
 
 
-@router.post("/deployments/{model_name}/rollback")
+@router.post("/deployments/{model_name}/rollback", openapi_extra=json_body(RollbackBody, required=False))
 async def rollback(model_name: str, request: Request) -> dict[str, Any]:
     body: RollbackBody = validate(RollbackBody, await _body(request))
     result = await _control(request).rollback(model_name, body.to, _actor(request))

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from router.errors import APIError, RequestTimedOut, UpstreamFailed
+from router.gateway.openapi import json_body
 from router.gateway.pipeline import InferenceCall, inference
 from router.gateway.protocol import GenerateRequest, check_output_limit
 from router.observe.request_record import RequestRecord
@@ -40,7 +41,7 @@ class _Outcome:
     usage: dict[str, Any] | None = None
 
 
-@router.post("/models/{model_name}/generate")
+@router.post("/models/{model_name}/generate", openapi_extra=json_body(GenerateRequest))
 async def generate(model_name: str, call: GenerateCall) -> Response:
     state, record, request_id = call.state, call.record, call.request_id
     with call.failures():

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
+from router.gateway.openapi import json_body
 from router.gateway.pipeline import InferenceCall, State, inference
 from router.gateway.protocol import ChatCompletionRequest, CompletionRequest, check_output_limit, drop_tools
 from router.observe.request_record import RequestRecord
@@ -55,12 +56,12 @@ async def list_models(state: State) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(call: ChatCall) -> Response:
     return await _relay_openai(call, "/v1/chat/completions", ChatCompletionRequest)
 
 
-@router.post("/completions")
+@router.post("/completions", openapi_extra=json_body(CompletionRequest))
 async def completions(call: CompletionCall) -> Response:
     return await _relay_openai(call, "/v1/completions", CompletionRequest)
 

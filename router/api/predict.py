@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from router.admission.shedding import parse_deadline_ms, resolve_priority
 from router.errors import InvalidRequest, PayloadTooLarge, PredictorOverloaded, QueueFull
+from router.gateway.openapi import json_body
 from router.gateway.pipeline import InferenceCall, inference
 from router.observe.request_record import user_key
 from router.predict.codec import (
@@ -37,6 +38,23 @@ from router.state import RouterState
 from router.traffic.catalog import ServedVersion
 
 router = APIRouter(tags=["predict"])
+_ROW = {"type": "object", "description": "input name -> value (a number, or a list for a tensor input)",
+        "additionalProperties": {"oneOf": [{"type": "number"}, {"type": "array"}]}}
+PREDICT_BODY = {"type": "object", "required": ["inputs"], "properties": {
+    "inputs": {"type": "array", "minItems": 1, "items": _ROW},
+    "params": {"type": "object", "properties": {"version": {"type": "string"},
+                                                "deadline_ms": {"type": "number", "exclusiveMinimum": 0}}},
+    "user": {"type": "string"}}}
+V2_INFER_BODY = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": "string"},
+    "inputs": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name", "shape", "datatype"],
+               "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+                              "datatype": {"type": "string", "enum": ["BOOL", "INT8", "INT16", "INT32", "INT64",
+                                                                      "UINT8", "FP16", "FP32", "FP64", "BYTES"]},
+                              "data": {"type": "array"}, "parameters": {"type": "object"}}}},
+    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                           "properties": {"name": {"type": "string"}}}},
+    "parameters": {"type": "object"}}}
 PredictCall = Annotated[InferenceCall, Depends(inference("predict"))]
 V2InferCall = Annotated[InferenceCall, Depends(inference("v2_infer"))]
 
@@ -115,7 +133,7 @@ def _predictions(outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return result
 
 
-@router.post("/api/v1/models/{model_name}/predict")
+@router.post("/api/v1/models/{model_name}/predict", openapi_extra=json_body(PREDICT_BODY))
 async def predict(model_name: str, call: PredictCall) -> Response:
     """``{"inputs": [{"features": [...]}, ...], "params": {"version": "v3"}}`` or an ``.npy`` body."""
     state, record, request = call.state, call.record, call.request
@@ -199,8 +217,8 @@ async def v2_model_ready(model_name: str, request: Request, version: str | None 
     return JSONResponse({"name": model_name, "ready": served.can_answer})
 
 
-@router.post("/v2/models/{model_name}/infer")
-@router.post("/v2/models/{model_name}/versions/{version}/infer")
+@router.post("/v2/models/{model_name}/infer", openapi_extra=json_body(V2_INFER_BODY))
+@router.post("/v2/models/{model_name}/versions/{version}/infer", openapi_extra=json_body(V2_INFER_BODY))
 async def v2_infer(model_name: str, call: V2InferCall, version: str | None = None) -> Response:
     state, record, request = call.state, call.record, call.request
     with call.failures():  # the error handler answers in the /v2 shape
