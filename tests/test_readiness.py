@@ -47,6 +47,15 @@ def test_the_startup_rule_waits_only_for_first_starts_and_ignores_models_without
     assert readiness(catalog, "serving", was_ready=True).ready is False
 
 
+def test_a_first_deploy_in_progress_holds_a_new_router_back_but_not_one_that_was_ready() -> None:
+    catalog = Catalog()
+    catalog.set_split("fresh", {})  # registered; its first deploy has not launched anything yet
+    starting = readiness(catalog, "startup", was_ready=False, deploying={"fresh"})
+    assert not starting.ready and starting.waiting_for == ["fresh"]
+    assert readiness(catalog, "startup", was_ready=True, deploying={"fresh"}).ready
+    assert readiness(catalog, "startup", was_ready=False, deploying=()).ready
+
+
 def test_a_model_that_crashed_after_serving_is_unavailable_but_the_router_stays_ready() -> None:
     crashed = ServedVersion("a", "v1", 2048, replicas=[endpoint("a", EndpointState.RESTARTING, ever_ready=True)])
     ok = ServedVersion("b", "v1", 2048, replicas=[endpoint("b", EndpointState.READY, ever_ready=True)])

@@ -25,7 +25,8 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(state: State) -> JSONResponse:
     """Whether this router should get traffic, by the rule in ``router.traffic.readiness``; each model's status."""
-    result = readiness(state.catalog, state.settings.readiness, state.was_ready)
+    deploying = state.control.models_rolling_out() if state.control is not None else set()
+    result = readiness(state.catalog, state.settings.readiness, state.was_ready, deploying)
     state.was_ready = state.was_ready or result.ready
     body: dict[str, Any] = {"status": "ready" if result.ready else "not_ready", "rule": state.settings.readiness,
                             "models": {name: s.value for name, s in result.models.items()},

@@ -88,6 +88,7 @@ class ControlPlane:
         self._tasks = Tasks()
         self.versions = LocalVersions(backend, predictors or NoPredictorHost(), catalog, specs, self._tasks)
         self._owned_rollouts: set[str] = set()
+        self._rolling_out: dict[str, str] = {}  # deployment id -> model, for the rollouts this router drives
         self._reconciler = Reconciler(store, self.versions, catalog, self._is_predict, self._owned_rollouts)
         self._strategies: dict[StrategyType, RolloutStrategy] = {
             StrategyType.DIRECT: Direct(),
@@ -108,6 +109,10 @@ class ControlPlane:
     async def stop(self) -> None:
         await self._watch.close()
         await self._tasks.cancel_all()
+
+    def models_rolling_out(self) -> set[str]:
+        """Models with a deploy in progress on this router (readiness waits for them at startup)."""
+        return set(self._rolling_out.values())
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> Any:
         return self._tasks.spawn(coro, name)
@@ -148,10 +153,12 @@ class ControlPlane:
             engine=dict(engine or {}),
         )
         self._owned_rollouts.add(record.id)
+        self._rolling_out[record.id] = model_name
         try:
             await self.store.create_deployment(record)
         except BaseException:
             self._owned_rollouts.discard(record.id)
+            self._rolling_out.pop(record.id, None)
             raise
         await self.store.append_history(HistoryEntry(
             model_name, "deploy", actor, {"version": version, "traffic_percent": plan.traffic_percent,
@@ -172,6 +179,7 @@ class ControlPlane:
                 record.model_name, "deploy_failed", actor, {"version": record.version, "reason": exc.reason}))
         finally:
             self._owned_rollouts.discard(record.id)
+            self._rolling_out.pop(record.id, None)
 
     # -- traffic --------------------------------------------------------------
 

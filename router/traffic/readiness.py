@@ -7,10 +7,12 @@ crash-loops (and would crash-loop on every router alike), turns into an outage
 of all models. Two rules, chosen by ``RouterSettings.readiness``:
 
 - ``startup`` (the default): ready once the first start of every model that has
-  a version with traffic has *settled*: a replica was ready (or a predictor
-  loaded), or the start failed (the replica is restarting with backoff), or the
-  version runs no replicas on purpose (scaled to zero). Until then new routers
-  stay out of rotation while their engines load. After the router has been
+  a version with traffic, or a deploy in progress on this router, has
+  *settled*: a replica was ready (or a predictor loaded), or the start failed
+  (the replica is restarting with backoff, or the deploy failed), or the
+  version runs no replicas on purpose (scaled to zero). Until then a new
+  router stays out of rotation while its engines load (``llmserve up`` on a
+  fresh machine deploys its model as it starts). After the router has been
   ready once it stays ready; models come and go in the per-model status.
 - ``serving``: every model with traffic has a ready replica or predictor now.
   For a router that fronts a single model pool, where taking it out of rotation
@@ -23,6 +25,7 @@ versions at 0%) never count under either rule.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -71,9 +74,13 @@ def model_status(model: ServedModel) -> ModelStatus:
     return ModelStatus.UNAVAILABLE if all(_settled(v) for v in wanted) else ModelStatus.STARTING
 
 
-def readiness(catalog: Catalog, rule: Rule, was_ready: bool) -> Readiness:
-    """This router's readiness under ``rule``; ``was_ready``: it has been ready before (``startup`` keeps it)."""
+def readiness(catalog: Catalog, rule: Rule, was_ready: bool, deploying: Iterable[str] = ()) -> Readiness:
+    """This router's readiness under ``rule``; ``was_ready``: it has been ready before (``startup`` keeps it);
+    ``deploying``: models with a deploy in progress here (a first start not yet in the catalog's split)."""
     models = {m.name: model_status(m) for m in catalog.models()}
+    for name in deploying:
+        if models.get(name) in (None, ModelStatus.NO_TRAFFIC):
+            models[name] = ModelStatus.STARTING
     ready_replicas = {m.name: sum(len(v.ready_replicas) + (v.predictor is not None) for v in m.versions.values())
                       for m in catalog.models()}
     if rule == "serving":
