@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -159,7 +160,8 @@ def scenarios() -> list[Scenario]:
 
 
 async def run_scenario(scenario: Scenario, users: int, duration_s: float, work: Path) -> dict[str, Any]:
-    programs = iter(scenario.programs)  # each replica of the one version runs the next program
+    # one replica of each program; which replica gets which does not matter to the scenario
+    programs = itertools.cycle(scenario.programs)
     port = free_port()
     data = work / scenario.name
     settings = Settings(data_dir=data, router=RouterSettings(port=port, retry_after_s=1, **scenario.router),

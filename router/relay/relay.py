@@ -83,6 +83,7 @@ class Upstream:
     budget_s: float = 0.0
     deadline: float | None = None
     stall_timeout_s: float = 0.0
+    first_chunk_timeout_s: float | None = None  # a stream's first chunk: sooner than the idle time-out
     timed_out: bool = False
     _closed: bool = field(default=False, repr=False)
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
@@ -104,7 +105,9 @@ class Upstream:
         if self.timed_out:
             return UpstreamTimedOut(self.budget_s)
         if isinstance(exc, asyncio.TimeoutError):
-            return UpstreamStalled(not self._seen_bytes, self.stall_timeout_s)
+            first = not self._seen_bytes
+            return UpstreamStalled(first, (self.first_chunk_timeout_s or self.stall_timeout_s) if first
+                                   else self.stall_timeout_s)
         return UpstreamBroken(type(exc).__name__)
 
     async def read(self) -> bytes:
@@ -118,8 +121,17 @@ class Upstream:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; raises UpstreamBroken if the replica fails mid-way."""
+        content = self.response.content
         try:
-            async for chunk in self.response.content.iter_any():
+            if self.first_chunk_timeout_s is not None:
+                # A replica that sent its headers and then hangs (a stuck prefill) is cut after
+                # first_token_timeout_s, not the longer idle time-out: one timer a request.
+                async with asyncio.timeout(self.first_chunk_timeout_s):
+                    first = await content.readany()
+                if first:
+                    self._seen_bytes = True
+                    yield first
+            async for chunk in content.iter_any():
                 self._seen_bytes = True
                 yield chunk
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -252,7 +264,8 @@ class Relay:
                 logger.warning("request %s: replica %s answered %s; trying another", request_id, replica.id, last_error)
                 continue
             return Upstream(replica=replica, served=served, response=response, budget_s=budget_s,
-                            deadline=deadline, stall_timeout_s=self._stall_timeout_s)
+                            deadline=deadline, stall_timeout_s=self._stall_timeout_s,
+                            first_chunk_timeout_s=self._settings.first_token_timeout_s if stream else None)
         if not tried:
             raise NoReplicaReady(served.model_name, served.version, self._settings.retry_after_s)
         # Every replica tried failed before answering and the request was
