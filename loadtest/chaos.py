@@ -22,7 +22,7 @@ a full disk, client misbehaviour, a soak):
   answering are retried on the other; streams in flight on it end with an error event;
   the supervisor restarts it.
 - ``hung_replica``: two replicas, one accepts and never answers; the first-token
-  time-out moves those requests to the healthy one.
+  time-out moves those requests to the healthy one before the client gets anything.
 - ``slow_replica``: two replicas, one ten times slower; least-outstanding routing
   sends it less, nothing fails.
 """

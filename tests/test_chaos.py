@@ -16,5 +16,5 @@ async def test_every_request_under_the_fault_gets_a_clear_answer(scenario, tmp_p
     assert result["sent"] >= 10 and result["ok"] >= result["sent"] // 2
     assert result["lost"] == 0, result["lost_examples"]
     assert result["longest_stall_ms"] < 5000  # nothing waits past the router's time-outs (1 s first token here)
-    if scenario.name == "slow_replica":
+    if scenario.name in ("slow_replica", "hung_replica"):  # the hung one's requests go to the other replica
         assert result["failed_clean"] == 0

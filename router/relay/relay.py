@@ -83,7 +83,7 @@ class Upstream:
     budget_s: float = 0.0
     deadline: float | None = None
     stall_timeout_s: float = 0.0
-    first_chunk_timeout_s: float | None = None  # a stream's first chunk: sooner than the idle time-out
+    first: bytes = b""  # a stream's first chunk, read by ``Relay.open`` before it chose this replica for good
     timed_out: bool = False
     _closed: bool = field(default=False, repr=False)
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
@@ -105,9 +105,7 @@ class Upstream:
         if self.timed_out:
             return UpstreamTimedOut(self.budget_s)
         if isinstance(exc, asyncio.TimeoutError):
-            first = not self._seen_bytes
-            return UpstreamStalled(first, (self.first_chunk_timeout_s or self.stall_timeout_s) if first
-                                   else self.stall_timeout_s)
+            return UpstreamStalled(not self._seen_bytes, self.stall_timeout_s)
         return UpstreamBroken(type(exc).__name__)
 
     async def read(self) -> bytes:
@@ -123,14 +121,10 @@ class Upstream:
         """Body bytes as they arrive; raises UpstreamBroken if the replica fails mid-way."""
         content = self.response.content
         try:
-            if self.first_chunk_timeout_s is not None:
-                # A replica that sent its headers and then hangs (a stuck prefill) is cut after
-                # first_token_timeout_s, not the longer idle time-out: one timer a request.
-                async with asyncio.timeout(self.first_chunk_timeout_s):
-                    first = await content.readany()
-                if first:
-                    self._seen_bytes = True
-                    yield first
+            if self.first:
+                first, self.first = self.first, b""
+                self._seen_bytes = True
+                yield first
             async for chunk in content.iter_any():
                 self._seen_bytes = True
                 yield chunk
@@ -205,6 +199,7 @@ class Relay:
         budget_s = self._settings.request_timeout_s
         tried: set[Endpoint] = set()
         refused = 0
+        stalled: Endpoint | None = None  # the last replica that answered its headers, then no first token
         last_error = ""
         for _attempt in range(1 + self._settings.retry_before_first_token):
             replica = self._balancer.pick(served.replicas, exclude=tried)
@@ -263,11 +258,37 @@ class Relay:
                 last_error = f"status {response.status}: {text}"
                 logger.warning("request %s: replica %s answered %s; trying another", request_id, replica.id, last_error)
                 continue
+            first = b""
+            if stream and response.status == 200:
+                # Nothing has reached the client yet, so a replica that answers its headers and then
+                # hangs (a stuck prefill) can still be left for another: wait first_token_timeout_s
+                # for its first chunk (one timer a request), then try the next replica.
+                try:
+                    async with asyncio.timeout_at(min(deadline, asyncio.get_running_loop().time()
+                                                      + self._settings.first_token_timeout_s)):
+                        first = await response.content.readany()
+                except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+                    response.close()
+                    replica.outstanding -= 1
+                    if asyncio.get_running_loop().time() >= deadline:
+                        raise RequestTimedOut(f"{served.versioned_name}: {budget_message(budget_s)}",
+                                              headers=served_headers(request_id, served.version, replica.id)) from exc
+                    last_error = (f"no first token within {self._settings.first_token_timeout_s:g}s"
+                                  if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}")
+                    stalled = replica if isinstance(exc, asyncio.TimeoutError) else stalled
+                    logger.warning("request %s: replica %s: %s; trying another", request_id, replica.id, last_error)
+                    continue
             return Upstream(replica=replica, served=served, response=response, budget_s=budget_s,
-                            deadline=deadline, stall_timeout_s=self._stall_timeout_s,
-                            first_chunk_timeout_s=self._settings.first_token_timeout_s if stream else None)
+                            deadline=deadline, stall_timeout_s=self._stall_timeout_s, first=first)
         if not tried:
             raise NoReplicaReady(served.model_name, served.version, self._settings.retry_after_s)
+        if stalled is not None:  # healthy but too slow to start: the same answer as no status line in time
+            raise RequestTimedOut(
+                f"replica {stalled.id} did not start answering within {self._settings.first_token_timeout_s:g}s "
+                "(LLMSERVE_ROUTER__FIRST_TOKEN_TIMEOUT_S); the request was aborted, retry it",
+                code="first_token_timeout",
+                headers={**served_headers(request_id, served.version, stalled.id),
+                         "Retry-After": str(self._settings.retry_after_s)})
         # Every replica tried failed before answering and the request was
         # never processed, so this is "unavailable, retry".
         what = "refused the connection and were ejected" if refused == len(tried) else "could not take the request"
