@@ -1,8 +1,8 @@
 """Faults under a steady streamed load, and what every client saw: ``python -m loadtest.chaos``.
 
 Each scenario starts a router over simulated engines (``loadtest.simstack``),
-runs ``users`` closed-loop streaming chat clients for ``duration_s``, injects
-its fault part way, and classifies every request:
+runs ``users`` closed-loop streaming chat clients for ``duration_s`` (the load
+runner's own ``send``), injects its fault part way, and classifies every request:
 
 - ``ok``: a complete stream (``[DONE]``) with text;
 - ``refused``: a graceful no: 429/503 with ``Retry-After``, or a fallback answer;
@@ -51,8 +51,9 @@ from llmserve.server import build
 from llmserve.settings import EngineSettings, RouterSettings, Settings
 from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port
+from loadtest.runner import Record, Target, send
 from loadtest.sim import SimEngineProgram
-from router.relay.sse import DONE, Decoder, has_text
+from loadtest.workload import RequestSpec
 
 MODEL = "chat"
 CLIENT_TIMEOUT_S = 30.0
@@ -68,59 +69,49 @@ class Tally:
     longest_stall_ms: float = 0.0
     examples: list[str] = field(default_factory=list)
 
-    def note(self, outcome: str, stall_s: float, detail: str = "") -> None:
+    def add(self, record: Record) -> None:
+        """Classify one request by what its client saw (``runner.send`` filled the record in)."""
+        outcome = outcome_of(record)
+        self.sent += 1
         setattr(self, outcome, getattr(self, outcome) + 1)
-        self.longest_stall_ms = max(self.longest_stall_ms, stall_s * 1000)
+        self.longest_stall_ms = max(self.longest_stall_ms, stall_s(record) * 1000)
         if outcome == "lost" and len(self.examples) < 5:
-            self.examples.append(detail)
+            self.examples.append(record.error or f"status {record.status}, no [DONE]")
 
 
-async def _one(session: aiohttp.ClientSession, url: str, user: int, tally: Tally) -> None:
-    body = {"model": MODEL, "stream": True, "max_tokens": 24, "user": f"user-{user}",
-            "messages": [{"role": "user", "content": "Tell me about lighthouses."}]}
-    tally.sent += 1
-    last = time.monotonic()
-    stall = 0.0
-    try:
-        async with session.post(f"{url}/v1/chat/completions", json=body,
-                                timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)) as response:
-            stall = time.monotonic() - last
-            if response.status in (429, 503) and "retry-after" in response.headers:
-                tally.note("refused", stall)
-                return
-            if response.status != 200:
-                await response.read()
-                tally.note("failed_clean" if response.status >= 500 else "lost", stall, f"status {response.status}")
-                return
-            decoder, text, done, error = Decoder(), False, False, False
-            async for chunk in response.content.iter_any():
-                now = time.monotonic()
-                stall, last = max(stall, now - last), now
-                for event in decoder.feed(chunk):
-                    if event.data == DONE:
-                        done = True
-                    elif event.data.startswith(b'{"error"'):
-                        error = True
-                    elif has_text(event.data):
-                        text = True
-            if done and error:
-                tally.note("failed_clean", stall)
-            elif done and text:
-                tally.note("ok", stall)
-            else:
-                tally.note("lost", stall, f"stream ended without [DONE] (text: {text})")
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        tally.note("lost", max(stall, time.monotonic() - last), f"{type(exc).__name__}: {exc}")
+def outcome_of(record: Record) -> str:
+    if record.status in (429, 503) and record.retry_after:
+        return "refused"
+    if record.status != 200:
+        return "failed_clean" if record.status >= 500 else "lost"
+    if record.error_event:
+        return "failed_clean"
+    return "ok" if record.ok and record.complete else "lost"
+
+
+def stall_s(record: Record) -> float:
+    """The longest silence the client saw: to the first token, between two, or after the last one."""
+    end = record.done_s if record.done_s is not None else record.sent_s
+    if record.first_token_s is None:
+        return end - record.sent_s
+    last_token = record.first_token_s + sum(record.itl_s)
+    return max(record.first_token_s - record.sent_s, *record.itl_s, end - last_token)
 
 
 async def _load(url: str, users: int, duration_s: float, tally: Tally) -> None:
     stop = time.monotonic() + duration_s
+    target = Target("router", f"{url}/v1")
 
     async def user(index: int) -> None:
+        spec = RequestSpec(messages=[{"role": "user", "content": "Tell me about lighthouses."}], prompt=None,
+                           max_tokens=24, user=f"user-{index}", priority=None)
         while time.monotonic() < stop:
-            await _one(session, url, index, tally)
+            record = Record(index, target.name, 0.0, time.monotonic())
+            await send(session, target, MODEL, spec, record, time.monotonic)
+            tally.add(record)
 
-    async with aiohttp.ClientSession() as session:
+    timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
         await asyncio.gather(*(user(i) for i in range(users)))
 
 

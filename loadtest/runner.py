@@ -58,6 +58,8 @@ class Record:
     retry_after: str | None = None  # on a refusal: the server's Retry-After
     fallback: str | None = None  # X-Fallback: the model that answered instead
     done_s: float | None = None  # when the request ended, whatever the outcome (end_s: only a stream that ended)
+    complete: bool = False  # the stream ended with [DONE] (a cut stream ends without it)
+    error_event: bool = False  # the server ended the stream with an in-band error event: a clear answer
     round_index: int = 0  # interleaved runs: the round that sent it
 
     @property
@@ -132,12 +134,14 @@ async def send(
                 for event in decoder.feed(raw):
                     data = event.data
                     if data == DONE:
+                        record.complete = True
                         continue
                     now = clock()
                     if b'"error"' in data or b'"usage":{' in data or b'"usage": {' in data:
                         chunk = json.loads(data)
                         if "error" in chunk:
                             record.error = str(chunk["error"])[:200]
+                            record.error_event = True
                             return
                         usage = chunk.get("usage")
                         if isinstance(usage, dict):

@@ -60,13 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     """Serve a router over one simulated chat model (``demo``), with a SQLite store and, optionally, the
     traditional models of a folder deployed: a fast stand-in for ``llmserve up`` (the API fuzzer's target)."""
     import argparse
-    import asyncio
-    import socket
     import tempfile
 
     import uvicorn
 
     from llmserve.models.predict_manifest import ManifestError, PredictManifest
+    from loadtest.overhead import free_port
     from router.store import ModelRecord
     from router.store.sqlite import SQLiteStore
 
@@ -89,13 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             if await state.control.store.get_model(manifest.name) is None:
                 await state.control.register_model(ModelRecord(manifest.name, "simstack", manifest.framework, "sim"))
                 await state.control.deploy(manifest.name, manifest.version, 1, "simstack")
-        await asyncio.sleep(0)
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        first_port = sock.getsockname()[1] + 1
     server = sim_server(data_dir, [StaticVersion(SimEngineProgram("demo", "v1", ttft_ms=5, itl_ms=1))],
-                        RouterSettings(port=args.port), EngineSettings(first_port=first_port),
+                        RouterSettings(port=args.port), EngineSettings(first_port=free_port()),
                         store=SQLiteStore(data_dir / "llmserve.db"), models_dir=predict_dir,
                         on_started=deploy_predict_models)
     uvicorn.run(server.app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)

@@ -230,15 +230,9 @@ class Relay:
                 # The budget ran out, or (a stream) no status line within the read timeout. Either
                 # way the replica may be healthy and busy: it stays, and the request is aborted.
                 replica.outstanding -= 1
-                reply = served_headers(request_id, served.version, replica.id)
                 if asyncio.get_running_loop().time() >= deadline:
-                    raise RequestTimedOut(f"{served.versioned_name}: {budget_message(budget_s)}",
-                                          headers=reply) from exc
-                raise RequestTimedOut(
-                    f"replica {replica.id} did not start answering within {self._stall_timeout_s:g}s "
-                    "(LLMSERVE_ROUTER__FIRST_TOKEN_TIMEOUT_S); the request was aborted, retry it",
-                    code="first_token_timeout", headers={**reply, "Retry-After": str(self._settings.retry_after_s)},
-                ) from exc
+                    raise self._budget_spent(served, replica, request_id) from exc
+                raise self._not_started(served, replica, request_id, self._stall_timeout_s) from exc
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 # Reset or closed before a status line (a stale pooled connection, an engine going
                 # down): not proof of ill health, which the health checks judge; another replica may try.
@@ -271,8 +265,7 @@ class Relay:
                     response.close()
                     replica.outstanding -= 1
                     if asyncio.get_running_loop().time() >= deadline:
-                        raise RequestTimedOut(f"{served.versioned_name}: {budget_message(budget_s)}",
-                                              headers=served_headers(request_id, served.version, replica.id)) from exc
+                        raise self._budget_spent(served, replica, request_id) from exc
                     last_error = (f"no first token within {self._settings.first_token_timeout_s:g}s"
                                   if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}")
                     stalled = replica if isinstance(exc, asyncio.TimeoutError) else stalled
@@ -283,12 +276,7 @@ class Relay:
         if not tried:
             raise NoReplicaReady(served.model_name, served.version, self._settings.retry_after_s)
         if stalled is not None:  # healthy but too slow to start: the same answer as no status line in time
-            raise RequestTimedOut(
-                f"replica {stalled.id} did not start answering within {self._settings.first_token_timeout_s:g}s "
-                "(LLMSERVE_ROUTER__FIRST_TOKEN_TIMEOUT_S); the request was aborted, retry it",
-                code="first_token_timeout",
-                headers={**served_headers(request_id, served.version, stalled.id),
-                         "Retry-After": str(self._settings.retry_after_s)})
+            raise self._not_started(served, stalled, request_id, self._settings.first_token_timeout_s)
         # Every replica tried failed before answering and the request was
         # never processed, so this is "unavailable, retry".
         what = "refused the connection and were ejected" if refused == len(tried) else "could not take the request"
@@ -298,6 +286,20 @@ class Relay:
             self._settings.retry_after_s,
             detail=f"{len(tried)} replica(s) {what}: {last_error}",
         )
+
+
+    def _budget_spent(self, served: ServedVersion, replica: Endpoint, request_id: str) -> RequestTimedOut:
+        return RequestTimedOut(f"{served.versioned_name}: {budget_message(self._settings.request_timeout_s)}",
+                               headers=served_headers(request_id, served.version, replica.id))
+
+    def _not_started(self, served: ServedVersion, replica: Endpoint, request_id: str,
+                     waited_s: float) -> RequestTimedOut:
+        return RequestTimedOut(
+            f"replica {replica.id} did not start answering within {waited_s:g}s "
+            "(LLMSERVE_ROUTER__FIRST_TOKEN_TIMEOUT_S); the request was aborted, retry it",
+            code="first_token_timeout",
+            headers={**served_headers(request_id, served.version, replica.id),
+                     "Retry-After": str(self._settings.retry_after_s)})
 
 
 async def sse_data(upstream: Upstream) -> AsyncIterator[bytes]:
