@@ -1,0 +1,89 @@
+"""Faults in the engine replicas behind one router.
+
+- ``replica_kill``: two replicas; one is SIGKILLed under load; requests not yet
+  answering are retried on the other; streams in flight on it end with an error
+  event; the supervisor restarts it.
+- ``hung_replica``: two replicas, one accepts and never answers; the first-token
+  time-out moves those requests to the healthy one before the client gets anything.
+- ``slow_replica``: two replicas, one ten times slower; least-outstanding routing
+  sends it less, nothing fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from llmserve.replicas.backend import EndpointState
+from llmserve.replicas.local import LocalBackend
+from llmserve.replicas.spec import EngineSpec
+from llmserve.server import build
+from llmserve.settings import EngineSettings, RouterSettings, Settings
+from loadtest.chaos.scenario import Load, Outcome, Scenario
+from loadtest.chaos.tally import Tally, streamed_load
+from loadtest.inprocess import serve_router
+from loadtest.overhead import free_port
+from loadtest.sim import SimEngineProgram
+
+MODEL = "chat"
+
+Fault = Callable[[LocalBackend], Awaitable[str]]
+
+
+def chaos_engine_settings() -> EngineSettings:
+    """Supervision tuned so a scenario of seconds sees a fault detected and repaired."""
+    return EngineSettings(first_port=free_port(), health_interval_s=0.5, ready_timeout_s=30,
+                          restart_backoff_initial_s=0.2, drain_timeout_s=2, stop_timeout_s=3,
+                          health_failures_to_eject=1)
+
+
+async def _kill_one(backend: LocalBackend) -> str:
+    victim = backend.process(backend.endpoints()[0])
+    assert victim.pid is not None
+    os.killpg(victim.pid, signal.SIGKILL)
+    await asyncio.sleep(0.5)
+    await backend.supervisor.wait_ready(victim, timeout=30)
+    return f"killed {victim.id}; it was restarted ({victim.restarts} restart) and ready again"
+
+
+async def _nothing(backend: LocalBackend) -> str:
+    return "fault present from the start"
+
+
+def _replica_fault(programs: tuple[SimEngineProgram, ...], fault: Fault, router: dict[str, Any] | None = None
+                   ) -> Callable[[Load, Path], Awaitable[Outcome]]:
+    async def run(load: Load, work: Path) -> Outcome:
+        chosen = itertools.cycle(programs)  # one replica of each program
+        port = free_port()
+        settings = Settings(data_dir=work, router=RouterSettings(port=port, retry_after_s=1, **(router or {})),
+                            engine=chaos_engine_settings())
+        backend = LocalBackend(settings.engine, work / "logs", program=lambda spec: next(chosen))
+        spec = EngineSpec(model_dir=work, model_name=MODEL, version="v1")
+        server = build(settings, backend=backend, store=None, static=[(spec, len(programs))])
+        tally = Tally()
+        async with serve_router(server.app, port, backend) as url:
+            load_task = asyncio.create_task(streamed_load([url], MODEL, load.users, load.duration_s, tally))
+            await asyncio.sleep(load.duration_s / 3)
+            what = await fault(backend)
+            await load_task
+            ready = sum(e.state is EndpointState.READY for e in backend.endpoints())
+        return Outcome(tally, what, {"replicas_ready_at_end": ready == len(programs)})
+
+    return run
+
+
+def scenarios() -> list[Scenario]:
+    fast = SimEngineProgram(MODEL, "v1", ttft_ms=20, itl_ms=5)
+    hung = SimEngineProgram(MODEL, "v1", ttft_ms=20, itl_ms=5, extra_args=("--hang-rate", "1.0"))
+    slow = SimEngineProgram(MODEL, "v1", ttft_ms=200, itl_ms=50)
+    return [
+        Scenario("replica_kill", "two replicas, one SIGKILLed", _replica_fault((fast, fast), _kill_one)),
+        Scenario("hung_replica", "one of two accepts and never answers",
+                 _replica_fault((fast, hung), _nothing, {"first_token_timeout_s": 1.0})),
+        Scenario("slow_replica", "one of two ten times slower", _replica_fault((fast, slow), _nothing)),
+    ]
