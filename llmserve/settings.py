@@ -209,6 +209,10 @@ class RouterSettings(BaseModel):
     engine_metrics_interval_s: float = Field(5.0, gt=0, description="How often engines' own metrics are scraped.")
     canary_interval_s: float = Field(
         0.5, gt=0, le=60, description="How often a canary step past its bake time is analysed again.")
+    rollout_lease_s: float = Field(
+        15.0, gt=0, le=3600, description="How long a router's claim on a rollout or drain it drives lasts "
+        "unrenewed (renewed every third of it): past it, another router (or this one restarted) settles "
+        "the operation, rolling an interrupted rollout back.")
     inference_log_retention_days: int = Field(30, ge=1, description="Days of inference logs kept in the store.")
     max_predict_body_bytes: int = Field(256 << 20, ge=1024, description="Larger predict bodies get 413.")
     predict: PredictSettings = Field(default_factory=PredictSettings)

@@ -22,6 +22,7 @@ The tree (status, ``code``)::
     ├── NoReplicaReady             503 no_replica_ready      starting, restarting or ejected; Retry-After
     ├── DeadlineExceeded           503 deadline_exceeded     saturated past the request's deadline; Retry-After
     ├── PredictorOverloaded        503 overloaded            a predictor cannot meet the deadline; Retry-After
+    ├── StoreUnavailable           503 store_unavailable     the control plane's store is down; Retry-After
     └── RequestTimedOut            504 request_timeout       past the request's time budget
 
 Domain code raises its own errors, which carry fields and no status; the one
@@ -33,6 +34,7 @@ handlers and for the request record alike:
     router.traffic.split.InvalidSplit     -> InvalidRequest(param="split")
     router.predict.errors.InvalidInput    -> InvalidRequest(param=the field)
     router.predict.errors.Overloaded      -> QueueFull | PredictorOverloaded, with Retry-After
+    router.store.Unavailable              -> StoreUnavailable, with Retry-After
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.predict.errors import InvalidInput, Overloaded
-from router.store.base import Conflict, NotFound
+from router.store.base import Conflict, NotFound, Unavailable
 from router.traffic.split import InvalidSplit
 
 logger = logging.getLogger(__name__)
@@ -180,6 +182,18 @@ class PredictorOverloaded(_RetryLater):
     code = "overloaded"
 
 
+class StoreUnavailable(_RetryLater):
+    """A control-plane change could not be stored (Redis down, a full or read-only disk); nothing changed.
+    Inference goes on from the router's memory: only the control plane refuses."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "store_unavailable"
+
+
+STORE_RETRY_AFTER_S = 2
+
+
 class RequestTimedOut(APIError):
     """The answer took longer than the request's time budget; the engine request was aborted."""
 
@@ -236,10 +250,13 @@ def as_api_error(exc: BaseException) -> APIError | None:
     if isinstance(exc, Overloaded):
         kind = QueueFull if exc.status == 429 else PredictorOverloaded
         return kind(f"{exc.reason}; retry in {exc.retry_after_s}s", exc.retry_after_s)
+    if isinstance(exc, Unavailable):
+        return StoreUnavailable(f"{exc}; inference still serves, control-plane changes are refused until "
+                                "the store is back", STORE_RETRY_AFTER_S)
     return None
 
 
-_DOMAIN_ERRORS = (Conflict, NotFound, InvalidSplit, InvalidInput, Overloaded)
+_DOMAIN_ERRORS = (Conflict, NotFound, InvalidSplit, InvalidInput, Overloaded, Unavailable)
 
 
 def _respond(request: Request, error: APIError) -> JSONResponse:

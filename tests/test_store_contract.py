@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from router.store import (
+    RESYNC,
     Conflict,
     DeploymentRecord,
     DeploymentStatus,
@@ -21,7 +22,7 @@ from router.store import (
     Store,
 )
 from router.store.redis_store import RedisStore
-from router.store.sqlite import SQLiteStore
+from router.store.sqlite import MIGRATIONS, SQLiteStore
 from tests.redis_server import redis_server
 
 
@@ -118,19 +119,41 @@ async def test_inference_logs_by_day_with_retention(store: Store) -> None:
         await store.inference_logs("2026-11-28; DROP TABLE models")
 
 
-async def test_changes_are_announced(store: Store) -> None:
+async def test_changes_are_announced_after_a_resync_marker(store: Store) -> None:
     seen: list[str] = []
+    subscribed = asyncio.Event()
 
     async def listen() -> None:
         async for name in store.changes():
             seen.append(name)
-            return
+            if name == RESYNC:
+                subscribed.set()  # the feed says it is listening: changes from now on are announced
+            else:
+                return
 
     listener = asyncio.create_task(listen())
-    await asyncio.sleep(0.1)  # subscribed before the change
+    await asyncio.wait_for(subscribed.wait(), timeout=2)
     await store.create_model(ModelRecord("chat"))
     await asyncio.wait_for(listener, timeout=2)
-    assert seen == ["chat"]
+    assert seen == [RESYNC, "chat"]
+
+
+async def test_the_driver_of_a_deployment_is_compare_and_set_and_cleared_by_a_terminal_status(store: Store) -> None:
+    await store.create_model(ModelRecord("chat"))
+    await store.create_deployment(deployment("v1"))
+    record_id = (await store.list_deployments("chat"))[0].id
+    assert await store.set_driver(record_id, "deploy", "router-a", 100.0)
+    assert not await store.set_driver(record_id, "deploy", "router-b", 200.0, expected=("router-a", 99.0))
+    assert await store.set_driver(record_id, "deploy", "router-b", 200.0, expected=("router-a", 100.0))
+    (record,) = await store.list_deployments("chat")
+    assert (record.operation, record.driver, record.lease_until) == ("deploy", "router-b", 200.0)
+    await store.update_deployment(record_id, DeploymentStatus.ACTIVE)
+    assert (await store.list_deployments("chat"))[0].driver == "router-b"  # not terminal: still driven
+    await store.update_deployment(record_id, DeploymentStatus.FAILED, "broken")
+    (record,) = await store.list_deployments("chat")
+    assert (record.operation, record.driver, record.lease_until) == ("", "", 0.0)
+    with pytest.raises(NotFound):
+        await store.set_driver("nope", "deploy", "router-a", 1.0)
 
 
 async def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:
@@ -140,7 +163,7 @@ async def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:
     await first.set_traffic("chat", {"v1": 100}, 0, HistoryEntry("chat", "deploy", "a"))
     await first.close()
     again = SQLiteStore(path)
-    assert again.schema_version == 2
+    assert again.schema_version == len(MIGRATIONS)
     assert (await again.get_traffic("chat")).split == {"v1": 100}
     assert [m.name for m in await again.list_models()] == ["chat"]
     await again.close()
@@ -156,8 +179,6 @@ async def test_engine_overrides_round_trip(store: Store) -> None:
 
 async def test_sqlite_migrates_a_version_1_database(tmp_path: Path) -> None:
     import sqlite3
-
-    from router.store.sqlite import MIGRATIONS
 
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)

@@ -16,10 +16,16 @@ The router that accepted a deploy drives the rollout:
 Rollback is one compare-and-set that gives the previous stable version 100%;
 the catalog switches in the same call, and the version rolled back from
 drains (in-flight streams finish) before its replicas stop.
+
+Each rollout and drain holds a lease on its deployment record (``leases``);
+one whose router died is settled by whichever router finds the lease expired
+(``recovery``: an interrupted rollout is rolled back, an interrupted drain
+finished).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -30,7 +36,9 @@ from typing import Any
 
 from llmserve.loops import PeriodicLoop, Tasks
 from llmserve.replicas.backend import ReplicaBackend
+from router.control.leases import DEPLOY, RETIRE, Leases, new_router_id
 from router.control.reconciler import Reconciler
+from router.control.recovery import Recovery
 from router.control.strategies.base import (
     Rollout,
     RolloutFailed,
@@ -47,6 +55,7 @@ from router.control.versions import LocalVersions, NoPredictorHost, SpecBuilder
 from router.observe.samples import SampleWindows
 from router.predict.host import PredictorHost
 from router.store import (
+    RESYNC,
     Conflict,
     DeploymentRecord,
     DeploymentStatus,
@@ -78,7 +87,7 @@ class ControlPlane:
     def __init__(
         self, store: Store, backend: ReplicaBackend, catalog: Catalog, models_dir: Path, specs: SpecBuilder,
         samples: SampleWindows | None = None, predictors: PredictorHost | None = None,
-        canary_interval_s: float = 0.5,
+        canary_interval_s: float = 0.5, lease_s: float = 15.0, router_id: str | None = None,
     ) -> None:
         self.store = store
         self.samples = samples or SampleWindows()
@@ -97,6 +106,10 @@ class ControlPlane:
             StrategyType.ROLLING: Rolling(),
         }
         self._watch = PeriodicLoop("control-plane watch", _RESUBSCRIBE_S, self._follow_changes)
+        self._rollout_tasks: dict[str, asyncio.Task[None]] = {}
+        self.leases = Leases(store, router_id or new_router_id(), lease_s, on_lost=self._lost_lease)
+        self._recovery = Recovery(self, self.leases)
+        self._lease_loop = PeriodicLoop("control-plane leases", lease_s / 3, self._renew_and_recover)
 
     # -- life cycle -----------------------------------------------------------
 
@@ -105,9 +118,11 @@ class ControlPlane:
         for model in await self.store.list_models():
             await self._reconciler.reconcile(model.name)
         self._watch.start()
+        self._lease_loop.start()  # its first sweep settles what a previous run of this router left
 
     async def stop(self) -> None:
         await self._watch.close()
+        await self._lease_loop.close()
         await self._tasks.cancel_all()
 
     def models_rolling_out(self) -> set[str]:
@@ -119,7 +134,24 @@ class ControlPlane:
 
     async def _follow_changes(self) -> None:
         async for model_name in self.store.changes():
-            await self._reconciler.reconcile(model_name)
+            if model_name == RESYNC:  # the feed (re)started: what changed while it was down is unknown
+                for model in await self.store.list_models():
+                    await self._reconciler.reconcile(model.name)
+            else:
+                await self._reconciler.reconcile(model_name)
+
+    async def _renew_and_recover(self) -> None:
+        await self.leases.renew()
+        await self._recovery.sweep(time.time())
+
+    async def recover_now(self) -> None:
+        """Settle orphaned operations now rather than at the next lease period (tests, tools)."""
+        await self._recovery.sweep(time.time())
+
+    def _lost_lease(self, deployment_id: str) -> None:
+        task = self._rollout_tasks.get(deployment_id)
+        if task is not None:
+            task.cancel()
 
     async def _is_predict(self, model_name: str) -> bool:
         """Traditional models load in the router; generative ones run as engine replicas."""
@@ -147,10 +179,11 @@ class ControlPlane:
     ) -> DeploymentRecord:
         plan = plan or RolloutPlan(traffic_percent=100)
         await self.require_model(model_name)
+        operation, driver, lease_until = self.leases.new_lease(DEPLOY)
         record = DeploymentRecord(
             id=uuid.uuid4().hex[:12], model_name=model_name, version=version, status=DeploymentStatus.DEPLOYING,
             model_dir=str(self._models_dir / model_name / version), replicas=replicas, gpu=gpu,
-            engine=dict(engine or {}),
+            engine=dict(engine or {}), operation=operation, driver=driver, lease_until=lease_until,
         )
         self._owned_rollouts.add(record.id)
         self._rolling_out[record.id] = model_name
@@ -160,10 +193,12 @@ class ControlPlane:
             self._owned_rollouts.discard(record.id)
             self._rolling_out.pop(record.id, None)
             raise
+        self.leases.hold(record.id, DEPLOY, lease_until)
         await self.store.append_history(HistoryEntry(
             model_name, "deploy", actor, {"version": version, "traffic_percent": plan.traffic_percent,
                                           "replicas": replicas, "deployment_id": record.id}))
-        self.spawn(self._rollout(record, plan, actor), name=f"rollout {model_name}:{version}")
+        self._rollout_tasks[record.id] = self.spawn(self._rollout(record, plan, actor),
+                                                    name=f"rollout {model_name}:{version}")
         return record
 
     async def _rollout(self, record: DeploymentRecord, plan: RolloutPlan, actor: str) -> None:
@@ -171,15 +206,23 @@ class ControlPlane:
         try:
             rollout = Rollout(record, plan, actor, await self._is_predict(record.model_name), self)
             await self._strategies[plan.type].run(rollout)
+            await self.leases.release(record.id, DEPLOY)  # unless a rollback took the deployment over
         except RolloutFailed as exc:
             logger.warning("deployment %s:%s failed: %s", record.model_name, record.version, exc.reason)
             await self.versions.stop_now(key)
             await self.store.update_deployment(record.id, DeploymentStatus.FAILED, exc.reason)
+            self.leases.forget(record.id)
             await self.store.append_history(HistoryEntry(
                 record.model_name, "deploy_failed", actor, {"version": record.version, "reason": exc.reason}))
+        except Exception:
+            # A store outage mid-rollout, say: the lease stays in the store, no task here drives it,
+            # and the next recovery sweep (here or on another router) settles it.
+            logger.exception("the rollout of %s:%s stopped; recovery will settle it", *key)
+            self.leases.forget(record.id)
         finally:
             self._owned_rollouts.discard(record.id)
             self._rolling_out.pop(record.id, None)
+            self._rollout_tasks.pop(record.id, None)
 
     # -- traffic --------------------------------------------------------------
 
@@ -240,6 +283,8 @@ class ControlPlane:
             if not older:
                 raise Conflict(f"{model_name}:{newest.version} is the only active version; nothing to roll back to")
             target = max(older, key=lambda d: d.created_at).version
+        if newest.version != target:  # first say who drains it: dying after the switch, it is not forgotten
+            await self.leases.take(newest.id, RETIRE)
         record = await self.update_split(
             model_name, lambda _split: {target: 100},
             HistoryEntry(model_name, "rollback", actor, {"from_version": newest.version, "to_version": target}))
@@ -259,12 +304,16 @@ class ControlPlane:
         if share > 0:
             raise Conflict(f"{model_name}:{version} still has {share}% of the traffic; move its traffic first "
                            f"(PUT /api/v1/deployments/{model_name}/traffic)")
+        await self.leases.take(live[0].id, RETIRE)
         await self.store.update_deployment(live[0].id, DeploymentStatus.DRAINING)
         await self.store.append_history(HistoryEntry(model_name, "delete", actor, {"version": version}))
         self.spawn(self.retire(live[0]), name=f"retire {model_name}:{version}")
         return live[0]
 
     async def retire(self, record: DeploymentRecord) -> None:
-        """Drain and stop a version here, then record it retired."""
-        await self.versions.retire((record.model_name, record.version))
-        await self.store.update_deployment(record.id, DeploymentStatus.RETIRED)
+        """Drain and stop a version here, then record it retired (which clears its lease)."""
+        try:
+            await self.versions.retire((record.model_name, record.version))
+            await self.store.update_deployment(record.id, DeploymentStatus.RETIRED)
+        finally:
+            self.leases.forget(record.id)  # failed to record it: recovery finishes the drain

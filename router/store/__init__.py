@@ -1,6 +1,7 @@
 """The control plane's durable state: SQLite by default, Redis to share it between routers."""
 
 from router.store.base import (
+    RESYNC,
     Conflict,
     DeploymentRecord,
     DeploymentStatus,
@@ -11,6 +12,7 @@ from router.store.base import (
     Store,
     StoreError,
     TrafficRecord,
+    Unavailable,
 )
 
 __all__ = [
@@ -21,7 +23,9 @@ __all__ = [
     "InferenceLog",
     "ModelRecord",
     "NotFound",
+    "RESYNC",
     "Store",
     "StoreError",
     "TrafficRecord",
+    "Unavailable",
 ]

@@ -32,6 +32,11 @@ class NotFound(StoreError):
         self.kind = kind
 
 
+class Unavailable(StoreError):
+    """The store cannot be reached or written (Redis down, a full or read-only disk): nothing was
+    changed. Serving goes on from what the router holds in memory; only control-plane writes fail."""
+
+
 class DeploymentStatus(str, enum.Enum):
     DEPLOYING = "deploying"
     ACTIVE = "active"
@@ -65,6 +70,12 @@ class DeploymentRecord:
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     engine: dict[str, Any] = field(default_factory=dict)  # EngineSettings overrides for this version
+    # An operation in progress on this deployment ("deploy": its rollout; "retire": a rollback or delete
+    # draining it), the router driving it, and until when that router's lease holds. A router that
+    # dies mid-way stops renewing; another (or its restart) finds the lease expired and settles it.
+    operation: str = ""
+    driver: str = ""
+    lease_until: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "status": self.status.value}
@@ -127,6 +138,13 @@ class Store(Protocol):
     ) -> None: ...
     async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]: ...
 
+    # the operation in progress on a deployment: set when ``expected`` (driver, lease_until) is what is
+    # stored (None: unconditionally); False when it was not. A terminal status (retired, failed) clears it.
+    async def set_driver(
+        self, deployment_id: str, operation: str, driver: str, lease_until: float,
+        expected: tuple[str, float] | None = None,
+    ) -> bool: ...
+
     # traffic: compare-and-set on the revision, history written in the same transaction
     async def get_traffic(self, model_name: str) -> TrafficRecord: ...
     async def set_traffic(
@@ -140,5 +158,10 @@ class Store(Protocol):
     async def inference_logs(self, day: str, model_name: str | None = None) -> list[InferenceLog]: ...
     async def drop_inference_logs_before(self, day: str) -> list[str]: ...
 
-    # change notifications: model names whose control-plane state changed (from any router)
+    # change notifications: model names whose control-plane state changed (from any router); RESYNC
+    # ("") whenever the feed (re)starts, for what it may have missed: reconcile every model
     def changes(self) -> AsyncIterator[str]: ...
+
+
+RESYNC = ""
+TERMINAL_STATUSES = frozenset({DeploymentStatus.RETIRED, DeploymentStatus.FAILED})

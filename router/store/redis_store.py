@@ -10,22 +10,32 @@ Layout (prefix ``llmserve:`` by default):
 - ``logs:<YYYYMMDD>`` list of JSON inference logs (one key per UTC day);
 - every change is published on ``changes`` with the model name, which is how
   the other routers learn of it within milliseconds.
+
+When Redis cannot be reached every call fails within ``timeout_s`` with
+``Unavailable`` (the API answers 503 with ``Retry-After``) instead of hanging:
+the routers keep serving from memory, and the change feed's restart tells
+them to reconcile everything once Redis is back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
-from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from router.store.base import (
     LIVE_STATUSES,
+    RESYNC,
+    TERMINAL_STATUSES,
     Conflict,
     DeploymentRecord,
     DeploymentStatus,
@@ -34,12 +44,34 @@ from router.store.base import (
     ModelRecord,
     NotFound,
     TrafficRecord,
+    Unavailable,
 )
+
+P = ParamSpec("P")
+T = TypeVar("T")
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Redis down or unreachable becomes the store's ``Unavailable``, whatever the call."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except _UNREACHABLE as exc:
+            raise Unavailable(f"Redis cannot be reached ({type(exc).__name__}: {exc}); nothing was changed, "
+                              "retry when it is back") from exc
+
+    return call
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str = "llmserve:") -> None:
-        self._redis = redis.Redis.from_url(url, decode_responses=True)
+    def __init__(self, url: str, prefix: str = "llmserve:", timeout_s: float = 1.0) -> None:
+        # Short socket time-outs: a control-plane write against a dead Redis fails in about a second
+        # instead of hanging the API call; the change feed's own health check notices a silent peer.
+        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
+                                           socket_connect_timeout=timeout_s, health_check_interval=5)
         self._prefix = prefix
 
     def _key(self, *parts: str) -> str:
@@ -53,11 +85,14 @@ class RedisStore:
 
     async def changes(self) -> AsyncIterator[str]:
         pubsub = self._redis.pubsub()
-        await pubsub.subscribe(self._key("changes"))
         try:
+            await pubsub.subscribe(self._key("changes"))
+            yield RESYNC  # subscribed: whatever changed before this moment is for a full reconcile
             async for message in pubsub.listen():
                 if message.get("type") == "message":
                     yield str(message["data"])
+        except _UNREACHABLE as exc:
+            raise Unavailable(f"the Redis change feed broke ({type(exc).__name__}: {exc})") from exc
         finally:
             # A listener cancelled mid-read can leave the connection waiting for a reply that
             # never comes; bound the goodbye so a shutdown cannot hang on it.
@@ -68,6 +103,7 @@ class RedisStore:
 
     # -- models ---------------------------------------------------------------
 
+    @_reachable
     async def create_model(self, model: ModelRecord) -> None:
         created = await self._redis.set(self._key("model", model.name), json.dumps(model.__dict__), nx=True)
         if not created:
@@ -75,10 +111,12 @@ class RedisStore:
         await self._redis.sadd(self._key("models"), model.name)
         await self._publish(model.name)
 
+    @_reachable
     async def get_model(self, name: str) -> ModelRecord | None:
         raw = await self._redis.get(self._key("model", name))
         return ModelRecord(**json.loads(raw)) if raw else None
 
+    @_reachable
     async def list_models(self) -> list[ModelRecord]:
         names = sorted(_text(await self._redis.smembers(self._key("models"))))
         models = [await self.get_model(n) for n in names]
@@ -86,6 +124,7 @@ class RedisStore:
 
     # -- deployments ----------------------------------------------------------
 
+    @_reachable
     async def create_deployment(self, deployment: DeploymentRecord) -> None:
         if await self.get_model(deployment.model_name) is None:
             raise NotFound(f"model {deployment.model_name!r} is not registered")
@@ -113,6 +152,7 @@ class RedisStore:
         raw = await self._redis.get(self._key("deployment", deployment_id))
         return DeploymentRecord.from_dict(json.loads(raw)) if raw else None
 
+    @_reachable
     async def update_deployment(self, deployment_id: str, status: DeploymentStatus, reason: str | None = None) -> None:
         key = self._key("deployment", deployment_id)
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -124,6 +164,8 @@ class RedisStore:
                         raise NotFound(f"deployment {deployment_id!r} does not exist", "deployment")
                     data: dict[str, Any] = json.loads(raw)
                     data.update(status=status.value, updated_at=time.time())
+                    if status in TERMINAL_STATUSES:
+                        data.update(operation="", driver="", lease_until=0.0)
                     if reason is not None:
                         data["reason"] = reason
                     pipe.multi()
@@ -134,6 +176,34 @@ class RedisStore:
                     continue
         await self._publish(str(data["model_name"]))
 
+    @_reachable
+    async def set_driver(
+        self, deployment_id: str, operation: str, driver: str, lease_until: float,
+        expected: tuple[str, float] | None = None,
+    ) -> bool:
+        key = self._key("deployment", deployment_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        raise NotFound(f"deployment {deployment_id!r} does not exist", "deployment")
+                    data: dict[str, Any] = json.loads(raw)
+                    if expected is not None and (data.get("driver", ""), data.get("lease_until", 0.0)) != expected:
+                        await pipe.reset()
+                        return False
+                    data.update(operation=operation, driver=driver, lease_until=lease_until)
+                    pipe.multi()
+                    pipe.set(key, json.dumps(data))
+                    await pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        await self._publish(str(data["model_name"]))
+        return True
+
+    @_reachable
     async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]:
         names = [model_name] if model_name else sorted(_text(await self._redis.smembers(self._key("models"))))
         records: list[DeploymentRecord] = []
@@ -146,6 +216,7 @@ class RedisStore:
 
     # -- traffic and history --------------------------------------------------
 
+    @_reachable
     async def get_traffic(self, model_name: str) -> TrafficRecord:
         raw = await self._redis.get(self._key("traffic", model_name))
         if raw is None:
@@ -153,6 +224,7 @@ class RedisStore:
         data = json.loads(raw)
         return TrafficRecord(model_name, data["split"], data["revision"], data["updated_at"], data["updated_by"])
 
+    @_reachable
     async def set_traffic(
         self, model_name: str, split: dict[str, int], expected_revision: int, entry: HistoryEntry
     ) -> TrafficRecord:
@@ -178,16 +250,19 @@ class RedisStore:
         await self._publish(model_name)
         return record
 
+    @_reachable
     async def append_history(self, entry: HistoryEntry) -> None:
         await self._redis.rpush(self._key("history", entry.model_name), json.dumps(entry.__dict__))
         await self._publish(entry.model_name)
 
+    @_reachable
     async def history(self, model_name: str, limit: int = 100) -> list[HistoryEntry]:
         raws = await self._redis.lrange(self._key("history", model_name), -limit, -1)
         return [HistoryEntry(**json.loads(raw)) for raw in raws]
 
     # -- inference logs -------------------------------------------------------
 
+    @_reachable
     async def write_inference_logs(self, logs: list[InferenceLog]) -> None:
         if not logs:
             return
@@ -197,12 +272,14 @@ class RedisStore:
                 pipe.sadd(self._key("log_days"), log.day)
             await pipe.execute()
 
+    @_reachable
     async def inference_logs(self, day: str, model_name: str | None = None) -> list[InferenceLog]:
         if not (len(day) == 8 and day.isdigit()):
             raise ValueError(f"day must be YYYYMMDD, got {day!r}")
         logs = [InferenceLog(**json.loads(r)) for r in await self._redis.lrange(self._key("logs", day), 0, -1)]
         return [log for log in logs if model_name is None or log.model_name == model_name]
 
+    @_reachable
     async def drop_inference_logs_before(self, day: str) -> list[str]:
         days = sorted(d for d in _text(await self._redis.smembers(self._key("log_days"))) if d < day)
         if days:

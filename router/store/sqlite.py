@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 from router.store.base import (
     LIVE_STATUSES,
+    RESYNC,
+    TERMINAL_STATUSES,
     Conflict,
     DeploymentRecord,
     DeploymentStatus,
@@ -28,6 +30,7 @@ from router.store.base import (
     ModelRecord,
     NotFound,
     TrafficRecord,
+    Unavailable,
 )
 
 T = TypeVar("T")
@@ -59,6 +62,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE deployments ADD COLUMN engine TEXT NOT NULL DEFAULT '{}';
     """,
+    # 3: the operation in progress on a deployment and the lease of the router driving it
+    """
+    ALTER TABLE deployments ADD COLUMN operation TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deployments ADD COLUMN driver TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deployments ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
+    """,
 )
 
 _LOG_TABLE = re.compile(r"^inference_logs_(\d{8})$")
@@ -67,6 +76,8 @@ _LOG_COLUMNS = {"request_id": "TEXT", "model_name": "TEXT", "version": "TEXT", "
                 "status_code": "INTEGER", "timestamp": "REAL", "route": "TEXT NOT NULL DEFAULT ''",
                 "reason": "TEXT"}
 _DAY = re.compile(r"^\d{8}$")
+_DEPLOYMENT_COLUMNS = ("id, model_name, version, status, model_dir, replicas, gpu, reason, created_at, updated_at, "
+                       "engine, operation, driver, lease_until")
 
 
 class SQLiteStore:
@@ -100,17 +111,24 @@ class SQLiteStore:
             with self._lock:
                 return fn(self._db)
 
-        return await asyncio.to_thread(locked)
+        try:
+            return await asyncio.to_thread(locked)
+        except sqlite3.OperationalError as exc:
+            # A full disk, a read-only one, an I/O error, a lock held past busy_timeout: the disk's
+            # trouble, not the request's. IntegrityError (a caller's conflict) is mapped by each method.
+            raise Unavailable(f"the SQLite store at {self.path} cannot be used: {exc} "
+                              f"(check the disk under {self.path.parent}); nothing was changed") from exc
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T], changed: str | None = None) -> T:
         def transaction(db: sqlite3.Connection) -> T:
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(db)
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # a COMMIT that failed (disk full) leaves the transaction open
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
             return result
 
         result = await self._run(transaction)
@@ -130,6 +148,7 @@ class SQLiteStore:
         queue: asyncio.Queue[str] = asyncio.Queue()
         self._listeners.append(queue)
         try:
+            yield RESYNC
             while True:
                 yield await queue.get()
         finally:
@@ -178,9 +197,10 @@ class SQLiteStore:
             d = deployment
             db.execute(
                 "INSERT INTO deployments (id, model_name, version, status, model_dir, replicas, gpu, reason, "
-                "created_at, updated_at, engine) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "created_at, updated_at, engine, operation, driver, lease_until) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (d.id, d.model_name, d.version, d.status.value, d.model_dir, d.replicas, d.gpu, d.reason,
-                 d.created_at, d.updated_at, json.dumps(d.engine)),
+                 d.created_at, d.updated_at, json.dumps(d.engine), d.operation, d.driver, d.lease_until),
             )
 
         await self._write(insert, changed=deployment.model_name)
@@ -194,25 +214,45 @@ class SQLiteStore:
                 "UPDATE deployments SET status = ?, reason = COALESCE(?, reason), updated_at = ? WHERE id = ?",
                 (status.value, reason, time.time(), deployment_id),
             )
+            if status in TERMINAL_STATUSES:
+                db.execute("UPDATE deployments SET operation = '', driver = '', lease_until = 0 WHERE id = ?",
+                           (deployment_id,))
             return str(row[0])
 
         self._notify(await self._write(update))
 
-    async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]:
-        columns = "id, model_name, version, status, model_dir, replicas, gpu, reason, created_at, updated_at, engine"
+    async def set_driver(
+        self, deployment_id: str, operation: str, driver: str, lease_until: float,
+        expected: tuple[str, float] | None = None,
+    ) -> bool:
+        def update(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT model_name, driver, lease_until FROM deployments WHERE id = ?",
+                             (deployment_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"deployment {deployment_id!r} does not exist", "deployment")
+            if expected is not None and (row[1], row[2]) != expected:
+                return None
+            db.execute("UPDATE deployments SET operation = ?, driver = ?, lease_until = ? WHERE id = ?",
+                       (operation, driver, lease_until, deployment_id))
+            return str(row[0])
 
+        changed = await self._write(update)
+        return changed is not None
+
+    async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]:
         def query(db: sqlite3.Connection) -> list[Any]:
             if model_name is None:
-                return db.execute(f"SELECT {columns} FROM deployments ORDER BY created_at").fetchall()
+                return db.execute(f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments ORDER BY created_at").fetchall()
             return db.execute(
-                f"SELECT {columns} FROM deployments WHERE model_name = ? ORDER BY created_at", (model_name,)
+                f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments WHERE model_name = ? ORDER BY created_at",
+                (model_name,),
             ).fetchall()
 
         rows = await self._run(query)
         return [
             DeploymentRecord(id=r[0], model_name=r[1], version=r[2], status=DeploymentStatus(r[3]), model_dir=r[4],
                              replicas=r[5], gpu=r[6], reason=r[7], created_at=r[8], updated_at=r[9],
-                             engine=json.loads(r[10]))
+                             engine=json.loads(r[10]), operation=r[11], driver=r[12], lease_until=r[13])
             for r in rows
         ]
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from llmserve.errors import LLMServeError
 from router.control.canary_analysis import CanaryPolicy
+from router.control.leases import Leases
 from router.control.versions import LocalVersions
 from router.store import DeploymentRecord, DeploymentStatus, HistoryEntry, Store, TrafficRecord
 from router.traffic.catalog import ServedVersion
@@ -55,6 +56,7 @@ class Traffic(Protocol):
 
     store: Store
     versions: LocalVersions
+    leases: Leases
 
     async def update_split(self, model_name: str, change: SplitChange, entry: HistoryEntry) -> TrafficRecord: ...
 

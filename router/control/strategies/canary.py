@@ -64,7 +64,7 @@ class Canary:
         state = CanaryState(rollout.model_name, rollout.version, stable, policy)
         canary = CanaryRollout(rollout.control, self._samples, state, rollout.actor, self._interval_s)
         self._rollouts[rollout.model_name] = canary
-        rollout.control.spawn(canary.run(), name=f"canary {rollout.model_name}:{rollout.version}")
+        await canary.run()  # in the rollout's task: its lease on the deployment lasts until the canary ends
 
 
 @dataclass

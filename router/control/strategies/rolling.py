@@ -13,6 +13,7 @@ import logging
 from functools import partial
 
 from llmserve.errors import LLMServeError
+from router.control.leases import RETIRE
 from router.control.strategies.base import Rollout, RolloutFailed, launch
 from router.control.strategies.direct import Direct
 from router.store import DeploymentStatus, HistoryEntry
@@ -31,11 +32,19 @@ class Rolling:
         if old is None or old.replica_set is None:
             await Direct().run(rollout)
             return
-        new = await launch(rollout, replicas=0)
-        await _roll(rollout, new, old)
+        # The old version is drained by this rollout: say so on its record, so that dying half way
+        # through, the version is either given its traffic back or retired by recovery, not forgotten.
+        old_id = next(d.id for d in await control.store.list_deployments(model)
+                      if d.version == stable and d.status is DeploymentStatus.ACTIVE)
+        await control.leases.take(old_id, RETIRE)
+        try:
+            new = await launch(rollout, replicas=0)
+            await _roll(rollout, new, old, old_id)
+        finally:
+            await control.leases.release(old_id, RETIRE)  # a no-op once it is retired
 
 
-async def _roll(rollout: Rollout, new: ServedVersion, old: ServedVersion) -> None:
+async def _roll(rollout: Rollout, new: ServedVersion, old: ServedVersion, old_id: str) -> None:
     control, record, actor = rollout.control, rollout.record, rollout.actor
     backend = control.versions.backend
     assert new.replica_set is not None and old.replica_set is not None
@@ -66,9 +75,8 @@ async def _roll(rollout: Rollout, new: ServedVersion, old: ServedVersion) -> Non
                                        "version": record.version, "percent": share,
                                        "ready_replicas": step, "of": wanted}))
         await backend.scale(old.replica_set, max(0, wanted - step))
-    for previous in await control.store.list_deployments(model):
-        if previous.version == old.version and previous.status is DeploymentStatus.ACTIVE:
-            await control.store.update_deployment(previous.id, DeploymentStatus.RETIRED)
+    await control.store.update_deployment(old_id, DeploymentStatus.RETIRED)
+    control.leases.forget(old_id)
     await control.store.append_history(HistoryEntry(model, "rolling_done", actor,
                                                     {"version": record.version, "replaced": old.version}))
     await control.versions.retire((model, old.version))
