@@ -57,8 +57,9 @@ def sim_server(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve a router over one simulated chat model (``demo``), with a SQLite store and, optionally, the
-    traditional models of a folder deployed: a fast stand-in for ``llmserve up`` (the API fuzzer's target)."""
+    """Serve a router over one simulated chat model (``demo``), with a SQLite (or Redis) store and, optionally,
+    the traditional models of a folder deployed: a fast stand-in for ``llmserve up`` (the API fuzzer's target,
+    the chaos scenarios' router process). Versions deployed through its API run the simulated engine too."""
     import argparse
     import tempfile
 
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmserve.models.predict_manifest import ManifestError, PredictManifest
     from loadtest.overhead import free_port
     from router.store import ModelRecord
+    from router.store.redis_store import RedisStore
     from router.store.sqlite import SQLiteStore
 
     parser = argparse.ArgumentParser(prog="python -m loadtest.simstack", description=main.__doc__)
@@ -74,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="store and logs (default: a new temp folder)")
     parser.add_argument("--predict-models", type=Path, default=None,
                         help="a model repository whose traditional models are registered and deployed at start")
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="the model repository deploys read (default: --predict-models)")
+    parser.add_argument("--redis-url", default=None, help="keep the control plane in this Redis instead of SQLite")
+    parser.add_argument("--lease-s", type=float, default=15.0, help="RouterSettings.rollout_lease_s")
+    parser.add_argument("--deploy-slow-start-s", type=float, default=0.0,
+                        help="a deployed version's simulated engine takes this long to become ready")
     args = parser.parse_args(argv)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="simstack-"))
     predict_dir: Path | None = args.predict_models
@@ -89,10 +97,16 @@ def main(argv: list[str] | None = None) -> int:
                 await state.control.register_model(ModelRecord(manifest.name, "simstack", manifest.framework, "sim"))
                 await state.control.deploy(manifest.name, manifest.version, 1, "simstack")
 
+    slow_start = ("--slow-start-s", str(args.deploy_slow_start_s)) if args.deploy_slow_start_s else ()
+
+    def deployed(spec: EngineSpec) -> ReplicaProgram:
+        return SimEngineProgram(spec.model_name, spec.version, ttft_ms=20, itl_ms=5, extra_args=slow_start)
+
+    store: Store = RedisStore(args.redis_url) if args.redis_url else SQLiteStore(data_dir / "llmserve.db")
     server = sim_server(data_dir, [StaticVersion(SimEngineProgram("demo", "v1", ttft_ms=5, itl_ms=1))],
-                        RouterSettings(port=args.port), EngineSettings(first_port=free_port()),
-                        store=SQLiteStore(data_dir / "llmserve.db"), models_dir=predict_dir,
-                        on_started=deploy_predict_models)
+                        RouterSettings(port=args.port, rollout_lease_s=args.lease_s),
+                        EngineSettings(first_port=free_port()), store=store, program=deployed,
+                        models_dir=args.models_dir or predict_dir, on_started=deploy_predict_models)
     uvicorn.run(server.app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
     return 0
 
