@@ -54,13 +54,23 @@ class PeriodicLoop:
             self._on_close = None
 
     async def _run(self) -> None:
+        failures = 0
         while True:
             try:
                 await self._tick()
+                if failures:
+                    logger.warning("%s works again after %d failed attempts", self.name, failures)
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("%s failed; trying again in %.1fs", self.name, self._interval_s)
+                failures += 1
+                # The first failure with its traceback; then one line a minute, not one each period:
+                # a store outage would otherwise fill the log five times a second with the same story.
+                if failures == 1:
+                    logger.exception("%s failed; trying again every %.1fs", self.name, self._interval_s)
+                elif failures % max(1, round(60 / self._interval_s)) == 0:
+                    logger.warning("%s still failing (%d attempts)", self.name, failures, exc_info=True)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._interval_s)
             self._wakeup.clear()

@@ -15,7 +15,9 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
@@ -213,12 +215,7 @@ class Supervisor:
         core = self._pick_core(replica)
         if core is not None and "VLLM_CPU_OMP_THREADS_BIND" not in replica.program.environment():
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
-        assert replica.log_path is not None
-        replica.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with replica.log_path.open("ab") as log:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-            log.write(f"\n=== {stamp} starting {replica.id}: {' '.join(command)}\n".encode())
-            log.flush()
+        with _replica_log(replica, command) as log:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -355,3 +352,30 @@ class Supervisor:
             fh.seek(max(0, fh.tell() - _LOG_TAIL_BYTES))
             lines = fh.read().decode(errors="replace").strip().splitlines()
         return lines[-1] if lines else ""
+
+
+@contextlib.contextmanager
+def _replica_log(replica: LocalReplica, command: list[str]) -> Iterator[BinaryIO | None]:
+    """The replica's log file; None (its output goes to the router's own) when the disk cannot take it:
+    read-only or full, a replica that cannot log must still start."""
+    assert replica.log_path is not None
+    log: BinaryIO | None = None
+    try:
+        replica.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = replica.log_path.open("ab")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        log.write(f"\n=== {stamp} starting {replica.id}: {' '.join(command)}\n".encode())
+        log.flush()
+    except OSError as exc:
+        logger.warning("cannot write the log of %s at %s (%s); its output goes to the router's", replica.id,
+                       replica.log_path, exc)
+        if log is not None:
+            with contextlib.suppress(OSError):
+                log.close()
+        log = None
+    try:
+        yield log
+    finally:
+        if log is not None:
+            with contextlib.suppress(OSError):
+                log.close()

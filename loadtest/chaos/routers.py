@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,12 @@ class RouterProcess:
     """One router over simulated engines with a SQLite store in ``data_dir`` (or a shared Redis)."""
 
     def __init__(self, data_dir: Path, models_dir: Path, lease_s: float, redis_url: str | None = None,
-                 deploy_slow_start_s: float = 0.0) -> None:
+                 deploy_slow_start_s: float = 0.0, wrap: Sequence[str] = (), log: Path | None = None) -> None:
+        """``wrap``: a command line the router runs under (``unshare -m sh -c ...``: its own mount namespace);
+        ``log``: where its output goes (default ``data_dir/router.log``)."""
         self.data_dir = data_dir
+        self.log = log or data_dir / "router.log"
+        self._wrap = list(wrap)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._args = ["--port", str(self.port), "--data-dir", str(data_dir), "--models-dir", str(models_dir),
@@ -39,24 +43,28 @@ class RouterProcess:
         """Start it and wait until /readyz answers 200; returns the seconds that took."""
         started = time.monotonic()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.data_dir / "router.log").open("ab")
+        log = self.log.open("ab")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH"))
                                                            if p)}
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "loadtest.simstack", *self._args, stdout=log, stderr=log, env=env,
+            *self._wrap, sys.executable, "-m", "loadtest.simstack", *self._args, stdout=log, stderr=log, env=env,
             start_new_session=True)
         log.close()
         async with httpx.AsyncClient(timeout=2) as client:
             while True:
                 if self._process.returncode is not None:
-                    raise RuntimeError(f"the router exited ({self._process.returncode}); see "
-                                       f"{self.data_dir / 'router.log'}")
+                    raise RuntimeError(f"the router exited ({self._process.returncode}); see {self.log}")
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get(f"{self.url}/readyz")).status_code == 200:
                         return time.monotonic() - started
                 if time.monotonic() - started > timeout_s:
                     raise TimeoutError(f"the router on {self.url} was not ready after {timeout_s}s")
                 await asyncio.sleep(0.1)
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
 
     def kill(self) -> None:
         """SIGKILL: no shutdown hook runs; its engines go with it (their guard watches the router)."""

@@ -71,7 +71,7 @@ from router.traffic.split import validate_split
 logger = logging.getLogger(__name__)
 
 _CAS_ATTEMPTS = 20
-_RESUBSCRIBE_S = 1.0  # after the store's change feed broke
+_RESUBSCRIBE_S = 0.25  # after the store's change feed broke: back within a second of the store
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from llmserve.loops import PeriodicLoop
-from router.store import InferenceLog, Store
+from router.store import InferenceLog, Store, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,12 @@ class InferenceLogWriter:
         self._loop.start()
 
     async def close(self) -> None:
-        await self._loop.close()  # its last act is a flush
+        try:
+            await self._loop.close()  # its last act is a flush
+        except StoreError as exc:  # a shutdown must finish even when the store is gone
+            self.dropped += len(self._buffer)
+            logger.warning("%d inference logs not written at shutdown: %s", len(self._buffer), exc)
+            self._buffer.clear()
 
     async def flush(self) -> None:
         """Write everything buffered; a batch whose write fails goes back to the front, in order."""
@@ -65,7 +70,7 @@ class InferenceLogWriter:
                 kept = batch[:room]  # when the buffer filled up meanwhile, the oldest rows are the ones lost
                 self.dropped += len(batch) - len(kept)
                 self._buffer.extendleft(reversed(kept))
-                logger.warning("writing %d inference logs failed; kept for the next try (%d rows buffered)",
+                logger.debug("writing %d inference logs failed; kept for the next try (%d rows buffered)",
                                len(batch), len(self._buffer))
                 raise
             self.written += len(batch)

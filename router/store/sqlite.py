@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import re
 import sqlite3
 import threading
@@ -32,50 +34,14 @@ from router.store.base import (
     TrafficRecord,
     Unavailable,
 )
+from router.store.sqlite_schema import LOG_COLUMNS, MIGRATIONS
 
 T = TypeVar("T")
-
-# Append only: each entry upgrades the schema by one version.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE models (
-        name TEXT PRIMARY KEY, description TEXT NOT NULL, framework TEXT NOT NULL,
-        owner TEXT NOT NULL, created_at REAL NOT NULL
-    );
-    CREATE TABLE deployments (
-        id TEXT PRIMARY KEY, model_name TEXT NOT NULL REFERENCES models(name), version TEXT NOT NULL,
-        status TEXT NOT NULL, model_dir TEXT NOT NULL, replicas INTEGER NOT NULL, gpu INTEGER NOT NULL,
-        reason TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL
-    );
-    CREATE INDEX deployments_by_model ON deployments(model_name, version);
-    CREATE TABLE traffic (
-        model_name TEXT PRIMARY KEY, split TEXT NOT NULL, revision INTEGER NOT NULL,
-        updated_at REAL NOT NULL, updated_by TEXT NOT NULL
-    );
-    CREATE TABLE history (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, model_name TEXT NOT NULL, at REAL NOT NULL,
-        actor TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL
-    );
-    CREATE INDEX history_by_model ON history(model_name, id);
-    """,
-    # 2: per-version engine settings (a canary may differ from stable in more than its weights)
-    """
-    ALTER TABLE deployments ADD COLUMN engine TEXT NOT NULL DEFAULT '{}';
-    """,
-    # 3: the operation in progress on a deployment and the lease of the router driving it
-    """
-    ALTER TABLE deployments ADD COLUMN operation TEXT NOT NULL DEFAULT '';
-    ALTER TABLE deployments ADD COLUMN driver TEXT NOT NULL DEFAULT '';
-    ALTER TABLE deployments ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
-    """,
-)
+logger = logging.getLogger(__name__)
 
 _LOG_TABLE = re.compile(r"^inference_logs_(\d{8})$")
-_LOG_COLUMNS = {"request_id": "TEXT", "model_name": "TEXT", "version": "TEXT", "replica": "TEXT",
-                "user_bucket": "INTEGER", "ttft_ms": "REAL", "latency_ms": "REAL", "output_tokens": "INTEGER",
-                "status_code": "INTEGER", "timestamp": "REAL", "route": "TEXT NOT NULL DEFAULT ''",
-                "reason": "TEXT"}
 _DAY = re.compile(r"^\d{8}$")
+_REOPEN_AFTER = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
 _DEPLOYMENT_COLUMNS = ("id, model_name, version, status, model_dir, replicas, gpu, reason, created_at, updated_at, "
                        "engine, operation, driver, lease_until")
 
@@ -85,26 +51,58 @@ class SQLiteStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._migrate()
+        self.read_only = False
+        self._db = self._open()
         self._listeners: list[asyncio.Queue[str]] = []
         self._log_tables: set[str] = set()  # day tables known to have every column
 
     # -- plumbing -------------------------------------------------------------
 
+    def _open(self) -> sqlite3.Connection:
+        """Read-write when the disk allows; on a read-only disk an existing store opens read-only, so the
+        router comes up serving its last configuration and refuses changes (503) until the disk is back."""
+        if os.access(self.path.parent, os.W_OK) or not self.path.exists():
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            self._migrate(db)
+            self.read_only = False
+            return db
+        # read-only WAL: SQLite reads the -wal and -shm files a killed router left, creating none
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
+                             isolation_level=None)
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version != len(MIGRATIONS):
+            db.close()
+            raise Unavailable(f"the SQLite store at {self.path} is on a read-only disk at schema {version}; this "
+                              f"llmserve needs schema {len(MIGRATIONS)} and cannot upgrade it there")
+        logger.warning("the SQLite store at %s is on a read-only disk: serving its configuration, refusing "
+                       "changes until the disk is writable", self.path)
+        self.read_only = True
+        return db
+
+    def _writable(self) -> None:
+        """Before a write on a store opened read-only: reopen read-write if the disk is back, else refuse."""
+        if not self.read_only:
+            return
+        if not os.access(self.path.parent, os.W_OK):
+            raise Unavailable(f"the SQLite store at {self.path} is on a read-only disk; nothing was changed "
+                              f"(make {self.path.parent} writable: the router picks it up on the next change)")
+        self._db.close()
+        self._db = self._open()
+
     @property
     def schema_version(self) -> int:
         return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
-    def _migrate(self) -> None:
-        with self._lock:
-            current = self.schema_version
-            for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                self._db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Called before the store is shared, or under its lock (a reopen)."""
+        current = int(db.execute("PRAGMA user_version").fetchone()[0])
+        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def locked() -> T:
@@ -114,6 +112,10 @@ class SQLiteStore:
         try:
             return await asyncio.to_thread(locked)
         except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF in _REOPEN_AFTER:
+                # The connection may be stuck read-only (opened while the disk was) or on a file handle
+                # the disk lost: the next write reopens it once the disk is writable.
+                self.read_only = True
             # A full disk, a read-only one, an I/O error, a lock held past busy_timeout: the disk's
             # trouble, not the request's. IntegrityError (a caller's conflict) is mapped by each method.
             raise Unavailable(f"the SQLite store at {self.path} cannot be used: {exc} "
@@ -121,6 +123,8 @@ class SQLiteStore:
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T], changed: str | None = None) -> T:
         def transaction(db: sqlite3.Connection) -> T:
+            self._writable()
+            db = self._db  # reopened read-write, maybe
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(db)
@@ -311,8 +315,8 @@ class SQLiteStore:
                 table = f"inference_logs_{day}"
                 self._ensure_log_table(db, table)
                 db.executemany(
-                    f"INSERT INTO {table} ({', '.join(_LOG_COLUMNS)}) VALUES ({', '.join('?' * len(_LOG_COLUMNS))})",
-                    [tuple(getattr(r, c) for c in _LOG_COLUMNS) for r in rows],
+                    f"INSERT INTO {table} ({', '.join(LOG_COLUMNS)}) VALUES ({', '.join('?' * len(LOG_COLUMNS))})",
+                    [tuple(getattr(r, c) for c in LOG_COLUMNS) for r in rows],
                 )
 
         if logs:
@@ -340,9 +344,9 @@ class SQLiteStore:
         """Create a day's table; one written by an older llmserve gains the columns it lacks."""
         if table in self._log_tables:
             return
-        db.execute(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(f'{c} {t}' for c, t in _LOG_COLUMNS.items())})")
+        db.execute(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(f'{c} {t}' for c, t in LOG_COLUMNS.items())})")
         present = {row[1] for row in db.execute(f"PRAGMA table_info({table})").fetchall()}
-        for column, kind in _LOG_COLUMNS.items():
+        for column, kind in LOG_COLUMNS.items():
             if column not in present:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self._log_tables.add(table)

@@ -1,0 +1,45 @@
+"""The SQLite store's schema: its migrations, and the columns of a day's inference-log table."""
+
+from __future__ import annotations
+
+# Append only: each entry upgrades the schema by one version.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE models (
+        name TEXT PRIMARY KEY, description TEXT NOT NULL, framework TEXT NOT NULL,
+        owner TEXT NOT NULL, created_at REAL NOT NULL
+    );
+    CREATE TABLE deployments (
+        id TEXT PRIMARY KEY, model_name TEXT NOT NULL REFERENCES models(name), version TEXT NOT NULL,
+        status TEXT NOT NULL, model_dir TEXT NOT NULL, replicas INTEGER NOT NULL, gpu INTEGER NOT NULL,
+        reason TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL
+    );
+    CREATE INDEX deployments_by_model ON deployments(model_name, version);
+    CREATE TABLE traffic (
+        model_name TEXT PRIMARY KEY, split TEXT NOT NULL, revision INTEGER NOT NULL,
+        updated_at REAL NOT NULL, updated_by TEXT NOT NULL
+    );
+    CREATE TABLE history (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, model_name TEXT NOT NULL, at REAL NOT NULL,
+        actor TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL
+    );
+    CREATE INDEX history_by_model ON history(model_name, id);
+    """,
+    # 2: per-version engine settings (a canary may differ from stable in more than its weights)
+    """
+    ALTER TABLE deployments ADD COLUMN engine TEXT NOT NULL DEFAULT '{}';
+    """,
+    # 3: the operation in progress on a deployment and the lease of the router driving it
+    """
+    ALTER TABLE deployments ADD COLUMN operation TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deployments ADD COLUMN driver TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deployments ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
+    """,
+)
+
+LOG_COLUMNS = {"request_id": "TEXT", "model_name": "TEXT", "version": "TEXT", "replica": "TEXT",
+                "user_bucket": "INTEGER", "ttft_ms": "REAL", "latency_ms": "REAL", "output_tokens": "INTEGER",
+                "status_code": "INTEGER", "timestamp": "REAL", "route": "TEXT NOT NULL DEFAULT ''",
+                "reason": "TEXT"}
+
+__all__ = ["LOG_COLUMNS", "MIGRATIONS"]
