@@ -13,7 +13,7 @@ from loadtest.runner import Record
 CI_LOAD = Load(users=4, duration_s=4.0)
 
 
-@pytest.mark.parametrize("scenario", scenarios(), ids=lambda s: s.name)
+@pytest.mark.parametrize("scenario", [s for s in scenarios() if not s.real_engine], ids=lambda s: s.name)
 async def test_every_request_under_the_fault_gets_a_clear_answer(scenario, tmp_path: Path) -> None:
     result = await run_one(scenario, CI_LOAD, tmp_path)
     print(table([result]))

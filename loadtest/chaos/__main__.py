@@ -26,10 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--only", default="", help="comma-separated scenario names")
+    parser.add_argument("--real-engine", action="store_true",
+                        help="also run the scenarios with real vLLM engines (minutes each; --only can name them too)")
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args(argv)
     names = {n for n in args.only.split(",") if n}
-    chosen = [s for s in scenarios() if not names or s.name in names]
+    chosen = [s for s in scenarios() if s.name in names or (not names and (args.real_engine or not s.real_engine))]
     unknown = names - {s.name for s in scenarios()}
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}; known: {[s.name for s in scenarios()]}")

@@ -7,6 +7,8 @@
   time-out moves those requests to the healthy one before the client gets anything.
 - ``slow_replica``: two replicas, one ten times slower; least-outstanding routing
   sends it less, nothing fails.
+- ``replica_kill_vllm``: ``replica_kill`` with two real vLLM engines serving the
+  bundled model (prepared into the scenario's folder on first use).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ async def _kill_one(backend: LocalBackend) -> str:
     assert victim.pid is not None
     os.killpg(victim.pid, signal.SIGKILL)
     await asyncio.sleep(0.5)
-    await backend.supervisor.wait_ready(victim, timeout=30)
+    await backend.supervisor.wait_ready(victim, timeout=600)  # a vLLM engine restarts in tens of seconds
     return f"killed {victim.id}; it was restarted ({victim.restarts} restart) and ready again"
 
 
@@ -59,22 +61,38 @@ def _replica_fault(programs: tuple[SimEngineProgram, ...], fault: Fault, router:
                    ) -> Callable[[Load, Path], Awaitable[Outcome]]:
     async def run(load: Load, work: Path) -> Outcome:
         chosen = itertools.cycle(programs)  # one replica of each program
-        port = free_port()
-        settings = Settings(data_dir=work, router=RouterSettings(port=port, retry_after_s=1, **(router or {})),
+        settings = Settings(data_dir=work, router=RouterSettings(port=free_port(), retry_after_s=1, **(router or {})),
                             engine=chaos_engine_settings())
         backend = LocalBackend(settings.engine, work / "logs", program=lambda spec: next(chosen))
         spec = EngineSpec(model_dir=work, model_name=MODEL, version="v1")
-        server = build(settings, backend=backend, store=None, static=[(spec, len(programs))])
-        tally = Tally()
-        async with serve_router(server.app, port, backend) as url:
-            load_task = asyncio.create_task(streamed_load([url], MODEL, load.users, load.duration_s, tally))
-            await asyncio.sleep(load.duration_s / 3)
-            what = await fault(backend)
-            await load_task
-            ready = sum(e.state is EndpointState.READY for e in backend.endpoints())
-        return Outcome(tally, what, {"replicas_ready_at_end": ready == len(programs)})
+        return await _under_load(settings, backend, spec, len(programs), fault, load)
 
     return run
+
+
+async def _kill_a_vllm_replica(load: Load, work: Path) -> Outcome:
+    from llmserve.models.repository import ModelRepository
+
+    engine = chaos_engine_settings().model_copy(update={"ready_timeout_s": 600, "health_interval_s": 1.0})
+    settings = Settings(data_dir=work, router=RouterSettings(port=free_port(), retry_after_s=1), engine=engine)
+    model = settings.model
+    folder = ModelRepository(settings.model_repository).prepare(model.name, model.version, dtype=model.dtype).folder
+    spec = EngineSpec.from_settings(folder, model.name, model.version, settings.engine)
+    backend = LocalBackend(settings.engine, work / "logs")  # the engine itself: vLLM
+    return await _under_load(settings, backend, spec, 2, _kill_one, load, model.name)
+
+
+async def _under_load(settings: Settings, backend: LocalBackend, spec: EngineSpec, replicas: int, fault: Fault,
+                      load: Load, model: str = MODEL) -> Outcome:
+    server = build(settings, backend=backend, store=None, static=[(spec, replicas)])
+    tally = Tally()
+    async with serve_router(server.app, settings.router.port, backend) as url:
+        load_task = asyncio.create_task(streamed_load([url], model, load.users, load.duration_s, tally))
+        await asyncio.sleep(load.duration_s / 3)
+        what = await fault(backend)
+        await load_task
+        ready = sum(e.state is EndpointState.READY for e in backend.endpoints())
+    return Outcome(tally, what, {"replicas_ready_at_end": ready == replicas})
 
 
 def scenarios() -> list[Scenario]:
@@ -86,4 +104,5 @@ def scenarios() -> list[Scenario]:
         Scenario("hung_replica", "one of two accepts and never answers",
                  _replica_fault((fast, hung), _nothing, {"first_token_timeout_s": 1.0})),
         Scenario("slow_replica", "one of two ten times slower", _replica_fault((fast, slow), _nothing)),
+        Scenario("replica_kill_vllm", "two vLLM engines, one SIGKILLed", _kill_a_vllm_replica, real_engine=True),
     ]

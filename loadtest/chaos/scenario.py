@@ -40,6 +40,7 @@ class Scenario:
     name: str
     summary: str
     run: Run
+    real_engine: bool = False  # runs vLLM itself: minutes, not seconds; only when asked for
 
 
 def report(scenario: Scenario, outcome: Outcome, wall_s: float) -> dict[str, Any]:
