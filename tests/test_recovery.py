@@ -80,3 +80,13 @@ async def test_leases_are_renewed_released_and_lost_to_a_claim(tmp_path: Path) -
     (stored,) = await store.list_deployments("chat")
     assert (stored.operation, stored.driver) == ("", "") and other.driving() == set()
     await store.close()
+
+
+def test_a_store_outage_is_a_503_with_retry_after_that_says_inference_still_serves() -> None:
+    from router.errors import StoreUnavailable, as_api_error
+    from router.store import Unavailable
+
+    error = as_api_error(Unavailable("Redis cannot be reached (ConnectionError)"))
+    assert isinstance(error, StoreUnavailable)
+    assert (error.status_code, error.code, error.headers["Retry-After"]) == (503, "store_unavailable", "2")
+    assert "Redis cannot be reached" in error.message and "inference still serves" in error.message
