@@ -23,6 +23,7 @@ from router.api import generate as generate_api
 from router.api import health as health_api
 from router.api import openai as openai_api
 from router.api import predict as predict_api
+from router.control.leases import driver_id
 from router.control.plane import ControlPlane
 from router.control.versions import SpecBuilder
 from router.errors import install_error_handlers
@@ -84,7 +85,7 @@ def create_app(
                 predictors = PredictorHost(BatchingConfig.from_settings(settings.predict), metrics.batch_observer)
                 state.control = ControlPlane(store, backend, catalog, models_dir or Path("."), specs, samples,
                                              predictors=predictors, canary_interval_s=settings.canary_interval_s,
-                                             lease_s=settings.rollout_lease_s)
+                                             lease_s=settings.rollout_lease_s, router_id=driver_id(settings.port or None))
                 await state.control.start()
                 log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)
                 log_writer.start()

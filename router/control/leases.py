@@ -30,8 +30,13 @@ DEPLOY = "deploy"
 RETIRE = "retire"
 
 
-def new_router_id() -> str:
-    """Unique per process: a restarted router is a different driver from the one that died."""
+def driver_id(port: int | None = None) -> str:
+    """Who drives an operation. With the port, the same across restarts of a router on this host (a pod
+    keeps its name through a container restart): the restarted router knows its predecessor's leases as
+    its own and settles them at once, before anything else starts, instead of waiting for them to expire.
+    Without one, unique to this process."""
+    if port is not None:
+        return f"{socket.gethostname()}:{port}"
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from llmserve.loops import PeriodicLoop, Tasks
 from llmserve.replicas.backend import ReplicaBackend
-from router.control.leases import DEPLOY, RETIRE, Leases, new_router_id
+from router.control.leases import DEPLOY, RETIRE, Leases, driver_id
 from router.control.reconciler import Reconciler
 from router.control.recovery import Recovery
 from router.control.strategies.base import (
@@ -107,7 +107,7 @@ class ControlPlane:
         }
         self._watch = PeriodicLoop("control-plane watch", _RESUBSCRIBE_S, self._follow_changes)
         self._rollout_tasks: dict[str, asyncio.Task[None]] = {}
-        self.leases = Leases(store, router_id or new_router_id(), lease_s, on_lost=self._lost_lease)
+        self.leases = Leases(store, router_id or driver_id(), lease_s, on_lost=self._lost_lease)
         self._recovery = Recovery(self, self.leases)
         self._lease_loop = PeriodicLoop("control-plane leases", lease_s / 3, self._renew_and_recover)
 
@@ -117,8 +117,11 @@ class ControlPlane:
         """Rebuild this router's view from the store, then follow its changes."""
         for model in await self.store.list_models():
             await self._reconciler.reconcile(model.name)
+        # What a previous run of this router left half done is settled before anything new starts
+        # (``llmserve up`` deploys its model when it finds no live deployment of it).
+        await self._recovery.sweep(time.time())
         self._watch.start()
-        self._lease_loop.start()  # its first sweep settles what a previous run of this router left
+        self._lease_loop.start()
 
     async def stop(self) -> None:
         await self._watch.close()
