@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from llmserve.replicas.backend import EndpointState
 from llmserve.replicas.local import LocalBackend
 from llmserve.replicas.spec import EngineSpec
@@ -34,7 +36,7 @@ from loadtest.sim import SimEngineProgram
 
 MODEL = "chat"
 
-Fault = Callable[[LocalBackend], Awaitable[str]]
+Fault = Callable[[LocalBackend], Awaitable[tuple[str, str | None]]]  # (what it did, a replica to serve again)
 
 
 def chaos_engine_settings() -> EngineSettings:
@@ -44,17 +46,26 @@ def chaos_engine_settings() -> EngineSettings:
                           health_failures_to_eject=1)
 
 
-async def _kill_one(backend: LocalBackend) -> str:
+async def _kill_one(backend: LocalBackend) -> tuple[str, str | None]:
     victim = backend.process(backend.endpoints()[0])
     assert victim.pid is not None
     os.killpg(victim.pid, signal.SIGKILL)
     await asyncio.sleep(0.5)
     await backend.supervisor.wait_ready(victim, timeout=600)  # a vLLM engine restarts in tens of seconds
-    return f"killed {victim.id}; it was restarted ({victim.restarts} restart) and ready again"
+    return f"killed {victim.id}; it was restarted ({victim.restarts} restart) and ready again", victim.id
 
 
-async def _nothing(backend: LocalBackend) -> str:
-    return "fault present from the start"
+async def _nothing(backend: LocalBackend) -> tuple[str, str | None]:
+    return "fault present from the start", None
+
+
+async def _served_by(url: str, model: str, requests: int) -> set[str]:
+    """Which replicas answer ``requests`` concurrent requests (least-outstanding spreads them)."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        responses = await asyncio.gather(*(client.post(f"{url}/v1/chat/completions", json={
+            "model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]})
+            for _ in range(requests)))
+    return {r.headers.get("x-served-by", "") for r in responses if r.status_code == 200}
 
 
 def _replica_fault(programs: tuple[SimEngineProgram, ...], fault: Fault, router: dict[str, Any] | None = None
@@ -89,10 +100,13 @@ async def _under_load(settings: Settings, backend: LocalBackend, spec: EngineSpe
     async with serve_router(server.app, settings.router.port, backend) as url:
         load_task = asyncio.create_task(streamed_load([url], model, load.users, load.duration_s, tally))
         await asyncio.sleep(load.duration_s / 3)
-        what = await fault(backend)
+        what, must_serve = await fault(backend)
         await load_task
         ready = sum(e.state is EndpointState.READY for e in backend.endpoints())
-    return Outcome(tally, what, {"replicas_ready_at_end": ready == replicas})
+        checks: dict[str, Any] = {"replicas_ready_at_end": ready == replicas}
+        if must_serve is not None:
+            checks["restarted_replica_serves"] = must_serve in await _served_by(url, model, 2 * replicas)
+    return Outcome(tally, what, checks)
 
 
 def scenarios() -> list[Scenario]:
