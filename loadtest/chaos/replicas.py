@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,15 @@ async def _kill_one(backend: LocalBackend) -> tuple[str, str | None]:
     victim = backend.process(backend.endpoints()[0])
     assert victim.pid is not None
     os.killpg(victim.pid, signal.SIGKILL)
+    killed = time.monotonic()
     await asyncio.sleep(0.5)
-    await backend.supervisor.wait_ready(victim, timeout=600)  # a vLLM engine restarts in tens of seconds
-    return f"killed {victim.id}; it was restarted ({victim.restarts} restart) and ready again", victim.id
+    # Until the supervisor has it back, however many attempts that takes (a failed restart is retried
+    # with backoff); a vLLM engine restarts in tens of seconds.
+    while victim.state is not EndpointState.READY and time.monotonic() - killed < 600:
+        await asyncio.sleep(0.2)
+    back = f"ready again after {time.monotonic() - killed:.1f}s" if victim.state is EndpointState.READY \
+        else "never ready again"
+    return f"killed {victim.id}; restarted {victim.restarts} time(s), {back}", victim.id
 
 
 async def _nothing(backend: LocalBackend) -> tuple[str, str | None]:
