@@ -85,7 +85,8 @@ def create_app(
                 predictors = PredictorHost(BatchingConfig.from_settings(settings.predict), metrics.batch_observer)
                 state.control = ControlPlane(store, backend, catalog, models_dir or Path("."), specs, samples,
                                              predictors=predictors, canary_interval_s=settings.canary_interval_s,
-                                             lease_s=settings.rollout_lease_s, router_id=driver_id(settings.port or None))
+                                             lease_s=settings.rollout_lease_s,
+                                             router_id=driver_id(settings.port or None))
                 await state.control.start()
                 log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)
                 log_writer.start()
