@@ -12,6 +12,7 @@ import pytest
 
 from router.store import (
     RESYNC,
+    ApiKeyRecord,
     Conflict,
     DeploymentRecord,
     DeploymentStatus,
@@ -192,3 +193,22 @@ async def test_sqlite_migrates_a_version_1_database(tmp_path: Path) -> None:
     [record] = await store.list_deployments("chat")
     assert record.version == "v1" and record.engine == {}
     await store.close()
+
+
+def api_key(name: str, key_id: str) -> ApiKeyRecord:
+    return ApiKeyRecord(key_id=key_id, name=name, key_hash=key_id * 4, hint="sk-...abcd", scopes=("inference",),
+                        models=("chat",), rpm=60, tpm=1000, priorities=("standard", "batch"), expires_at=2e9)
+
+
+async def test_api_keys_are_created_listed_and_revoked_and_a_live_name_is_unique(store: Store) -> None:
+    first = api_key("ci", "key_a")
+    await store.create_key(first)
+    assert await store.list_keys() == [first]  # every field round-trips, tuples included
+    with pytest.raises(Conflict):
+        await store.create_key(api_key("ci", "key_b"))
+    revoked = await store.revoke_key("key_a", at=1234.5)
+    assert revoked.revoked_at == 1234.5 and (await store.revoke_key("key_a", at=9.0)).revoked_at == 1234.5
+    await store.create_key(api_key("ci", "key_b"))  # the name is free once its key is revoked
+    assert [k.key_id for k in await store.list_keys()] == ["key_a", "key_b"]
+    with pytest.raises(NotFound):
+        await store.revoke_key("key_nope", at=1.0)

@@ -1,7 +1,9 @@
 """The control plane's durable state: SQLite by default, Redis to share it between routers."""
 
 from router.store.base import (
+    KEYS_CHANGED,
     RESYNC,
+    ApiKeyRecord,
     Conflict,
     DeploymentRecord,
     DeploymentStatus,
@@ -16,6 +18,8 @@ from router.store.base import (
 )
 
 __all__ = [
+    "KEYS_CHANGED",
+    "ApiKeyRecord",
     "Conflict",
     "DeploymentRecord",
     "DeploymentStatus",

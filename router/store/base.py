@@ -104,6 +104,35 @@ class HistoryEntry:
 
 
 @dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key as the store holds it: its SHA-256, never the secret (shown once, at creation)."""
+
+    key_id: str
+    name: str
+    key_hash: str  # hex SHA-256 of the secret
+    hint: str  # "sk-...Y1RA": tells keys apart in a listing, useless to guess with
+    scopes: tuple[str, ...]
+    owner: str = ""
+    models: tuple[str, ...] | None = None  # None: every model
+    rpm: int | None = None  # requests per minute; None: unlimited
+    tpm: int | None = None  # tokens per minute (prompt + completion; rows for predict)
+    priority: str = "standard"  # the default class of its requests
+    priorities: tuple[str, ...] = ("critical", "standard", "batch")  # the classes X-Priority may ask for
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    created_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ApiKeyRecord":
+        models = data.get("models")
+        return cls(**{**data, "scopes": tuple(data["scopes"]), "priorities": tuple(data["priorities"]),
+                      "models": tuple(models) if models is not None else None})
+
+
+@dataclass(frozen=True)
 class InferenceLog:
     request_id: str
     model_name: str
@@ -153,6 +182,11 @@ class Store(Protocol):
     async def append_history(self, entry: HistoryEntry) -> None: ...
     async def history(self, model_name: str, limit: int = 100) -> list[HistoryEntry]: ...
 
+    # API keys: a live name is unique (Conflict); revoking keeps the record, marked
+    async def create_key(self, key: ApiKeyRecord) -> None: ...
+    async def list_keys(self) -> list[ApiKeyRecord]: ...
+    async def revoke_key(self, key_id: str, at: float) -> ApiKeyRecord: ...
+
     # inference logs, partitioned by UTC day
     async def write_inference_logs(self, logs: list[InferenceLog]) -> None: ...
     async def inference_logs(self, day: str, model_name: str | None = None) -> list[InferenceLog]: ...
@@ -164,4 +198,5 @@ class Store(Protocol):
 
 
 RESYNC = ""
+KEYS_CHANGED = "#keys"  # in the change feed when an API key is created or revoked (no model is named so)
 TERMINAL_STATUSES = frozenset({DeploymentStatus.RETIRED, DeploymentStatus.FAILED})

@@ -33,9 +33,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from router.store.base import (
+    KEYS_CHANGED,
     LIVE_STATUSES,
     RESYNC,
     TERMINAL_STATUSES,
+    ApiKeyRecord,
     Conflict,
     DeploymentRecord,
     DeploymentStatus,
@@ -259,6 +261,58 @@ class RedisStore:
     async def history(self, model_name: str, limit: int = 100) -> list[HistoryEntry]:
         raws = await self._redis.lrange(self._key("history", model_name), -limit, -1)
         return [HistoryEntry(**json.loads(raw)) for raw in raws]
+
+    # -- API keys -------------------------------------------------------------
+
+    @_reachable
+    async def create_key(self, key: ApiKeyRecord) -> None:
+        names = self._key("key_names")  # live name -> key id
+        async with self._redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(names)
+                live = await pipe.hget(names, key.name)
+                if live:
+                    holder = _text([live])[0]
+                    raise Conflict(f"an API key named {key.name!r} exists ({holder}); revoke it or choose another name")
+                pipe.multi()
+                pipe.set(self._key("api_key", key.key_id), json.dumps(key.to_dict()))
+                pipe.hset(names, key.name, key.key_id)
+                pipe.rpush(self._key("api_keys"), key.key_id)
+                await pipe.execute()
+            except WatchError:
+                raise Conflict(f"API keys changed meanwhile; retry creating {key.name!r}") from None
+        await self._publish(KEYS_CHANGED)
+
+    @_reachable
+    async def list_keys(self) -> list[ApiKeyRecord]:
+        ids = _text(await self._redis.lrange(self._key("api_keys"), 0, -1))
+        raws = await self._redis.mget([self._key("api_key", i) for i in ids]) if ids else []
+        return [ApiKeyRecord.from_dict(json.loads(raw)) for raw in raws if raw]
+
+    @_reachable
+    async def revoke_key(self, key_id: str, at: float) -> ApiKeyRecord:
+        key = self._key("api_key", key_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        raise NotFound(f"API key {key_id!r} does not exist", "key")
+                    record = ApiKeyRecord.from_dict(json.loads(raw))
+                    if record.revoked_at is not None:
+                        await pipe.reset()
+                        return record
+                    record = ApiKeyRecord.from_dict({**record.to_dict(), "revoked_at": at})
+                    pipe.multi()
+                    pipe.set(key, json.dumps(record.to_dict()))
+                    pipe.hdel(self._key("key_names"), record.name)
+                    await pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        await self._publish(KEYS_CHANGED)
+        return record
 
     # -- inference logs -------------------------------------------------------
 

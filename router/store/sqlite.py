@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from router.store.base import (
+    KEYS_CHANGED,
     LIVE_STATUSES,
     RESYNC,
     TERMINAL_STATUSES,
+    ApiKeyRecord,
     Conflict,
     DeploymentRecord,
     DeploymentStatus,
@@ -302,6 +304,40 @@ class SQLiteStore:
             "ORDER BY id DESC LIMIT ?", (model_name, limit)
         ).fetchall())
         return [HistoryEntry(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in reversed(rows)]
+
+    # -- API keys -------------------------------------------------------------
+
+    async def create_key(self, key: ApiKeyRecord) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            live = db.execute("SELECT key_id FROM api_keys WHERE name = ? AND revoked_at IS NULL",
+                              (key.name,)).fetchone()
+            if live:
+                raise Conflict(f"an API key named {key.name!r} exists ({live[0]}); revoke it or choose another name")
+            try:
+                db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?)",
+                           (key.key_id, key.name, key.key_hash, key.revoked_at, json.dumps(key.to_dict())))
+            except sqlite3.IntegrityError:
+                raise Conflict(f"API key {key.key_id!r} exists") from None
+
+        await self._write(insert, changed=KEYS_CHANGED)
+
+    async def list_keys(self) -> list[ApiKeyRecord]:
+        rows = await self._run(lambda db: db.execute("SELECT data FROM api_keys ORDER BY rowid").fetchall())
+        return [ApiKeyRecord.from_dict(json.loads(r[0])) for r in rows]
+
+    async def revoke_key(self, key_id: str, at: float) -> ApiKeyRecord:
+        def revoke(db: sqlite3.Connection) -> ApiKeyRecord:
+            row = db.execute("SELECT data FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"API key {key_id!r} does not exist", "key")
+            record = ApiKeyRecord.from_dict(json.loads(row[0]))
+            if record.revoked_at is None:
+                record = ApiKeyRecord.from_dict({**record.to_dict(), "revoked_at": at})
+                db.execute("UPDATE api_keys SET revoked_at = ?, data = ? WHERE key_id = ?",
+                           (at, json.dumps(record.to_dict()), key_id))
+            return record
+
+        return await self._write(revoke, changed=KEYS_CHANGED)
 
     # -- inference logs -------------------------------------------------------
 

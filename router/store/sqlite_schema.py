@@ -35,6 +35,14 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE deployments ADD COLUMN driver TEXT NOT NULL DEFAULT '';
     ALTER TABLE deployments ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
     """,
+    # 4: API keys (the record as JSON; its hash and name as columns to look up by)
+    """
+    CREATE TABLE api_keys (
+        key_id TEXT PRIMARY KEY, name TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE, revoked_at REAL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX api_keys_by_name ON api_keys(name);
+    """,
 )
 
 LOG_COLUMNS = {"request_id": "TEXT", "model_name": "TEXT", "version": "TEXT", "replica": "TEXT",
