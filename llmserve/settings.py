@@ -8,15 +8,25 @@ Environment variables override them: ``LLMSERVE_<FIELD>`` at the top level and
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "llmserve"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # Request priorities, most important first: critical is never shed, batch is shed first.
@@ -176,6 +186,19 @@ class AdmissionSettings(BaseModel):
         0.05, gt=0, le=1, description="While a request waits for room, how often saturation is checked again.")
 
 
+class AuthSettings(BaseModel):
+    """API keys (see router.gateway.auth); the environment sets ``enabled`` and ``admin_key`` through
+    ``LLMSERVE_AUTH`` and ``LLMSERVE_ADMIN_KEY``."""
+
+    enabled: bool = Field(True, description="Every route but the probes needs an API key (LLMSERVE_AUTH=off: "
+                          "none does; allowed only while the router binds a loopback address).")
+    admin_key: SecretStr | None = Field(None, description="An admin key accepted besides the stored ones "
+                                        "(LLMSERVE_ADMIN_KEY); kept only as its hash.")
+    protect_metrics: bool = Field(False, description="/metrics needs a key with the read scope too.")
+    reserved_tokens: int = Field(
+        512, ge=1, description="Tokens a request without max_tokens reserves against its key's TPM until it ends.")
+
+
 class RouterSettings(BaseModel):
     """The HTTP surface."""
 
@@ -217,6 +240,14 @@ class RouterSettings(BaseModel):
     max_predict_body_bytes: int = Field(256 << 20, ge=1024, description="Larger predict bodies get 413.")
     predict: PredictSettings = Field(default_factory=PredictSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @model_validator(mode="after")
+    def _no_open_router_off_loopback(self) -> RouterSettings:
+        if not self.auth.enabled and not is_loopback(self.host):
+            raise ValueError(f"authentication is off (LLMSERVE_AUTH=off) but the router binds {self.host}: that "
+                             "lets anyone on the network deploy and roll back; bind 127.0.0.1 or turn auth on")
+        return self
 
 
 class ModelSettings(BaseModel):
@@ -252,6 +283,25 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    auth: Literal["on", "off"] | None = Field(
+        None, validation_alias=AliasChoices("LLMSERVE_AUTH", "auth"),
+        description="LLMSERVE_AUTH: on (the default) or off; sets router.auth.enabled.")
+    admin_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("LLMSERVE_ADMIN_KEY", "admin_key"),
+        description="LLMSERVE_ADMIN_KEY: the first admin key; sets router.auth.admin_key.")
+
+    @model_validator(mode="after")
+    def _auth_from_the_environment(self) -> Settings:
+        # the two short variables the README documents, folded into the one settings tree
+        update: dict[str, Any] = {}
+        if self.auth is not None:
+            update["enabled"] = self.auth == "on"
+        if self.admin_key is not None:
+            update["admin_key"] = self.admin_key
+        if update:
+            auth = self.router.auth.model_copy(update=update)
+            self.router = RouterSettings.model_validate({**self.router.model_dump(), "auth": auth.model_dump()})
+        return self
 
     @property
     def model_repository(self) -> Path:

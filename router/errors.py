@@ -9,6 +9,8 @@ The tree (status, ``code``)::
 
     APIError                       500 internal_error
     ├── InvalidRequest             400 invalid_request       a field, the JSON or a header is wrong
+    ├── InvalidApiKey              401 invalid_api_key       missing, malformed, unknown, revoked or expired key
+    ├── InsufficientScope          403 insufficient_scope    the key lacks the scope the route needs
     ├── PriorityForbidden          403 priority_not_allowed  the caller may not use that X-Priority
     ├── ModelNotFound              404 model_not_found
     ├── VersionNotFound            404 version_not_found
@@ -17,6 +19,7 @@ The tree (status, ``code``)::
     ├── ConflictError              409 conflict              a live duplicate, a stale If-Match, a state that forbids it
     ├── PayloadTooLarge            413 payload_too_large
     ├── ShedLoad                   429 overloaded            saturated; Retry-After
+    ├── RateLimitExceeded          429 rate_limit_exceeded   the key's RPM or TPM; Retry-After, x-ratelimit-*
     ├── QueueFull                  429 queue_full            a predictor's queue is full; Retry-After
     ├── UpstreamFailed             502 replica_failed        the engine failed while answering
     ├── NoReplicaReady             503 no_replica_ready      starting, restarting or ejected; Retry-After
@@ -40,6 +43,7 @@ handlers and for the request record alike:
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,6 +90,21 @@ class InvalidRequest(APIError):
     status_code = 400
     error_type = "invalid_request_error"
     code = "invalid_request"
+
+
+class InvalidApiKey(APIError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class InsufficientScope(APIError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "insufficient_scope"
 
 
 class PriorityForbidden(APIError):
@@ -160,6 +179,17 @@ class ShedLoad(_RetryLater):
     status_code = 429
     error_type = "rate_limit_error"
     code = "overloaded"
+
+
+class RateLimitExceeded(APIError):
+    """The key's requests or tokens per minute are spent; the headers say when they are back."""
+
+    status_code = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, kind: str, retry_after_s: float, headers: dict[str, str]) -> None:
+        super().__init__(message, headers={**headers, "Retry-After": str(max(1, math.ceil(retry_after_s)))})
+        self.error_type = kind  # "requests" or "tokens", as OpenAI's type says
 
 
 class DeadlineExceeded(_RetryLater):

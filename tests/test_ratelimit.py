@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from router.gateway.ratelimit import Bucket, LocalLimiter, RedisLimiter, duration, headers, take
+from router.access.ratelimit import Bucket, LocalLimiter, RedisLimiter, duration, headers, take
 from tests.redis_server import redis_server
 
 

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -36,13 +35,11 @@ from router.store.base import (
     TrafficRecord,
     Unavailable,
 )
-from router.store.sqlite_schema import LOG_COLUMNS, MIGRATIONS
+from router.store.sqlite_schema import DAY, LOG_COLUMNS, LOG_TABLE, MIGRATIONS, ensure_log_table
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-_LOG_TABLE = re.compile(r"^inference_logs_(\d{8})$")
-_DAY = re.compile(r"^\d{8}$")
 _REOPEN_AFTER = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
 _DEPLOYMENT_COLUMNS = ("id, model_name, version, status, model_dir, replicas, gpu, reason, created_at, updated_at, "
                        "engine, operation, driver, lease_until")
@@ -349,7 +346,7 @@ class SQLiteStore:
         def insert(db: sqlite3.Connection) -> None:
             for day, rows in by_day.items():
                 table = f"inference_logs_{day}"
-                self._ensure_log_table(db, table)
+                ensure_log_table(db, table, self._log_tables)
                 db.executemany(
                     f"INSERT INTO {table} ({', '.join(LOG_COLUMNS)}) VALUES ({', '.join('?' * len(LOG_COLUMNS))})",
                     [tuple(getattr(r, c) for c in LOG_COLUMNS) for r in rows],
@@ -359,7 +356,7 @@ class SQLiteStore:
             await self._write(insert)
 
     async def inference_logs(self, day: str, model_name: str | None = None) -> list[InferenceLog]:
-        if not _DAY.match(day):
+        if not DAY.match(day):
             raise ValueError(f"day must be YYYYMMDD, got {day!r}")
 
         def query(db: sqlite3.Connection) -> list[Any]:
@@ -376,23 +373,12 @@ class SQLiteStore:
 
         return [InferenceLog(**row) for row in await self._run(query)]
 
-    def _ensure_log_table(self, db: sqlite3.Connection, table: str) -> None:
-        """Create a day's table; one written by an older llmserve gains the columns it lacks."""
-        if table in self._log_tables:
-            return
-        db.execute(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(f'{c} {t}' for c, t in LOG_COLUMNS.items())})")
-        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})").fetchall()}
-        for column, kind in LOG_COLUMNS.items():
-            if column not in present:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-        self._log_tables.add(table)
-
     async def drop_inference_logs_before(self, day: str) -> list[str]:
         def drop(db: sqlite3.Connection) -> list[str]:
             names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()]
             dropped = []
             for name in names:
-                match = _LOG_TABLE.match(name)
+                match = LOG_TABLE.match(name)
                 if match and match.group(1) < day:
                     db.execute(f"DROP TABLE {name}")
                     self._log_tables.discard(name)

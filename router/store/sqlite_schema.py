@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import sqlite3
+
 # Append only: each entry upgrades the schema by one version.
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -49,5 +52,18 @@ LOG_COLUMNS = {"request_id": "TEXT", "model_name": "TEXT", "version": "TEXT", "r
                 "user_bucket": "INTEGER", "ttft_ms": "REAL", "latency_ms": "REAL", "output_tokens": "INTEGER",
                 "status_code": "INTEGER", "timestamp": "REAL", "route": "TEXT NOT NULL DEFAULT ''",
                 "reason": "TEXT"}
+LOG_TABLE = re.compile(r"^inference_logs_(\d{8})$")
+DAY = re.compile(r"^\d{8}$")
 
-__all__ = ["LOG_COLUMNS", "MIGRATIONS"]
+
+def ensure_log_table(db: sqlite3.Connection, table: str, known: set[str]) -> None:
+    """Create a day's table; one written by an older llmserve gains the columns it lacks. ``known``: the
+    tables already checked (and it gains ``table``)."""
+    if table in known:
+        return
+    db.execute(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(f'{c} {t}' for c, t in LOG_COLUMNS.items())})")
+    present = {row[1] for row in db.execute(f"PRAGMA table_info({table})").fetchall()}
+    for column, kind in LOG_COLUMNS.items():
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    known.add(table)
