@@ -23,6 +23,7 @@ from llmserve.settings import Settings
 from router.app import StartedHook, create_app
 
 __all__ = ["Server", "StartedHook", "build", "open_store"]
+from router.access.ratelimit import RedisLimiter, SharedLimiter
 from router.control.versions import SpecBuilder, spec_builder
 from router.store import Store
 
@@ -55,10 +56,18 @@ def build(
     static: Sequence[tuple[EngineSpec, int]] = (),
     models_dir: Path | None = None,
     on_started: StartedHook | None = None,
+    shared_limits_url: str | None = None,
 ) -> Server:
-    """The router app and its parts; ``store=None``: no control plane, only the ``static`` versions."""
+    """The router app and its parts; ``store=None``: no control plane, only the ``static`` versions.
+
+    API keys' rate limits are kept in Redis when the store is (``redis_url``, or ``shared_limits_url``
+    for a store passed in), so every router sharing it enforces one limit; in memory otherwise.
+    """
     backend = backend or LocalBackend(settings.engine, settings.logs_dir)
     chosen = open_store(settings) if store == "settings" else store
+    limits_url = shared_limits_url or (settings.redis_url if store == "settings" else None)
+    limiter = SharedLimiter(RedisLimiter(limits_url)) if limits_url else None
     app = create_app(settings.router, backend, specs or spec_builder(settings.engine), store=chosen,
-                     models_dir=models_dir or settings.model_repository, static=static, on_started=on_started)
+                     models_dir=models_dir or settings.model_repository, static=static, on_started=on_started,
+                     limiter=limiter)
     return Server(settings, app, backend, chosen)

@@ -160,11 +160,10 @@ class AdmissionSettings(BaseModel):
     """Priority classes and load shedding (see router.admission.shedding)."""
 
     enabled: bool = Field(True, description="Shed load when a version is saturated; off: admit everything.")
-    api_keys: dict[str, KeyPolicy] = Field(
-        default_factory=dict, description="API key -> default priority and allowed classes (JSON in the env).")
     anonymous: KeyPolicy = Field(
         default_factory=lambda: KeyPolicy(name="anonymous"),
-        description="Requests without a known key: their default and allowed classes.")
+        description="With authentication off, every request's default and allowed classes (with it on, "
+        "each API key says its own).")
     fallbacks: dict[str, str] = Field(
         default_factory=lambda: {"smollm2-135m-instruct": "smollm2-135m-instruct-student",
                                  "fraud-xgboost": "fraud-xgboost-lite"},

@@ -119,6 +119,7 @@ def serve(models_dir: Path, port: int, batching: bool) -> None:
 
     from llmserve.server import build
     from llmserve.settings import EngineSettings, PredictSettings, RouterSettings, Settings
+    from loadtest.simstack import open_unless_asked
     from router.store import ModelRecord
     from router.store.sqlite import SQLiteStore
 
@@ -128,7 +129,7 @@ def serve(models_dir: Path, port: int, batching: bool) -> None:
             await state.control.register_model(ModelRecord(name, "bench", framework, "bench"))
             await state.control.deploy(name, "v1", 1, "bench")
 
-    router = RouterSettings(port=port, predict=PredictSettings(batching=batching))
+    router = open_unless_asked(RouterSettings(port=port, predict=PredictSettings(batching=batching)))
     settings = Settings(data_dir=models_dir, router=router, engine=EngineSettings(first_port=free_port()))
     server = build(settings, store=SQLiteStore(models_dir / f"bench-{port}.db"), models_dir=models_dir,
                    on_started=register)

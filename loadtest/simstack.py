@@ -12,7 +12,7 @@ from llmserve.replicas.local import LocalBackend
 from llmserve.replicas.process import ReplicaProgram
 from llmserve.replicas.spec import EngineSpec
 from llmserve.server import Server, StartedHook, build
-from llmserve.settings import EngineSettings, RouterSettings, Settings
+from llmserve.settings import AuthSettings, EngineSettings, RouterSettings, Settings
 from loadtest.sim import SimEngineProgram
 from router.store import Store
 
@@ -24,6 +24,13 @@ class StaticVersion:
     program: ReplicaProgram
     max_model_len: int = 2048
     replicas: int = 1
+
+
+def open_unless_asked(router: RouterSettings) -> RouterSettings:
+    """``router`` with authentication off, unless it was set explicitly."""
+    if "auth" in router.model_fields_set:
+        return router
+    return router.model_copy(update={"auth": AuthSettings(enabled=False)})
 
 
 def fast_sim(spec: EngineSpec) -> ReplicaProgram:
@@ -41,8 +48,12 @@ def sim_server(
     models_dir: Path | None = None,
     on_started: StartedHook | None = None,
 ) -> Server:
-    """``build`` with ``versions`` as static versions and ``program`` for what the control plane deploys."""
-    settings = Settings(data_dir=data_dir, router=router or RouterSettings(), engine=engine or EngineSettings())
+    """``build`` with ``versions`` as static versions and ``program`` for what the control plane deploys.
+
+    The router runs open (no API keys) unless ``router`` sets ``auth`` itself: a simulated stack on a
+    loopback port is for tests and benchmarks, and those that are about keys say so."""
+    settings = Settings(data_dir=data_dir, router=open_unless_asked(router or RouterSettings()),
+                        engine=engine or EngineSettings())
     programs = {(v.program.model_name, v.program.version): v.program for v in versions}
     static = [(EngineSpec(model_dir=data_dir, model_name=v.program.model_name, version=v.program.version,
                           max_model_len=v.max_model_len), v.replicas) for v in versions]

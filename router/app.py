@@ -17,10 +17,13 @@ from fastapi import FastAPI
 from llmserve.replicas.backend import ReplicaBackend
 from llmserve.replicas.spec import EngineSpec
 from llmserve.settings import RouterSettings
+from router.access.auth import configured_admin
+from router.access.ratelimit import SharedLimiter
 from router.admission.shedding import Admission
 from router.api import control as control_api
 from router.api import generate as generate_api
 from router.api import health as health_api
+from router.api import keys as keys_api
 from router.api import openai as openai_api
 from router.api import predict as predict_api
 from router.control.leases import driver_id
@@ -53,6 +56,7 @@ def create_app(
     models_dir: Path | None = None,
     static: Sequence[tuple[EngineSpec, int]] = (),
     on_started: StartedHook | None = None,
+    limiter: SharedLimiter | None = None,
 ) -> FastAPI:
     """The router app.
 
@@ -77,6 +81,10 @@ def create_app(
                             admission=Admission(settings.admission, catalog, samples, scraper, metrics),
                             metrics=metrics)
         app.state.router = state
+        if settings.auth.admin_key is not None:
+            state.keys.add_static(configured_admin(settings.auth.admin_key.get_secret_value()))
+        if limiter is not None:
+            state.limiter = limiter
         log_writer: InferenceLogWriter | None = None
         try:  # a start that fails part way still stops what it started
             for spec, replicas in static:
@@ -87,6 +95,12 @@ def create_app(
                                              predictors=predictors, canary_interval_s=settings.canary_interval_s,
                                              lease_s=settings.rollout_lease_s,
                                              router_id=driver_id(settings.port or None))
+
+                async def reload_keys() -> None:
+                    state.keys.replace(await store.list_keys())
+
+                await reload_keys()
+                state.control.on_keys_changed = reload_keys
                 await state.control.start()
                 log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)
                 log_writer.start()
@@ -104,6 +118,9 @@ def create_app(
                 await scraper.close()
             await backend.close()
             await relay.aclose()
+            await state.background.cancel_all()
+            if limiter is not None:
+                await limiter.close()
             if store is not None:
                 await store.close()
 
@@ -118,6 +135,7 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(generate_api.router)
     app.include_router(control_api.router)
+    app.include_router(keys_api.router)
     app.include_router(predict_api.router)
     app.add_middleware(AccessLogMiddleware, enabled=settings.access_log)
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so the access log has the id

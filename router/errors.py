@@ -14,6 +14,7 @@ The tree (status, ``code``)::
     ├── PriorityForbidden          403 priority_not_allowed  the caller may not use that X-Priority
     ├── ModelNotFound              404 model_not_found
     ├── VersionNotFound            404 version_not_found
+    ├── KeyNotFound                404 key_not_found
     ├── RouteNotFound              404 not_found
     ├── MethodNotAllowed           405 method_not_allowed
     ├── ConflictError              409 conflict              a live duplicate, a stale If-Match, a state that forbids it
@@ -33,7 +34,7 @@ table here (``as_api_error``) turns them into the tree above, for the
 handlers and for the request record alike:
 
     router.store.Conflict                 -> ConflictError
-    router.store.NotFound(kind)           -> ModelNotFound | VersionNotFound
+    router.store.NotFound(kind)           -> ModelNotFound | KeyNotFound | VersionNotFound
     router.traffic.split.InvalidSplit     -> InvalidRequest(param="split")
     router.predict.errors.InvalidInput    -> InvalidRequest(param=the field)
     router.predict.errors.Overloaded      -> QueueFull | PredictorOverloaded, with Retry-After
@@ -135,6 +136,12 @@ class VersionNotFound(APIError):
     status_code = 404
     error_type = "invalid_request_error"
     code = "version_not_found"
+
+
+class KeyNotFound(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "key_not_found"
 
 
 class RouteNotFound(APIError):
@@ -272,7 +279,8 @@ def as_api_error(exc: BaseException) -> APIError | None:
     if isinstance(exc, Conflict):
         return ConflictError(str(exc))
     if isinstance(exc, NotFound):
-        return (ModelNotFound if exc.kind == "model" else VersionNotFound)(str(exc), param=exc.kind)
+        missing: type[APIError] = {"model": ModelNotFound, "key": KeyNotFound}.get(exc.kind, VersionNotFound)
+        return missing(str(exc), param=exc.kind)
     if isinstance(exc, InvalidSplit):
         return InvalidRequest(str(exc), param="split")
     if isinstance(exc, InvalidInput):

@@ -13,8 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from llmserve.loops import Tasks
 from llmserve.replicas.backend import ReplicaBackend
 from llmserve.settings import RouterSettings
+from router.access.auth import KeyRing
+from router.access.ratelimit import Limiter, LocalLimiter
 from router.admission.shedding import Admission
 from router.control.plane import ControlPlane
 from router.observe.metrics import Metrics, NoMetrics
@@ -42,3 +45,6 @@ class RouterState:
     started_at: float = field(default_factory=time.time)
     sse_ping_s: int = 15
     was_ready: bool = False  # /readyz has said ready once (the startup rule keeps it so)
+    keys: KeyRing = field(default_factory=KeyRing)  # every API key's record, from the store
+    limiter: Limiter = field(default_factory=LocalLimiter)  # per-key buckets (Redis-backed with a Redis store)
+    background: Tasks = field(default_factory=Tasks)  # short work after a response (settling a key's tokens)

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from llmserve.replicas.backend import Endpoint, EndpointState
-from llmserve.settings import AdmissionSettings, KeyPolicy, RouterSettings
+from llmserve.settings import AdmissionSettings, AuthSettings, RouterSettings
 from loadtest.sim import SimEngineProgram
 from loadtest.simstack import StaticVersion
+from router.access.auth import Caller
 from router.admission.shedding import Admission, resolve_priority
 from router.errors import InvalidRequest, PriorityForbidden
 from router.observe.samples import SampleWindows
@@ -22,21 +24,22 @@ from router.traffic.catalog import Catalog, ServedVersion
 from tests.conftest import free_port, run_router
 from tests.test_predict_api import deploy, features
 
-KEYS = {"batch-key": KeyPolicy(name="nightly-jobs", default="batch", allowed=["batch", "standard"]),
-        "vip-key": KeyPolicy(name="checkout", default="critical")}
+NIGHTLY = Caller("key_nightly", "nightly-jobs", frozenset({"inference"}), priority="batch",
+                 priorities=("batch", "standard"))
+CHECKOUT = Caller("key_checkout", "checkout", frozenset({"inference"}), priority="critical")
+ADMIN = "sk-ls-" + "b" * 43
 
 
 def test_priority_comes_from_the_key_and_the_header_within_what_it_allows() -> None:
-    settings = AdmissionSettings(api_keys=KEYS)
-    assert resolve_priority({}, settings) == "standard"
-    assert resolve_priority({"authorization": "Bearer batch-key"}, settings) == "batch"
-    assert resolve_priority({"authorization": "Bearer batch-key", "x-priority": "Standard"}, settings) == "standard"
-    assert resolve_priority({"x-api-key": "vip-key"}, settings) == "critical"
+    assert resolve_priority({}, Caller("key_app", "app", frozenset())) == "standard"
+    assert resolve_priority({}, NIGHTLY) == "batch"
+    assert resolve_priority({"x-priority": "Standard"}, NIGHTLY) == "standard"
+    assert resolve_priority({}, CHECKOUT) == "critical"
     with pytest.raises(PriorityForbidden) as forbidden:
-        resolve_priority({"authorization": "Bearer batch-key", "x-priority": "critical"}, settings)
+        resolve_priority({"x-priority": "critical"}, NIGHTLY)
     assert forbidden.value.status_code == 403 and "nightly-jobs" in forbidden.value.message
     with pytest.raises(InvalidRequest):
-        resolve_priority({"x-priority": "urgent!"}, settings)
+        resolve_priority({"x-priority": "urgent!"}, CHECKOUT)
 
 
 class Clock:
@@ -78,14 +81,22 @@ def test_saturation_has_hysteresis() -> None:
 async def test_under_saturation_critical_keeps_the_full_model_standard_gets_the_fallback_batch_a_429(
         tmp_path: Path) -> None:
     settings = RouterSettings(port=free_port(), retry_after_s=2, admission=AdmissionSettings(
-        api_keys=KEYS, fallbacks={"chat": "chat-small"}, max_outstanding_per_replica=3, queue_wait_s=0.4,
-        min_hold_s=0, clear_ratio=0.5))
+        fallbacks={"chat": "chat-small"}, max_outstanding_per_replica=3, queue_wait_s=0.4,
+        min_hold_s=0, clear_ratio=0.5), auth=AuthSettings(admin_key=SecretStr(ADMIN)))
     deployments = [StaticVersion(SimEngineProgram("chat", "v1", ttft_ms=5, itl_ms=20), 2048),
                    StaticVersion(SimEngineProgram("chat-small", "v1", ttft_ms=5, itl_ms=2), 2048)]
-    async with run_router(deployments, tmp_path, router_settings=settings) as router, \
-            httpx.AsyncClient(base_url=router.url, timeout=30) as client:
+    async with run_router(deployments, tmp_path, router_settings=settings, store=SQLiteStore(tmp_path / "db")
+                          ) as router, httpx.AsyncClient(base_url=router.url, timeout=30) as client:
+        keys = {}
+        for name, body in (("app", {}), ("nightly-jobs", {"priority": "batch", "priorities": ["batch", "standard"]})):
+            created = await client.post("/api/v1/keys", headers={"authorization": f"Bearer {ADMIN}"},
+                                        json={"name": name, "scopes": ["inference"], **body})
+            keys[name] = created.json()["key"]
+        batch_key = f"Bearer {keys['nightly-jobs']}"
+
         def ask(model: str = "chat", priority: str | None = None, max_tokens: int = 2, **headers: str):
             extra = {"x-priority": priority} if priority else {}
+            headers = {"authorization": f"Bearer {keys['app']}", **headers}
             return client.post("/v1/chat/completions", headers={**extra, **headers}, json={
                 "model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]})
 
@@ -99,12 +110,12 @@ async def test_under_saturation_critical_keeps_the_full_model_standard_gets_the_
         assert standard.status_code == 200
         assert standard.headers["x-fallback"] == "chat-small:v1"
         assert standard.json()["model"] == "chat-small:v1"
-        batch = await ask(authorization="Bearer batch-key")
+        batch = await ask(authorization=batch_key)
         assert batch.status_code == 429 and int(batch.headers["retry-after"]) >= 1
         assert "batch traffic is refused" in batch.json()["error"]["message"]
         critical = await ask(priority="critical")
         assert critical.status_code == 200 and "x-fallback" not in critical.headers
-        forbidden = await ask(priority="critical", authorization="Bearer batch-key")
+        forbidden = await ask(priority="critical", authorization=batch_key)
         assert forbidden.status_code == 403
 
         # The fallback saturated too: standard waits (bounded), then 429; with a short deadline, 503.

@@ -9,6 +9,7 @@ import pytest
 
 from llmserve.replicas.backend import Endpoint, EndpointState
 from llmserve.settings import RouterSettings
+from router.access.auth import Caller
 from router.errors import NoReplicaReady
 from router.gateway.pipeline import InferenceCall
 from router.traffic.catalog import Catalog, ServedVersion
@@ -18,7 +19,9 @@ def call_for(catalog: Catalog, settings: RouterSettings, headers: dict[str, str]
     state: Any = SimpleNamespace(catalog=catalog, settings=settings, relay=SimpleNamespace(deadline=lambda: 0.0),
                                  log_sink=lambda _log: None, metrics=None, samples=None, admission=None)
     request: Any = SimpleNamespace(state=SimpleNamespace(request_id="req-1"), headers=headers or {})
-    return InferenceCall(request, state, "test")
+    call = InferenceCall(request, state, "test")
+    call.caller = Caller("key_1", "test", frozenset({"inference"}))
+    return call
 
 
 def test_a_version_not_started_here_yet_answers_with_the_configured_retry_after() -> None:

@@ -34,6 +34,7 @@ from loadtest.chaos.tally import Tally, streamed_load
 from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port
 from loadtest.sim import SimEngineProgram
+from loadtest.simstack import open_unless_asked
 
 MODEL = "chat"
 
@@ -79,7 +80,8 @@ def _replica_fault(programs: tuple[SimEngineProgram, ...], fault: Fault, router:
                    ) -> Callable[[Load, Path], Awaitable[Outcome]]:
     async def run(load: Load, work: Path) -> Outcome:
         chosen = itertools.cycle(programs)  # one replica of each program
-        settings = Settings(data_dir=work, router=RouterSettings(port=free_port(), retry_after_s=1, **(router or {})),
+        opened = open_unless_asked(RouterSettings(port=free_port(), retry_after_s=1, **(router or {})))
+        settings = Settings(data_dir=work, router=opened,
                             engine=chaos_engine_settings())
         backend = LocalBackend(settings.engine, work / "logs", program=lambda spec: next(chosen))
         spec = EngineSpec(model_dir=work, model_name=MODEL, version="v1")
@@ -92,7 +94,8 @@ async def _kill_a_vllm_replica(load: Load, work: Path) -> Outcome:
     from llmserve.models.repository import ModelRepository
 
     engine = chaos_engine_settings().model_copy(update={"ready_timeout_s": 600, "health_interval_s": 1.0})
-    settings = Settings(data_dir=work, router=RouterSettings(port=free_port(), retry_after_s=1), engine=engine)
+    settings = Settings(data_dir=work, router=open_unless_asked(RouterSettings(port=free_port(), retry_after_s=1)),
+                        engine=engine)
     model = settings.model
     folder = ModelRepository(settings.model_repository).prepare(model.name, model.version, dtype=model.dtype).folder
     spec = EngineSpec.from_settings(folder, model.name, model.version, settings.engine)

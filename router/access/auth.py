@@ -39,6 +39,12 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def configured_admin(secret: str) -> ApiKeyRecord:
+    """The admin key of LLMSERVE_ADMIN_KEY: accepted by every router it is set on, stored nowhere."""
+    return ApiKeyRecord(key_id="key_configured_admin", name="admin (LLMSERVE_ADMIN_KEY)", key_hash=hash_key(secret),
+                        hint=hint(secret), scopes=("admin",), owner="configuration")
+
+
 def hint(secret: str) -> str:
     """What a listing shows of a key: its prefix and last four characters."""
     return f"{secret[:len(KEY_PREFIX)]}...{secret[-4:]}"
@@ -113,6 +119,13 @@ class KeyRing:
 
     def replace(self, records: Iterable[ApiKeyRecord]) -> None:
         self._by_hash = {**{r.key_hash: r for r in records}, **self._static}
+
+    def add(self, record: ApiKeyRecord) -> None:
+        """One key created or revoked here: in effect before the store's feed brings it back."""
+        self._by_hash[record.key_hash] = record
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
 
     def add_static(self, record: ApiKeyRecord) -> None:
         self._static[record.key_hash] = record

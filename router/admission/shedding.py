@@ -2,7 +2,8 @@
 
 Every request has a class, ``critical``, ``standard`` or ``batch``: its API
 key's default, or the ``X-Priority`` header within what the key allows (a
-class it may not use is a 403, a malformed header a 400).
+class it may not use is a 403, a malformed header a 400). With authentication
+off, ``AdmissionSettings.anonymous`` says both.
 
 A version is *saturated* when any of its signals passes its threshold: the
 router's requests in flight per ready replica (immediate), the engines' own
@@ -32,9 +33,9 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from llmserve.settings import PRIORITIES, AdmissionSettings, KeyPolicy
+from llmserve.settings import PRIORITIES, AdmissionSettings
 from llmserve.stats import percentile
 from router.errors import APIError, DeadlineExceeded, InvalidRequest, PriorityForbidden, ShedLoad
 from router.observe.metrics import Metrics, NoMetrics
@@ -47,28 +48,31 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def api_key(headers: Mapping[str, str]) -> str | None:
-    authorization = headers.get("authorization", "")
-    if authorization.lower().startswith("bearer ") and len(authorization) > 7:
-        return authorization[7:].strip()
-    return headers.get("x-api-key") or None
+class PriorityPolicy(Protocol):
+    """What a caller's requests may ask for (``router.access.auth.Caller`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def priority(self) -> str: ...
+
+    @property
+    def priorities(self) -> tuple[str, ...]: ...
 
 
-def resolve_priority(headers: Mapping[str, str], settings: AdmissionSettings) -> str:
-    """The request's class: the key's default, or ``X-Priority`` within what the key allows."""
-    key = api_key(headers)
-    policy: KeyPolicy = settings.api_keys.get(key, settings.anonymous) if key else settings.anonymous
+def resolve_priority(headers: Mapping[str, str], policy: PriorityPolicy) -> str:
+    """The request's class: the caller's default, or ``X-Priority`` within what the caller may use."""
     wanted = headers.get("x-priority")
     if wanted is None:
-        return policy.default
+        return policy.priority
     value = wanted.strip().lower()
     if value not in PRIORITIES:
         raise InvalidRequest(f"X-Priority must be one of {', '.join(PRIORITIES)}, got {wanted!r}",
                              param="X-Priority")
-    if value not in policy.allowed:
-        who = f"the API key {policy.name or 'given'}" if key in settings.api_keys else "requests without an API key"
-        raise PriorityForbidden(f"{who} may not use priority {value!r}; allowed: {', '.join(policy.allowed)}",
-                                param="X-Priority")
+    if value not in policy.priorities:
+        raise PriorityForbidden(f"{policy.name} may not use priority {value!r}; allowed: "
+                                f"{', '.join(policy.priorities)}", param="X-Priority")
     return value
 
 
@@ -223,11 +227,11 @@ def deadline_s(headers: Mapping[str, str]) -> float | None:
 
 
 async def admit_request(admission: Admission | None, headers: Mapping[str, str], served: ServedVersion,
-                        user: str | None) -> tuple[ServedVersion, dict[str, str]]:
+                        user: str | None, policy: PriorityPolicy) -> tuple[ServedVersion, dict[str, str]]:
     """The version that answers (the chosen one or its fallback) and the headers that say so."""
     if admission is None:
         return served, {}
-    priority = resolve_priority(headers, admission.settings)
+    priority = resolve_priority(headers, policy)
     admitted = await admission.admit(served, priority, user, deadline_s(headers))
     extra = {"x-priority": priority}
     if admitted.fallback_from is not None:

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmserve.settings import SamplingDefaults
+from router.access.auth import Caller
 from router.control.canary_analysis import CanaryPolicy
 from router.control.plane import ControlPlane
 from router.control.strategies.base import RolloutPlan, StrategyType
 from router.errors import ConflictError, InvalidRequest, ModelNotFound, RouteNotFound, VersionNotFound
+from router.gateway.authorize import control_scope
 from router.gateway.openapi import json_body
 from router.gateway.protocol import parse_json_object, read_body, validate
 from router.store import ModelRecord
 from router.store.base import DeploymentRecord
 
-router = APIRouter(prefix="/api/v1", tags=["control"])
+router = APIRouter(prefix="/api/v1", tags=["control"], dependencies=[Depends(control_scope)])
 
 _NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -146,7 +148,9 @@ def _control(request: Request) -> ControlPlane:
 
 
 def _actor(request: Request) -> str:
-    return request.headers.get("x-actor") or request.headers.get("x-user-id") or "api"
+    """Who the audit trail names: the API key's name and id (set by ``control_scope``)."""
+    caller: Caller = request.state.caller
+    return caller.actor
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -165,7 +169,7 @@ def _deployment_json(record: DeploymentRecord) -> dict[str, Any]:
 async def register_model(request: Request) -> dict[str, Any]:
     body: RegisterModel = validate(RegisterModel, await _body(request))
     record = ModelRecord(body.model_name, body.description, body.framework, body.owner)
-    await _control(request).register_model(record)
+    await _control(request).register_model(record, _actor(request))
     return record.__dict__ | {"model_name": record.name}
 
 

@@ -47,6 +47,7 @@ async def generate(model_name: str, call: GenerateCall) -> Response:
     with call.failures():
         parsed = call.parse(GenerateRequest, await call.read_json())
         call.identify(parsed.user)
+        await call.limit_generation(parsed.max_tokens)
         served = await call.admit(call.resolve(model_name, parsed.params.version))
         check_output_limit(parsed.max_tokens, served)
         path, payload = _engine_request(parsed, served)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from router.gateway.authorize import caller_of, scoped
 from router.gateway.pipeline import State
 from router.observe.metrics import RouterMetrics
 from router.state import RouterState
@@ -39,15 +40,17 @@ async def readyz(state: State) -> JSONResponse:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition of the router's metrics."""
+    """Prometheus text exposition of the router's metrics (a read key too with ``auth.protect_metrics``)."""
     state: RouterState = request.app.state.router
+    if state.settings.auth.protect_metrics:
+        caller_of(state, request.headers).require("read")
     if not isinstance(state.metrics, RouterMetrics):
         return Response("metrics are disabled (LLMSERVE_ROUTER__METRICS_ENABLED=false)\n", status_code=404,
                         media_type="text/plain")
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/api/v1/replicas")
+@router.get("/api/v1/replicas", dependencies=[Depends(scoped("read"))])
 async def list_replicas(request: Request) -> dict[str, Any]:
     state: RouterState = request.app.state.router
     return {"replicas": [r.describe() for r in state.catalog.all_replicas()]}

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
+from router.access.auth import Caller
+from router.gateway.authorize import inference_or_read
 from router.gateway.openapi import json_body
 from router.gateway.pipeline import InferenceCall, State, inference
 from router.gateway.protocol import ChatCompletionRequest, CompletionRequest, check_output_limit, drop_tools
@@ -24,14 +26,14 @@ CompletionCall = Annotated[InferenceCall, Depends(inference("/v1/completions"))]
 
 
 @router.get("/models")
-async def list_models(state: State) -> dict[str, Any]:
+async def list_models(state: State, caller: Annotated[Caller, Depends(inference_or_read)]) -> dict[str, Any]:
     """Each generative model once, with what its default version does when a request leaves things out;
     ``name:version`` aliases too when ``list_version_aliases`` is on (pinning works either way)."""
     catalog: Catalog = state.catalog
     created = int(state.started_at)
     data: list[dict[str, Any]] = []
     for model in catalog.models():
-        if model.is_predict:
+        if model.is_predict or not caller.may_use(model.name):
             continue  # traditional models are not OpenAI models; GET /v2/models/{name} describes them
         default = model.versions.get(model.default_version or "")
         data.append({"id": model.name, "object": "model", "created": created, "owned_by": "llmserve",
@@ -73,6 +75,7 @@ async def _relay_openai(
         payload = await call.read_json()
         parsed = call.parse(schema, payload)
         call.identify(parsed.user)
+        await call.limit_generation(parsed.output_limit())
         served = await call.admit(call.resolve(parsed.model, call.request.headers.get(VERSION_HEADER) or None))
         check_output_limit(
             parsed.output_limit(), served,

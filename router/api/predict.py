@@ -17,8 +17,10 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from router.access.auth import Caller
 from router.admission.shedding import parse_deadline_ms, resolve_priority
-from router.errors import InvalidRequest, PayloadTooLarge, PredictorOverloaded, QueueFull
+from router.errors import InvalidRequest, ModelNotFound, PayloadTooLarge, PredictorOverloaded, QueueFull
+from router.gateway.authorize import inference_or_read
 from router.gateway.openapi import json_body
 from router.gateway.pipeline import InferenceCall, inference
 from router.observe.request_record import user_key
@@ -77,7 +79,7 @@ async def _run(call: InferenceCall, served: ServedVersion, inputs: dict[str, np.
     pipeline's admit step for traditional models; returns the version that answered and the outputs.
     """
     state, record = call.state, call.record
-    priority = resolve_priority(call.request.headers, state.settings.admission)
+    priority = resolve_priority(call.request.headers, call.who)
     call.headers["x-priority"] = priority
     predictor = _predictor(served)
     rows = predictor.check(inputs)
@@ -85,6 +87,7 @@ async def _run(call: InferenceCall, served: ServedVersion, inputs: dict[str, np.
     if rows > limit:
         raise PayloadTooLarge(f"the request has {rows} rows; the limit is {limit} "
                               "(LLMSERVE_ROUTER__PREDICT__MAX_REQUEST_ROWS); split it")
+    await call.limit(rows, counts_rows=True)  # a prediction's tokens are its rows
     record.begin(served.model_name, served.version, False)
     record.output_tokens = rows
     try:
@@ -172,8 +175,11 @@ async def predict(model_name: str, call: PredictCall) -> Response:
 # -- Open Inference Protocol v2 ---------------------------------------------------
 
 
-def _v2_served(state: RouterState, model_name: str, version: str | None, request: Request) -> ServedVersion:
-    return state.catalog.resolve(model_name, version, user_key(request.headers, None),
+def _v2_served(state: RouterState, model_name: str, version: str | None, request: Request,
+               caller: Caller) -> ServedVersion:
+    if not caller.may_use(model_name):  # as unknown as a model that does not exist
+        raise ModelNotFound(f"model {model_name!r} does not exist", param="model")
+    return state.catalog.resolve(model_name, version, user_key(request.headers, None, caller.key_id),
                                  retry_after_s=state.settings.retry_after_s, predict=True)
 
 
@@ -202,18 +208,20 @@ async def v2_ready(request: Request) -> JSONResponse:
 
 @router.get("/v2/models/{model_name}")
 @router.get("/v2/models/{model_name}/versions/{version}")
-async def v2_model_metadata(model_name: str, request: Request, version: str | None = None) -> JSONResponse:
+async def v2_model_metadata(model_name: str, request: Request, caller: Annotated[Caller, Depends(inference_or_read)],
+                            version: str | None = None) -> JSONResponse:
     state: RouterState = request.app.state.router
-    served = _v2_served(state, model_name, version, request)  # errors: the handler answers in the /v2 shape
+    served = _v2_served(state, model_name, version, request, caller)  # errors: the handler answers in the /v2 shape
     model = state.catalog.get_model(model_name)
     return JSONResponse(_metadata(served, sorted(model.versions)))
 
 
 @router.get("/v2/models/{model_name}/ready")
 @router.get("/v2/models/{model_name}/versions/{version}/ready")
-async def v2_model_ready(model_name: str, request: Request, version: str | None = None) -> JSONResponse:
+async def v2_model_ready(model_name: str, request: Request, caller: Annotated[Caller, Depends(inference_or_read)],
+                         version: str | None = None) -> JSONResponse:
     state: RouterState = request.app.state.router
-    served = _v2_served(state, model_name, version, request)  # errors: the handler answers in the /v2 shape
+    served = _v2_served(state, model_name, version, request, caller)  # errors: the handler answers in the /v2 shape
     return JSONResponse({"name": model_name, "ready": served.can_answer})
 
 

@@ -29,7 +29,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from router.control.versions import LocalVersions, NoPredictorHost, SpecBuilder
 from router.observe.samples import SampleWindows
 from router.predict.host import PredictorHost
 from router.store import (
+    KEYS_CHANGED,
     RESYNC,
     Conflict,
     DeploymentRecord,
@@ -72,6 +73,10 @@ logger = logging.getLogger(__name__)
 
 _CAS_ATTEMPTS = 20
 _RESUBSCRIBE_S = 0.25  # after the store's change feed broke: back within a second of the store
+
+
+async def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,8 @@ class ControlPlane:
         self.leases = Leases(store, router_id or driver_id(), lease_s, on_lost=self._lost_lease)
         self._recovery = Recovery(self, self.leases)
         self._lease_loop = PeriodicLoop("control-plane leases", lease_s / 3, self._renew_and_recover)
+        # what to do when the store's API keys changed (the app reloads its key ring)
+        self.on_keys_changed: Callable[[], Awaitable[None]] = _nothing
 
     # -- life cycle -----------------------------------------------------------
 
@@ -138,8 +145,11 @@ class ControlPlane:
     async def _follow_changes(self) -> None:
         async for model_name in self.store.changes():
             if model_name == RESYNC:  # the feed (re)started: what changed while it was down is unknown
+                await self.on_keys_changed()
                 for model in await self.store.list_models():
                     await self._reconciler.reconcile(model.name)
+            elif model_name == KEYS_CHANGED:
+                await self.on_keys_changed()
             else:
                 await self._reconciler.reconcile(model_name)
 
@@ -163,9 +173,9 @@ class ControlPlane:
 
     # -- models ---------------------------------------------------------------
 
-    async def register_model(self, model: ModelRecord) -> ModelRecord:
+    async def register_model(self, model: ModelRecord, actor: str | None = None) -> ModelRecord:
         await self.store.create_model(model)
-        await self.store.append_history(HistoryEntry(model.name, "register", model.owner or "api", {}))
+        await self.store.append_history(HistoryEntry(model.name, "register", actor or model.owner or "api", {}))
         return model
 
     async def require_model(self, name: str) -> ModelRecord:

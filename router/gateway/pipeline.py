@@ -2,14 +2,18 @@
 
 Steps, in this order, each a method of ``InferenceCall``:
 
+0. **authenticate** the API key (401) and its ``inference`` scope (403), before the body is read:
+   done by the dependency that starts the call, so no route can skip it;
 1. **read** the body (bounded: 413 past the route's limit) and parse it (400 naming the field);
-2. **identify** the caller: the user key that keeps a user on one version of a split.
-   Authentication and rate limits (API keys with scopes, token buckets) are the
-   next steps to add here, before anything is resolved, so a refused caller
-   costs no routing work;
-3. **resolve** the model and version (a pin, else the split by user);
-4. **admit** under load: priority, deadline, shedding or the fallback model;
-5. the handler **opens** the upstream (an engine replica, or a predictor's batcher) and answers.
+2. **identify** the user that keeps one version of a split (the body's ``user``, ``X-User-Id``,
+   else the key's id);
+3. **limit**: the key's requests and tokens per minute (429), reserving the request's tokens
+   until it ends (``router.access.ratelimit``);
+4. **resolve** the model and version (a pin, else the split by user); a model the key may not
+   use is as unknown as one that does not exist (404);
+5. **admit** under load: priority (the key's default, or what it allows), deadline, shedding or
+   the fallback model;
+6. the handler **opens** the upstream (an engine replica, or a predictor's batcher) and answers.
 
 The call's ``headers`` collect what the response must carry (priority,
 fallback, dropped tools), on error answers too, and ``failures()`` finishes
@@ -27,7 +31,11 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from pydantic import BaseModel
 
+from router.access import ratelimit
+from router.access.auth import Caller
 from router.admission.shedding import admit_request
+from router.errors import ModelNotFound, RateLimitExceeded
+from router.gateway.authorize import caller_of
 from router.gateway.protocol import parse_json_object, read_body, validate
 from router.observe.request_record import RequestRecord, served_headers, user_key
 from router.state import RouterState
@@ -54,6 +62,20 @@ class InferenceCall:
         self.record = RequestRecord(self.request_id, route, sink=state.log_sink, metrics=state.metrics,
                                     samples=state.samples)
         self.headers: dict[str, str] = {}  # what the answer carries, error answers included
+        self.caller: Caller | None = None
+        self.body_bytes = 0
+
+    # 0. authenticate
+    def authenticate(self) -> Caller:
+        caller = caller_of(self.state, self.request.headers)
+        caller.require("inference")
+        self.caller, self.record.key_id = caller, caller.key_id
+        return caller
+
+    @property
+    def who(self) -> Caller:
+        assert self.caller is not None, "the call was not authenticated"
+        return self.caller
 
     @contextmanager
     def failures(self) -> Iterator[None]:
@@ -63,7 +85,9 @@ class InferenceCall:
     # 1. read and parse
     async def read(self, limit: int | None = None) -> bytes:
         limit = self.state.settings.max_body_bytes if limit is None else limit
-        return await read_body(self.request.stream(), self.request.headers.get("content-length"), limit)
+        body = await read_body(self.request.stream(), self.request.headers.get("content-length"), limit)
+        self.body_bytes = len(body)
+        return body
 
     async def read_json(self) -> dict[str, Any]:
         return parse_json_object(await self.read())
@@ -72,25 +96,80 @@ class InferenceCall:
     def parse(schema: type[Schema], payload: dict[str, Any]) -> Schema:
         return validate(schema, payload)
 
-    # 2. identify the caller (authentication and rate limits go here)
+    # 2. identify the user
     def identify(self, body_user: str | None = None) -> str | None:
-        self.record.user = user_key(self.request.headers, body_user)
+        self.record.user = user_key(self.request.headers, body_user, self.who.key_id)
         return self.record.user
 
-    # 3. resolve
+    # 3. limit
+    async def limit(self, tokens: int, prompt_estimate: int = 0, counts_rows: bool = False) -> None:
+        """One request and ``tokens`` reserved against the key's limits, or 429 before any routing work.
+
+        ``prompt_estimate``: what the prompt counts for when the engine reports no usage (a stream whose
+        client did not ask for it); ``counts_rows``: a prediction, whose rows are its tokens.
+        """
+        caller = self.who
+        if caller.key_id is None or (caller.rpm is None and caller.tpm is None):
+            return
+        admission = await self.state.limiter.acquire(caller.key_id, caller.rpm, caller.tpm, tokens)
+        limit_headers = ratelimit.headers(admission)
+        self.headers.update(limit_headers)  # on every answer, before a stream's first byte
+        if not admission.allowed:
+            kind, decision = ("requests", admission.requests) \
+                if admission.requests is not None and not admission.requests.allowed else ("tokens", admission.tokens)
+            assert decision is not None
+            self.state.metrics.key_refused(caller.key_id, kind)
+            wait = admission.retry_after_s
+            raise RateLimitExceeded(
+                f"API key {caller.name} ({caller.key_id}) reached its {kind} per minute limit ({decision.limit}"
+                f"{'; this request reserves ' + str(tokens) if kind == 'tokens' else ''}); retry in {wait:.1f}s",
+                kind, wait, limit_headers)
+        if caller.tpm is not None:
+            key_id, tpm, state = caller.key_id, caller.tpm, self.state
+
+            def settle(record: RequestRecord) -> None:
+                used = _tokens_used(record, tokens, prompt_estimate, counts_rows)
+                state.metrics.key_tokens(key_id, used)
+                state.background.spawn(state.limiter.settle(key_id, tpm, admission.reserved, used),
+                                       name=f"settle {record.request_id}")
+
+            self.record.on_finish.append(settle)
+
+    async def limit_generation(self, max_tokens: int | None) -> None:
+        """An LLM request: it reserves its prompt (about four bytes of body a token) and its output
+        (``max_tokens``, else ``auth.reserved_tokens``) until it ends."""
+        prompt = self.body_bytes // 4
+        output = max_tokens if max_tokens is not None else self.state.settings.auth.reserved_tokens
+        await self.limit(prompt + output, prompt_estimate=prompt)
+
+    # 4. resolve
     def resolve(self, model: str, pinned_version: str | None = None, predict: bool = False) -> ServedVersion:
-        served = self.state.catalog.resolve(model, pinned_version, self.record.user,
-                                            retry_after_s=self.state.settings.retry_after_s, predict=predict)
+        caller = self.who
+        if not caller.may_use(model):
+            raise self._unknown_to_caller(model)
+        try:
+            served = self.state.catalog.resolve(model, pinned_version, self.record.user,
+                                                retry_after_s=self.state.settings.retry_after_s, predict=predict)
+        except ModelNotFound:
+            if caller.models is None:
+                raise
+            raise self._unknown_to_caller(model) from None  # the full message lists every served model
         self.record.resolved(served.model_name, served.version)
         return served
 
-    # 4. admit
+    def _unknown_to_caller(self, model: str) -> ModelNotFound:
+        """The 404 of an unknown model, listing only the models this key may use."""
+        known = ", ".join(sorted(m.name for m in self.state.catalog.models() if self.who.may_use(m.name))) or "none"
+        return ModelNotFound(f"model {model!r} does not exist; served models: {known}", param="model")
+
+    # 5. admit
     async def admit(self, served: ServedVersion) -> ServedVersion:
-        answering, extra = await admit_request(self.state.admission, self.request.headers, served, self.record.user)
+        answering, extra = await admit_request(self.state.admission, self.request.headers, served, self.record.user,
+                                               self.who)
         self.headers.update(extra)
         return answering
 
-    # 5. what a successful answer carries
+    # 6. what a successful answer carries
     def answer_headers(self, served: ServedVersion, replica_id: str) -> dict[str, str]:
         return {**served_headers(self.request_id, served.version, replica_id), **self.headers}
 
@@ -99,7 +178,22 @@ def inference(route: str) -> Callable[[Request], Awaitable[InferenceCall]]:
     """The FastAPI dependency that starts a call through the pipeline for ``route`` (its log and metric name)."""
 
     async def start(request: Request) -> InferenceCall:  # async: on the event loop, whose clock sets the deadline
-        return InferenceCall(request, request.app.state.router, route)
+        call = InferenceCall(request, request.app.state.router, route)
+        with call.failures():  # a refused key is a request like any other: counted, logged, answered
+            call.authenticate()
+        return call
 
     return start
+
+
+def _tokens_used(record: RequestRecord, reserved: int, prompt_estimate: int, counts_rows: bool) -> int:
+    """What a finished request used of its key's tokens: the engine's usage when it reported it (prompt and
+    completion), else the prompt's estimate and what was relayed; a prediction's rows once answered;
+    nothing for a request that never reached an engine."""
+    if counts_rows:
+        return reserved if record.status_code == 200 else 0
+    if not record.replica:
+        return 0
+    output = record.output_tokens or 0
+    return (record.prompt_tokens if record.prompt_tokens is not None else prompt_estimate) + output
 

@@ -84,9 +84,22 @@ class RouterMetrics:
         self.admission = Counter("llmserve_admission", "Requests by priority class and what admission did: "
                                  "full (the chosen model), fallback, rejected (429), expired (503)",
                                  ["model", "priority", "outcome"], registry=self.registry)
+        # per API key: its id, never the secret (the secret is in no label, log or row)
+        self.key_requests = Counter("llmserve_key_requests", "Inference requests by API key id and status",
+                                    ["key_id", "status"], registry=self.registry)
+        self.key_tokens_used = Counter("llmserve_key_tokens", "Tokens (rows for predict) charged to an API key",
+                                       ["key_id"], registry=self.registry)
+        self.key_refusals = Counter("llmserve_key_rate_limited", "Requests refused by a key's RPM or TPM limit",
+                                    ["key_id", "limit"], registry=self.registry)
         self.registry.register(_CatalogCollector(catalog))
 
     enabled = True
+
+    def key_refused(self, key_id: str, limit: str) -> None:
+        self.key_refusals.labels(key_id, limit).inc()
+
+    def key_tokens(self, key_id: str, tokens: int) -> None:
+        self.key_tokens_used.labels(key_id).inc(tokens)
 
     def batch_observer(self, model: str, version: str) -> _BatchMetrics | None:
         return _BatchMetrics(self, model, version)
@@ -108,6 +121,8 @@ class RouterMetrics:
         if counted_in_flight:
             self.in_flight.labels(model, version).dec()
         self.requests.labels(model, version, record.route, str(record.status_code)).inc()
+        if record.key_id is not None:
+            self.key_requests.labels(record.key_id, str(record.status_code)).inc()
         self.e2e.labels(model, version, record.route).observe(latency_s)
         ttft = record.ttft_ms
         if ttft is not None:
@@ -140,6 +155,12 @@ class NoMetrics:
         return None
 
     def admission_outcome(self, model: str, priority: str, outcome: str) -> None:
+        return None
+
+    def key_refused(self, key_id: str, limit: str) -> None:
+        return None
+
+    def key_tokens(self, key_id: str, tokens: int) -> None:
         return None
 
     def started(self, model: str, version: str) -> None:

@@ -54,7 +54,10 @@ class RequestRecord:
     error: str | None = None  # the message of a failure, for the request log
     reason: str | None = None  # the error code of a failure
     user: str | None = None
+    key_id: str | None = None  # the caller's API key (its id: the secret is never kept)
     output_tokens: int | None = None
+    prompt_tokens: int | None = None
+    on_finish: list[Callable[[RequestRecord], None]] = field(default_factory=list, repr=False)
     sink: Callable[[InferenceLog], None] | None = field(default=None, repr=False)
     metrics: RequestObserver | None = field(default=None, repr=False)
     samples: SampleWindows | None = field(default=None, repr=False)
@@ -100,6 +103,8 @@ class RequestRecord:
             return
         if isinstance(usage, dict) and "completion_tokens" in usage:
             self.output_tokens = int(usage["completion_tokens"])
+            if isinstance(usage.get("prompt_tokens"), int):
+                self.prompt_tokens = usage["prompt_tokens"]
 
     @property
     def ttft_ms(self) -> float | None:
@@ -171,6 +176,11 @@ class RequestRecord:
             # A prediction arrives whole: its latency is what a canary of a predict model is judged on.
             signal = latency_ms if self.route in ("predict", "v2_infer") else ttft
             self.samples.record(self.model, self.version, signal, self.status_code)
+        for hook in self.on_finish:
+            try:
+                hook(self)
+            except Exception:  # accounting after the fact must not break the request's own record
+                logger.exception("a finish hook of request %s failed", self.request_id)
         if self.sink is not None:
             self.sink(InferenceLog(
                 request_id=self.request_id, model_name=self.model, version=self.version, replica=self.replica,
@@ -180,18 +190,16 @@ class RequestRecord:
             ))
 
 
-def user_key(headers: Mapping[str, str], body_user: str | None) -> str | None:
+def user_key(headers: Mapping[str, str], body_user: str | None, key_id: str | None = None) -> str | None:
     """Who the request is for, for a sticky version choice: the body's ``user``, else the
-    ``X-User-Id`` header, else the API key; None (a random choice) when there is nothing."""
+    ``X-User-Id`` header, else the API key's id (never its secret); None (a random choice) when
+    there is nothing."""
     if body_user:
         return body_user
     header = headers.get("x-user-id")
     if header:
         return header
-    authorization = headers.get("authorization", "")
-    if authorization.lower().startswith("bearer ") and len(authorization) > 7:
-        return "key:" + authorization[7:]
-    return None
+    return f"key:{key_id}" if key_id else None
 
 
 def served_headers(request_id: str, version: str, replica_id: str) -> dict[str, str]:
