@@ -16,6 +16,7 @@ The tree (status, ``code``)::
     ├── MethodNotAllowed           405 method_not_allowed
     ├── ConflictError              409 conflict              a live duplicate, a stale If-Match, a state that forbids it
     ├── PayloadTooLarge            413 payload_too_large
+    ├── ClientClosedRequest        499 client_disconnected   the client left before its request was read
     ├── ShedLoad                   429 overloaded            saturated; Retry-After
     ├── QueueFull                  429 queue_full            a predictor's queue is full; Retry-After
     ├── UpstreamFailed             502 replica_failed        the engine failed while answering
@@ -33,6 +34,7 @@ handlers and for the request record alike:
     router.traffic.split.InvalidSplit     -> InvalidRequest(param="split")
     router.predict.errors.InvalidInput    -> InvalidRequest(param=the field)
     router.predict.errors.Overloaded      -> QueueFull | PredictorOverloaded, with Retry-After
+    starlette's ClientDisconnect          -> ClientClosedRequest (the body was cut: nobody reads the answer)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from router.predict.errors import InvalidInput, Overloaded
 from router.store.base import Conflict, NotFound
@@ -102,6 +105,16 @@ class PayloadTooLarge(APIError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class ClientClosedRequest(APIError):
+    """nginx's 499: the connection closed while the request's body was being read. The answer goes
+    nowhere; the status is for the record and the metrics, which must not count a client's cut
+    body as the router's 500."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    code = "client_disconnected"
 
 
 class ModelNotFound(APIError):
@@ -236,10 +249,12 @@ def as_api_error(exc: BaseException) -> APIError | None:
     if isinstance(exc, Overloaded):
         kind = QueueFull if exc.status == 429 else PredictorOverloaded
         return kind(f"{exc.reason}; retry in {exc.retry_after_s}s", exc.retry_after_s)
+    if isinstance(exc, ClientDisconnect):
+        return ClientClosedRequest("the client closed the connection before sending its whole request body")
     return None
 
 
-_DOMAIN_ERRORS = (Conflict, NotFound, InvalidSplit, InvalidInput, Overloaded)
+_DOMAIN_ERRORS = (Conflict, NotFound, InvalidSplit, InvalidInput, Overloaded, ClientDisconnect)
 
 
 def _respond(request: Request, error: APIError) -> JSONResponse:
