@@ -176,6 +176,23 @@ class AdmissionSettings(BaseModel):
         0.05, gt=0, le=1, description="While a request waits for room, how often saturation is checked again.")
 
 
+class ConnectionSettings(BaseModel):
+    """What one client's HTTP connection may hold (router.gateway.connection): uvicorn bounds none of it."""
+
+    max_header_bytes: int = Field(64 << 10, ge=1024, description="A request's line and headers together; past "
+                                  "it 431 and the connection closes (the parser never holds more).")
+    max_headers: int = Field(200, ge=8, description="Header lines a request may have; past it 431.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="From a connection's start, or its previous answer, to the end of the next "
+        "request's headers; past it 408 (a plain close when nothing came). A slow drip of headers is cut too.")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest silence while a request's body arrives; past it 408 and the connection "
+        "closes (the request's time budget, request_timeout_s, bounds a body that trickles).")
+    write_timeout_s: float = Field(
+        30.0, gt=0, description="Longest a response may wait for its client to take bytes (64 KiB waiting past "
+        "the kernel's buffers); past it the connection is aborted, which ends a stream and its engine request.")
+
+
 class RouterSettings(BaseModel):
     """The HTTP surface."""
 
@@ -213,6 +230,7 @@ class RouterSettings(BaseModel):
     max_predict_body_bytes: int = Field(256 << 20, ge=1024, description="Larger predict bodies get 413.")
     predict: PredictSettings = Field(default_factory=PredictSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    connections: ConnectionSettings = Field(default_factory=ConnectionSettings)
 
 
 class ModelSettings(BaseModel):
