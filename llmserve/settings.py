@@ -183,8 +183,8 @@ class ConnectionSettings(BaseModel):
                                   "it 431 and the connection closes (the parser never holds more).")
     max_headers: int = Field(200, ge=8, description="Header lines a request may have; past it 431.")
     header_timeout_s: float = Field(
-        10.0, gt=0, description="From a connection's start, or its previous answer, to the end of the next "
-        "request's headers; past it 408 (a plain close when nothing came). A slow drip of headers is cut too.")
+        10.0, gt=0, description="From a connection's start, or a later request's first byte, to the end of "
+        "the request's headers; past it 408 (a plain close when nothing came). A slow drip of headers is cut too.")
     body_timeout_s: float = Field(
         30.0, gt=0, description="Longest silence while a request's body arrives; past it 408 and the connection "
         "closes (the request's time budget, request_timeout_s, bounds a body that trickles).")

@@ -81,11 +81,12 @@ async def test_streams_reset_with_a_backlog_release_their_replica_at_once(tmp_pa
 
 
 async def test_oversized_headers_get_a_prompt_431_and_normal_ones_are_served(tmp_path: Path) -> None:
-    async with run_router(demo(), tmp_path, short_limits()) as router:  # idle keep-alives close at 0.5 s
+    async with run_router(demo(), tmp_path) as router:  # the default limits: 64 KiB, 200 headers
         port = port_of(router)
 
         async def status(headers: bytes = b"", path: bytes = b"/v1/chat/completions") -> int | None:
-            answer = await raw.probe(port, raw.chat_request("demo", 4, False, headers, path), timeout_s=5)
+            request = raw.chat_request("demo", 4, False, b"Connection: close\r\n" + headers, path)
+            answer = await raw.probe(port, request, timeout_s=5)
             assert answer.closed and answer.elapsed_s < 2, answer
             return answer.status
 
@@ -128,4 +129,25 @@ async def test_a_reader_that_stops_reading_is_cut_and_releases_its_replica(tmp_p
         assert replica.outstanding == 0  # before: held until the client went away, however long
         assert await router_metric(router, "llmserve_requests_total", status="499") == 2
         for sock in socks:
+            sock.close()
+
+
+async def test_an_idle_kept_alive_connection_is_left_to_uvicorns_keep_alive(tmp_path: Path) -> None:
+    """The header time-out starts at a request's first byte: a client that waits between two requests
+    on one connection longer than it (but within uvicorn's 5 s keep-alive) is served, not reset."""
+    async with run_router(demo(), tmp_path, short_limits()) as router:
+        sock = await raw.connect(port_of(router))
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(2):
+                await raw.send_all(sock, raw.chat_request("demo", 4, stream=False))
+                got = b""
+                async with asyncio.timeout(5):
+                    while b"}}" not in got:  # the end of the JSON answer (its usage object)
+                        piece = await loop.sock_recv(sock, 65536)
+                        assert piece, "the router closed the kept-alive connection"
+                        got += piece
+                assert got.startswith(b"HTTP/1.1 200 "), got[:100]
+                await asyncio.sleep(1.0)  # twice the header time-out
+        finally:
             sock.close()

@@ -14,8 +14,9 @@ uvicorn (httptools) bounds none of what a client may hold; the chaos scenarios o
 - headers (request line included) past ``max_header_bytes``, or more than
   ``max_headers`` of them: 431, and the connection closes. The parser is fed at
   most that many header bytes, so nothing grows past the limit;
-- headers not complete ``header_timeout_s`` after the connection opened, or
-  after its previous answer: 408 (a plain close when no byte came);
+- headers not complete ``header_timeout_s`` after the connection opened (a
+  plain close when no byte came), or after the first byte of a later request on
+  it: 408. An idle kept-alive connection is uvicorn's: ``timeout_keep_alive``;
 - a body with no new byte for ``body_timeout_s``, or still arriving when the
   request's time budget (``request_timeout_s``) is spent: 408, connection closed;
   the handler sees its client leave (a 499 in its record);
@@ -72,6 +73,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():
             return
+        if self._reading_headers and self._read_timer is None:  # a later request on a kept-alive connection
+            self._arm_read(self.limits.header_timeout_s, self._headers_late)
         if not self._reading_headers or len(data) <= self._header_room:
             if self._reading_headers:
                 self._header_room -= len(data)  # may count body bytes too: the room resets per request
@@ -115,7 +118,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._read_timer = None
         if self.transport.is_closing():
             return
-        if self._header_room == self.limits.max_header_bytes:  # nothing of a next request came: an idle close
+        if self.cycle is not None and not self.cycle.response_complete:  # a pipelined request: answer this one first
+            self._arm_read(self.limits.header_timeout_s, self._headers_late)
+            return
+        if self._header_room == self.limits.max_header_bytes:  # a new connection that sent nothing
             self.transport.close()
             return
         self._refuse(408, "request_timeout", f"the request's headers took over {self.limits.header_timeout_s:g}s "
@@ -186,11 +192,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._write_timer.cancel()
             self._write_timer = None
         super().connection_lost(exc)
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self.timeout_keep_alive_task is not None:  # idle now: the next request's headers are timed
-            self._arm_read(self.limits.header_timeout_s, self._headers_late)
 
     def _arm_read(self, delay_s: float, callback: Callable[[], None]) -> None:
         self._cancel_read()
