@@ -68,7 +68,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from llmserve.replicas.spec import EngineSpec
-    from llmserve.server import build
+    from llmserve.server import build, uvicorn_config
 
     _prepare(settings, args.source)
     examples = _build_examples(settings) if settings.examples else []
@@ -114,14 +114,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                       name="announce ready")
 
     server = build(settings, specs=engine_program, on_started=bootstrap)
-    config = uvicorn.Config(
-        server.app,
-        host=router_settings.host,
-        port=router_settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.engine.drain_timeout_s),
-    )
+    config = uvicorn_config(server.app, router_settings, timeout_graceful_shutdown=int(settings.engine.drain_timeout_s))
     uvicorn.Server(config).run()
     return 0
 

@@ -12,20 +12,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import uvicorn
 from fastapi import FastAPI
 
 from llmserve.replicas.backend import ReplicaBackend
 from llmserve.replicas.local import LocalBackend
 from llmserve.replicas.spec import EngineSpec
-from llmserve.settings import Settings
+from llmserve.settings import RouterSettings, Settings
 from router.app import StartedHook, create_app
 
-__all__ = ["Server", "StartedHook", "build", "open_store"]
 from router.access.ratelimit import RedisLimiter, SharedLimiter
 from router.control.versions import SpecBuilder, spec_builder
+from router.gateway.connection import http_protocol
 from router.store import Store
+
+__all__ = ["Server", "StartedHook", "build", "open_store", "uvicorn_config"]
 
 
 @dataclass
@@ -71,3 +74,11 @@ def build(
                      models_dir=models_dir or settings.model_repository, static=static, on_started=on_started,
                      limiter=limiter)
     return Server(settings, app, backend, chosen)
+
+
+def uvicorn_config(app: FastAPI, router: RouterSettings, **overrides: Any) -> uvicorn.Config:
+    """How uvicorn serves the router: on ``router``'s host and port, with the router's HTTP protocol
+    (header limits and read and write time-outs: ``router.gateway.connection``), and no logging
+    set up of its own (the router's logs go where the process sends them)."""
+    return uvicorn.Config(app, host=router.host, port=router.port, http=http_protocol(router), log_config=None,
+                          access_log=False, **overrides)

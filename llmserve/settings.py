@@ -198,6 +198,23 @@ class AuthSettings(BaseModel):
         512, ge=1, description="Tokens a request without max_tokens reserves against its key's TPM until it ends.")
 
 
+class ConnectionSettings(BaseModel):
+    """What one client's HTTP connection may hold (router.gateway.connection): uvicorn bounds none of it."""
+
+    max_header_bytes: int = Field(64 << 10, ge=1024, description="A request's line and headers together; past "
+                                  "it 431 and the connection closes (the parser never holds more).")
+    max_headers: int = Field(200, ge=8, description="Header lines a request may have; past it 431.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="From a connection's start, or a later request's first byte, to the end of "
+        "the request's headers; past it 408 (a plain close when nothing came). A slow drip of headers is cut too.")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest silence while a request's body arrives; past it 408 and the connection "
+        "closes (the request's time budget, request_timeout_s, bounds a body that trickles).")
+    write_timeout_s: float = Field(
+        30.0, gt=0, description="Longest a response may wait for its client to take bytes (64 KiB waiting past "
+        "the kernel's buffers); past it the connection is aborted, which ends a stream and its engine request.")
+
+
 class RouterSettings(BaseModel):
     """The HTTP surface."""
 
@@ -239,6 +256,7 @@ class RouterSettings(BaseModel):
     max_predict_body_bytes: int = Field(256 << 20, ge=1024, description="Larger predict bodies get 413.")
     predict: PredictSettings = Field(default_factory=PredictSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    connections: ConnectionSettings = Field(default_factory=ConnectionSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @model_validator(mode="after")

@@ -10,14 +10,17 @@ import uvicorn
 from fastapi import FastAPI
 
 from llmserve.replicas.backend import ReplicaBackend
+from llmserve.server import uvicorn_config
+from llmserve.settings import RouterSettings
 
 
 @contextlib.asynccontextmanager
-async def serve_router(app: FastAPI, port: int, backend: ReplicaBackend, wait_replicas: bool = True
-                       ) -> AsyncIterator[str]:
-    """Start ``app`` on 127.0.0.1:``port`` (and wait for the backend's replicas); yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                                           lifespan="on"))
+async def serve_router(app: FastAPI, port: int, backend: ReplicaBackend, wait_replicas: bool = True,
+                       router: RouterSettings | None = None) -> AsyncIterator[str]:
+    """Start ``app`` on 127.0.0.1:``port`` (and wait for the backend's replicas); yields the base URL.
+    ``router``: the settings whose connection limits uvicorn applies, as ``llmserve up`` does."""
+    settings = (router or RouterSettings()).model_copy(update={"host": "127.0.0.1", "port": port})
+    server = uvicorn.Server(uvicorn_config(app, settings, lifespan="on"))
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:

@@ -19,6 +19,7 @@ The tree (status, ``code``)::
     ├── MethodNotAllowed           405 method_not_allowed
     ├── ConflictError              409 conflict              a live duplicate, a stale If-Match, a state that forbids it
     ├── PayloadTooLarge            413 payload_too_large
+    ├── ClientClosedRequest        499 client_disconnected   the client left before its request was read
     ├── ShedLoad                   429 overloaded            saturated; Retry-After
     ├── RateLimitExceeded          429 rate_limit_exceeded   the key's RPM or TPM; Retry-After, x-ratelimit-*
     ├── QueueFull                  429 queue_full            a predictor's queue is full; Retry-After
@@ -39,6 +40,7 @@ handlers and for the request record alike:
     router.predict.errors.InvalidInput    -> InvalidRequest(param=the field)
     router.predict.errors.Overloaded      -> QueueFull | PredictorOverloaded, with Retry-After
     router.store.Unavailable              -> StoreUnavailable, with Retry-After
+    starlette's ClientDisconnect          -> ClientClosedRequest (the body was cut: nobody reads the answer)
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from router.predict.errors import InvalidInput, Overloaded
 from router.store.base import Conflict, NotFound, Unavailable
@@ -124,6 +127,16 @@ class PayloadTooLarge(APIError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class ClientClosedRequest(APIError):
+    """nginx's 499: the connection closed while the request's body was being read. The answer goes
+    nowhere; the status is for the record and the metrics, which must not count a client's cut
+    body as the router's 500."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    code = "client_disconnected"
 
 
 class ModelNotFound(APIError):
@@ -291,10 +304,12 @@ def as_api_error(exc: BaseException) -> APIError | None:
     if isinstance(exc, Unavailable):
         return StoreUnavailable(f"{exc}; inference still serves, control-plane changes are refused until "
                                 "the store is back", STORE_RETRY_AFTER_S)
+    if isinstance(exc, ClientDisconnect):
+        return ClientClosedRequest("the client closed the connection before sending its whole request body")
     return None
 
 
-_DOMAIN_ERRORS = (Conflict, NotFound, InvalidSplit, InvalidInput, Overloaded, Unavailable)
+_DOMAIN_ERRORS = (Conflict, NotFound, InvalidSplit, InvalidInput, Overloaded, Unavailable, ClientDisconnect)
 
 
 def _respond(request: Request, error: APIError) -> JSONResponse:

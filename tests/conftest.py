@@ -97,7 +97,7 @@ async def run_router(
     backend = server.backend
     assert isinstance(backend, LocalBackend)
     try:
-        async with serve_router(server.app, port, backend, wait_replicas=wait_ready) as url:
+        async with serve_router(server.app, port, backend, wait_replicas=wait_ready, router=settings) as url:
             yield RunningRouter(url=url, backend=backend, app=server.app)
     finally:
         leftover = [r for r in backend.supervisor.replicas if r.state is not EndpointState.STOPPED]

@@ -102,3 +102,22 @@ def test_vllm_metric_names_are_parsed() -> None:
     )
     assert parse_engine_metrics(text) == {"vllm:num_requests_running": 3.0, "vllm:num_preemptions_total": 7.0,
                                           "vllm:prefix_cache_hits_total": 40.0}
+
+
+def test_a_long_stream_holds_a_bounded_number_of_gaps_and_every_gap_is_counted() -> None:
+    from router.observe.metrics import RouterMetrics
+    from router.observe.request_record import GAP_BATCH, RequestRecord
+    from router.traffic.catalog import Catalog
+
+    metrics = RouterMetrics(Catalog())
+    record = RequestRecord("r", "/v1/chat/completions", metrics=metrics)
+    record.begin("demo", "v1", stream=True)
+    held = 0
+    for _ in range(10 * GAP_BATCH + 1):  # a token a chunk: 10 * GAP_BATCH gaps
+        record.mark_chunk(b'{"choices":[{"delta":{"content":"word"}}]}')
+        held = max(held, len(record.gaps_s))
+    record.finish(200)
+    assert held < GAP_BATCH  # not one float a token for the stream's whole life
+    count = metrics.registry.get_sample_value("llmserve_inter_token_latency_seconds_count",
+                                              {"model": "demo", "version": "v1"})
+    assert count == 10 * GAP_BATCH

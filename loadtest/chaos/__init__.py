@@ -20,14 +20,14 @@ scenario misses when anything is lost or a check is false.
 
 from __future__ import annotations
 
-from loadtest.chaos import replicas, restarts, stores
+from loadtest.chaos import clients, replicas, restarts, stores
 from loadtest.chaos.scenario import Load, Outcome, Scenario, report
 from loadtest.chaos.tally import Tally, outcome_of
 
 
 def scenarios() -> list[Scenario]:
     """Every scenario, in the order the table lists them."""
-    return [*replicas.scenarios(), *stores.scenarios(), *restarts.scenarios()]
+    return [*replicas.scenarios(), *clients.scenarios(), *stores.scenarios(), *restarts.scenarios()]
 
 
 def table(results: list[dict[str, object]]) -> str:

@@ -61,7 +61,8 @@ async def generate(model_name: str, call: GenerateCall) -> Response:
     summary = {"model": served.model_name, "version": served.version, "replica": upstream.replica.id,
                "request_id": request_id}
     if parsed.stream:
-        return EventSourceResponse(_stream(upstream, record, summary), headers=headers, sep="\n", ping=state.sse_ping_s)
+        return EventSourceResponse(_stream(upstream, record, summary), headers=headers, sep="\n", ping=state.sse_ping_s,
+                                   client_close_handler_callable=upstream.on_client_gone)
 
     outcome = _Outcome()
     try:

@@ -93,7 +93,7 @@ async def _relay_openai(
     if upstream.status_code != 200 or not parsed.stream:
         return await buffered_response(upstream, call.record, headers)
     return EventSourceResponse(_relay_stream(upstream, call.record), headers=headers, sep="\n",
-                               ping=call.state.sse_ping_s)
+                               ping=call.state.sse_ping_s, client_close_handler_callable=upstream.on_client_gone)
 
 
 async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncIterator[bytes]:

@@ -116,6 +116,11 @@ class RouterMetrics:
     def started(self, model: str, version: str) -> None:
         self.in_flight.labels(model, version).inc()
 
+    def inter_token_gaps(self, model: str, version: str, gaps_s: list[float]) -> None:
+        itl = self.itl.labels(model, version)
+        for gap in gaps_s:
+            itl.observe(gap)
+
     def finished(self, record: RequestRecord, latency_s: float, counted_in_flight: bool) -> None:
         model, version = record.model, record.version
         if counted_in_flight:
@@ -127,9 +132,7 @@ class RouterMetrics:
         ttft = record.ttft_ms
         if ttft is not None:
             self.ttft.labels(model, version).observe(ttft / 1000)
-        itl = self.itl.labels(model, version)
-        for gap in record.gaps_s:
-            itl.observe(gap)
+        self.inter_token_gaps(model, version, record.gaps_s)
         if record.output_tokens:
             self.output_tokens.labels(model, version).inc(record.output_tokens)
             if ttft is not None and record.output_tokens > 1:
@@ -164,6 +167,9 @@ class NoMetrics:
         return None
 
     def started(self, model: str, version: str) -> None:
+        return None
+
+    def inter_token_gaps(self, model: str, version: str, gaps_s: list[float]) -> None:
         return None
 
     def finished(self, record: RequestRecord, latency_s: float, counted_in_flight: bool) -> None:

@@ -85,6 +85,7 @@ class Upstream:
     stall_timeout_s: float = 0.0
     first: bytes = b""  # a stream's first chunk, read by ``Relay.open`` before it chose this replica for good
     timed_out: bool = False
+    client_gone: bool = False
     _closed: bool = field(default=False, repr=False)
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     _seen_bytes: bool = field(default=False, repr=False)
@@ -129,9 +130,19 @@ class Upstream:
                 self._seen_bytes = True
                 yield chunk
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            if self.client_gone:  # on_client_gone closed it: end the relay as its cancellation would
+                raise asyncio.CancelledError("the client went away") from exc
             raise self._failure(exc) from exc
         if self.timed_out:  # closing may end the body as a clean EOF
             raise UpstreamTimedOut(self.budget_s)
+
+    async def on_client_gone(self, message: object = None) -> None:
+        """The client left a stream (sse-starlette calls this): close the engine's connection now, so
+        the engine aborts, and the relay's next read ends it. Cancelling the relay task is not enough:
+        anyio cancels a task only when it finds it waiting, and a relay with a backlog (a reader that
+        stopped, then reset) always has a chunk ready; such streams ran on for seconds, into nothing."""
+        self.client_gone = True
+        self.response.close()
 
     async def aclose(self) -> None:
         """Release the replica. An unfinished stream's connection is closed, not
@@ -280,13 +291,8 @@ class Relay:
         # Every replica tried failed before answering and the request was
         # never processed, so this is "unavailable, retry".
         what = "refused the connection and were ejected" if refused == len(tried) else "could not take the request"
-        raise NoReplicaReady(
-            served.model_name,
-            served.version,
-            self._settings.retry_after_s,
-            detail=f"{len(tried)} replica(s) {what}: {last_error}",
-        )
-
+        raise NoReplicaReady(served.model_name, served.version, self._settings.retry_after_s,
+                             detail=f"{len(tried)} replica(s) {what}: {last_error}")
 
     def _budget_spent(self, served: ServedVersion, replica: Endpoint, request_id: str) -> RequestTimedOut:
         return RequestTimedOut(f"{served.versioned_name}: {budget_message(self._settings.request_timeout_s)}",
