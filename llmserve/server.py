@@ -21,9 +21,8 @@ from llmserve.replicas.backend import ReplicaBackend
 from llmserve.replicas.local import LocalBackend
 from llmserve.replicas.spec import EngineSpec
 from llmserve.settings import RouterSettings, Settings
-from router.app import StartedHook, create_app
-
 from router.access.ratelimit import RedisLimiter, SharedLimiter
+from router.app import StartedHook, create_app
 from router.control.versions import SpecBuilder, spec_builder
 from router.gateway.connection import http_protocol
 from router.store import Store
