@@ -45,17 +45,22 @@ def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _banner(host: str, port: int, model: str) -> str:
+def _banner(host: str, port: int, model: str, auth: str | None) -> str:
+    """What ``llmserve up`` prints once it serves. ``auth``: how the examples get their API key (a new key
+    itself, said once, or the file that holds it); None with authentication off."""
     url = f"http://{host}:{port}"
+    key_line = "" if auth is None else f"\n  {auth}\n"
+    header = "" if auth is None else " -H \"Authorization: Bearer $LLMSERVE_API_KEY\""
+    api_key = "os.environ['LLMSERVE_API_KEY']" if auth is not None else "'unused'"
     return f"""
 llmserve is ready: {url}  (OpenAI-compatible API at {url}/v1, docs at {url}/docs)
-
-  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+{key_line}
+  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json'{header} \\
     -d '{{"model": "{model}", "stream": true,
          "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
-  python -c "from openai import OpenAI
-c = OpenAI(base_url='{url}/v1', api_key='unused')
+  python -c "import os; from openai import OpenAI
+c = OpenAI(base_url='{url}/v1', api_key={api_key})
 for chunk in c.chat.completions.create(model='{model}', stream=True,
         messages=[{{'role': 'user', 'content': 'What is the capital of France?'}}]):
     print(chunk.choices[0].delta.content or '' if chunk.choices else '', end='', flush=True)"
@@ -110,7 +115,21 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                                                          manifest.framework, "llmserve"))
             if not any(d.status in LIVE_STATUSES for d in await control.store.list_deployments(manifest.name)):
                 await control.deploy(manifest.name, manifest.version, 1, "llmserve up")
-        control.spawn(_announce_when_ready(state, router_settings.host, router_settings.port, model.name),
+        auth = None
+        if router_settings.auth.enabled:
+            from router.access.bootstrap import ADMIN_KEY_FILE, first_admin_key
+
+            key_file = settings.data_dir / ADMIN_KEY_FILE
+            created = None if router_settings.auth.admin_key else await first_admin_key(control.store,
+                                                                                        settings.data_dir)
+            if created is not None:  # shown this once; the file keeps it for the examples
+                auth = (f"A new admin API key (shown once; also in {key_file}, readable only by you):\n"
+                        f"    {created}\n  export LLMSERVE_API_KEY=$(cat {key_file})")
+            elif router_settings.auth.admin_key:
+                auth = "export LLMSERVE_API_KEY=<your LLMSERVE_ADMIN_KEY, or a key from `llmserve keys create`>"
+            else:
+                auth = f"export LLMSERVE_API_KEY=$(cat {key_file})   # the admin key made on first start"
+        control.spawn(_announce_when_ready(state, router_settings.host, router_settings.port, model.name, auth),
                       name="announce ready")
 
     server = build(settings, specs=engine_program, on_started=bootstrap)
@@ -174,11 +193,12 @@ def speculation_for(model_name: str, kind: str, settings: Settings) -> Any:
     return None
 
 
-async def _announce_when_ready(state: RouterState, host: str, port: int, model_name: str) -> None:
+async def _announce_when_ready(state: RouterState, host: str, port: int, model_name: str, auth: str | None
+                               ) -> None:
     while True:
         model = state.catalog.find(model_name)
         if model is not None and any(v.ready_replicas for v in model.versions.values()):
-            print(_banner(host, port, model_name), flush=True)
+            print(_banner(host, port, model_name, auth), flush=True)
             return
         await asyncio.sleep(0.2)
 
@@ -234,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     examples = sub.add_parser("examples", help="build the example traditional models (fraud classifiers)")
     examples.set_defaults(func=cmd_examples)
+
+    from llmserve import keys_cli
+
+    keys_cli.add_parser(sub)
 
     loadtest = sub.add_parser("loadtest", help="load tests: run, sweep, bench (same as python -m loadtest)")
     loadtest.add_argument("loadtest_args", nargs=argparse.REMAINDER)

@@ -221,3 +221,43 @@ async def test_a_keys_secret_is_in_no_log_metric_or_store_row(tmp_path: Path, ca
             data = path.read_bytes()
             assert secret.encode() not in data and secret[6:].encode() not in data, path
     assert created["hint"] in str(listing)
+
+
+async def test_a_fresh_data_dir_gets_one_admin_key_stored_as_a_hash_in_a_file_only_its_user_reads(
+        tmp_path: Path) -> None:
+    from router.access.auth import hash_key
+    from router.access.bootstrap import ADMIN_KEY_FILE, first_admin_key
+
+    store = SQLiteStore(tmp_path / "db")
+    secret = await first_admin_key(store, tmp_path)
+    assert secret is not None and secret.startswith("sk-ls-")
+    path = tmp_path / ADMIN_KEY_FILE
+    assert path.read_text().strip() == secret and path.stat().st_mode & 0o777 == 0o600
+    (stored,) = await store.list_keys()
+    assert stored.scopes == ("admin",) and stored.key_hash == hash_key(secret)
+    assert secret not in str(stored.to_dict())
+    assert await first_admin_key(store, tmp_path) is None  # a live admin key exists: no second one
+    await store.revoke_key(stored.key_id, time.time())
+    assert await first_admin_key(store, tmp_path) not in (None, secret)  # revoked: a new one
+    await store.close()
+
+
+async def test_the_keys_command_creates_lists_and_revokes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    import json
+
+    from llmserve.cli import main
+
+    async with keyed_router(tmp_path) as (router, client):
+        base = ["--data-dir", str(tmp_path), "keys", "--url", router.url, "--key", ADMIN]
+        assert await asyncio.to_thread(main, [*base, "create", "ci", "--scopes", "deploy,read", "--rpm", "10"]) == 0
+        created = json.loads(capsys.readouterr().out)
+        assert created["scopes"] == ["deploy", "read"] and created["rpm"] == 10 and created["key"].startswith("sk-ls-")
+        assert (await client.get("/api/v1/models", headers=bearer(created["key"]))).status_code == 200
+        assert await asyncio.to_thread(main, [*base, "list"]) == 0
+        listed = json.loads(capsys.readouterr().out)["keys"]
+        assert [k["name"] for k in listed] == ["ci"] and "key" not in listed[0] and "key_hash" not in listed[0]
+        assert await asyncio.to_thread(main, [*base, "revoke", created["key_id"]]) == 0
+        assert (await client.get("/api/v1/models", headers=bearer(created["key"]))).status_code == 401
+        assert await asyncio.to_thread(main, [*base[:-2], "--key", "sk-ls-wrong", "list"]) == 1
+        assert "invalid_api_key" in capsys.readouterr().err

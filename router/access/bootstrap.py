@@ -1,0 +1,35 @@
+"""The first admin key of a fresh data dir, as Jupyter makes its token: generated, stored as a hash, and
+written to a file only its user can read, so the one who started the stack can use it."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+from router.access.auth import hash_key, hint, new_secret
+from router.store import ApiKeyRecord, Store
+
+ADMIN_KEY_FILE = "admin-key"
+
+
+async def first_admin_key(store: Store, data_dir: Path) -> str | None:
+    """A new admin key when the store has no live one (returned, and written to ``data_dir/admin-key``
+    with mode 0600); None when it has one."""
+    now = time.time()
+    if any("admin" in k.scopes and k.revoked_at is None and (k.expires_at is None or k.expires_at > now)
+           for k in await store.list_keys()):
+        return None
+    secret = new_secret()
+    path = data_dir / ADMIN_KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # created 0600 in one call: never readable by others, not even for a moment
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret + "\n")
+    os.chmod(path, 0o600)  # an older file of another mode
+    await store.create_key(ApiKeyRecord(
+        key_id=f"key_{uuid.uuid4().hex[:16]}", name=f"admin-{time.strftime('%Y%m%d-%H%M%S')}",
+        key_hash=hash_key(secret), hint=hint(secret), scopes=("admin",), owner="llmserve up"))
+    return secret
