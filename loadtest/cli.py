@@ -147,7 +147,7 @@ async def _preflight(targets: list[Target]) -> None:
         for target in targets:
             url = target.base_url + ("/healthz" if target.endpoint == "generate" else "/models")
             try:
-                async with session.get(url) as response:
+                async with session.get(url, headers=target.headers()) as response:
                     if response.status >= 500:
                         raise UsageError(f"target {target.name} ({url}) answered {response.status}")
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -61,9 +62,11 @@ def free_port() -> int:
 
 def _start_stack() -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    # the stack's admin key, for this process's load clients too (runner.Target reads LLMSERVE_API_KEY)
+    key = os.environ.setdefault("LLMSERVE_API_KEY", f"sk-ls-{secrets.token_urlsafe(32)}")
     process = subprocess.Popen(
         [sys.executable, "-m", "llmserve.cli", "up", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "LLMSERVE_ADMIN_KEY": key},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
@@ -81,7 +84,8 @@ def _start_stack() -> tuple[subprocess.Popen[bytes], str]:
 
 
 def direct_url(router_url: str) -> str:
-    replicas = httpx.get(f"{router_url}/api/v1/replicas", timeout=5).json()["replicas"]
+    replicas = httpx.get(f"{router_url}/api/v1/replicas", timeout=5, headers=Target("router", router_url).headers()
+                         ).json()["replicas"]
     ready = [r for r in replicas if r["state"] == "ready"]
     if not ready:
         raise SystemExit("no ready replica to address directly")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,11 @@ class Target:
     name: str
     base_url: str  # OpenAI: ending in /v1; generate: the router's root
     endpoint: str = "chat"  # chat | completions | generate
+    # sent as a bearer token: the router's API key (an engine addressed directly ignores it)
+    api_key: str | None = field(default_factory=lambda: os.environ.get("LLMSERVE_API_KEY"), repr=False)
+
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 @dataclass
@@ -116,7 +122,7 @@ async def send(
     ``extra``: fields added to the request body (the bench's ``temperature``).
     """
     url, body = _request_body(target, model, spec, extra)
-    headers = {"x-priority": spec.priority} if spec.priority else {}
+    headers = {**target.headers(), **({"x-priority": spec.priority} if spec.priority else {})}
     last = record.sent_s
     pieces = 0
     decoder = Decoder()

@@ -27,6 +27,7 @@ from loadtest.chaos.tally import Tally, streamed_load
 from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port
 from loadtest.sim import SimEngineProgram
+from loadtest.simstack import open_unless_asked
 
 READER_MODEL = "long"  # the slow readers' model, on a replica of its own so its counts are theirs alone
 READER_TOKENS = 60_000
@@ -65,7 +66,8 @@ def under_attack(attack: Attack, readers: bool = False) -> Callable[[Load, Path]
     async def run(load: Load, work: Path) -> Outcome:
         port = free_port()
         settings = Settings(data_dir=work, engine=chaos_engine_settings(),
-                            router=RouterSettings(port=port, retry_after_s=1, connections=CLIENT_LIMITS))
+                            router=open_unless_asked(RouterSettings(port=port, retry_after_s=1,
+                                                                    connections=CLIENT_LIMITS)))
         programs = {MODEL: SimEngineProgram(MODEL, "v1", ttft_ms=20, itl_ms=5)}
         static = [(EngineSpec(model_dir=work, model_name=MODEL, version="v1"), 1)]
         if readers:

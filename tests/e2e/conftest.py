@@ -9,6 +9,7 @@ session fails if any engine process outlives it.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from tests.conftest import free_port
 MODEL = "smollm2-135m-instruct"
 MAX_TOKENS_DEFAULT = 96  # shorter than the shipped default, so that the test of it is quick
 START_TIMEOUT_S = 900.0
+ADMIN_KEY = "sk-ls-e2e" + "k" * 40  # the stack's LLMSERVE_ADMIN_KEY: authentication is on, as it ships
 
 
 @dataclass
@@ -36,9 +38,19 @@ class Stack:
     process: subprocess.Popen[bytes]
     log_path: Path
     data_dir: Path
+    key: str = ADMIN_KEY
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.key}"}
+
+    @functools.cached_property
+    def http(self) -> httpx.Client:
+        """A client that sends the stack's key (full URLs, as the tests write them); one per session."""
+        return httpx.Client(headers=self.headers)
 
     def replicas(self) -> list[dict[str, object]]:
-        return httpx.get(f"{self.url}/api/v1/replicas", timeout=5).json()["replicas"]
+        return httpx.get(f"{self.url}/api/v1/replicas", timeout=5, headers=self.headers).json()["replicas"]
 
     def replica(self) -> dict[str, object]:
         return self.replicas()[0]
@@ -75,6 +87,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "LLMSERVE_ROUTER__RETRY_AFTER_S": "2",
         "LLMSERVE_ENGINE__MAX_TOKENS_DEFAULT": str(MAX_TOKENS_DEFAULT),
         "HF_HUB_OFFLINE": "1",
+        "LLMSERVE_ADMIN_KEY": ADMIN_KEY,
+        "LLMSERVE_API_KEY": ADMIN_KEY,  # for the load tools the benchmarks run against it
         # one engine per version under test: a distilled student left in the shared repository stays off
         "LLMSERVE_SERVE_STUDENT": "0",
     }
@@ -89,6 +103,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         running.wait_ready()
         yield running
     finally:
+        if "http" in running.__dict__:
+            running.http.close()
         guards = [int(r["pid"]) for r in running.replicas()] if process.poll() is None else []
         process.send_signal(signal.SIGINT)
         try:

@@ -32,7 +32,7 @@ def engine_gauge(base_url: str, name: str) -> float:
 
 
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key, max_retries=0, timeout=120)
 
 
 def test_openai_client_streams_a_chat_completion_token_by_token(stack: Stack) -> None:
@@ -53,7 +53,7 @@ def test_openai_client_streams_a_chat_completion_token_by_token(stack: Stack) ->
 
 def test_the_raw_stream_ends_with_done(stack: Stack) -> None:
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 8, "stream": True}
-    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=120) as response:
+    with stack.http.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=120) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["x-model-version"] == "v1"
@@ -82,7 +82,7 @@ def test_generate_api_streams_deltas_and_reports_usage_and_version(stack: Stack)
     body = {"prompt": "What is the capital of France?", "max_tokens": 24, "stream": True,
             "params": {"temperature": 0}}
     events: list[tuple[str, dict[str, object]]] = []
-    with httpx.stream("POST", f"{stack.url}/api/v1/models/{MODEL}/generate", json=body, timeout=120) as response:
+    with stack.http.stream("POST", f"{stack.url}/api/v1/models/{MODEL}/generate", json=body, timeout=120) as response:
         assert response.status_code == 200
         event = ""
         for line in response.iter_lines():
@@ -100,7 +100,7 @@ def test_generate_api_streams_deltas_and_reports_usage_and_version(stack: Stack)
 def test_client_disconnect_aborts_the_engine_request(stack: Stack) -> None:
     engine = str(stack.replica()["url"])
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 1500, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=120) as response:
+    with stack.http.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=120) as response:
         lines = response.iter_lines()  # kept open: the connection stays up while we look
         data = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
         assert len(data) >= 2
@@ -131,14 +131,14 @@ def test_client_disconnect_aborts_the_engine_request(stack: Stack) -> None:
     ],
 )
 def test_bad_input_against_the_real_stack(stack: Stack, body: dict[str, object], status: int, param: str) -> None:
-    response = httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=30)
+    response = stack.http.post(f"{stack.url}/v1/chat/completions", json=body, timeout=30)
     assert response.status_code == status
     assert response.json()["error"]["param"] == param
 
 
 def test_a_prompt_longer_than_the_context_gets_the_engines_400(stack: Stack) -> None:
     long_prompt = "word " * 2500
-    response = httpx.post(
+    response = stack.http.post(
         f"{stack.url}/v1/chat/completions",
         json={"model": MODEL, "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 10},
         timeout=60,
@@ -146,7 +146,7 @@ def test_a_prompt_longer_than_the_context_gets_the_engines_400(stack: Stack) -> 
     assert response.status_code == 400
     assert "error" in response.json() and "Traceback" not in response.text
     # and the engine is still fine
-    ok = httpx.post(f"{stack.url}/v1/chat/completions",
+    ok = stack.http.post(f"{stack.url}/v1/chat/completions",
                     json={"model": MODEL, "messages": QUESTION, "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
 
@@ -165,7 +165,7 @@ def test_a_chat_frontends_request_with_36_tools_gets_an_answer(stack: Stack) -> 
 
 
 def test_an_answer_without_max_tokens_ends_at_the_versions_default(stack: Stack) -> None:
-    listed = httpx.get(f"{stack.url}/v1/models", timeout=10).json()["data"]
+    listed = stack.http.get(f"{stack.url}/v1/models", timeout=10).json()["data"]
     default = next(m["max_tokens_default"] for m in listed if m["id"] == MODEL)
     essay = [{"role": "user", "content": "Write a long essay about the history of Rome."}]
     answer = client(stack).chat.completions.create(model=MODEL, messages=essay, extra_body={"ignore_eos": True})
@@ -205,7 +205,7 @@ def test_killed_replica_is_restarted_and_in_flight_requests_fail_clearly(stack: 
     assert str(outcome["result"]).startswith("error:") and "incomplete" in str(outcome["result"])
 
     # While it restarts, requests are refused quickly and clearly.
-    during = httpx.post(f"{stack.url}/v1/chat/completions",
+    during = stack.http.post(f"{stack.url}/v1/chat/completions",
                         json={"model": MODEL, "messages": QUESTION, "max_tokens": 2}, timeout=30)
     assert during.status_code in (200, 503)
     if during.status_code == 503:

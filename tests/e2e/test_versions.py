@@ -20,7 +20,7 @@ import pytest
 
 from llmserve.settings import Settings
 from router.traffic.split import choose_version
-from tests.e2e.conftest import MODEL, Stack
+from tests.e2e.conftest import ADMIN_KEY, MODEL, Stack
 
 pytestmark = pytest.mark.engine
 
@@ -38,7 +38,7 @@ def prepare(version: str) -> None:
 def wait_for(stack: Stack, version: str, status: str, timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        state = httpx.get(f"{stack.url}/api/v1/deployments/{MODEL}", timeout=10).json()
+        state = stack.http.get(f"{stack.url}/api/v1/deployments/{MODEL}", timeout=10).json()
         match = [v for v in state["versions"] if v["version"] == version and v["status"] == status]
         if match:
             return state
@@ -51,7 +51,7 @@ def wait_for(stack: Stack, version: str, status: str, timeout: float = 600) -> d
 def test_two_real_versions_split_by_user_then_roll_back(stack: Stack) -> None:
     prepare("v2")
     started = time.monotonic()
-    response = httpx.post(f"{stack.url}/api/v1/deployments", json={
+    response = stack.http.post(f"{stack.url}/api/v1/deployments", json={
         "model_name": MODEL, "version": "v2", "traffic_percent": 50,
         "resources": {"replicas": 1}, "engine": {"enable_prefix_caching": False},
     }, timeout=30)
@@ -60,7 +60,7 @@ def test_two_real_versions_split_by_user_then_roll_back(stack: Stack) -> None:
     deploy_to_ready_s = time.monotonic() - started
     while "v2" not in state["split"] and time.monotonic() - started < 620:
         time.sleep(0.05)  # the split changes just after the status turns active
-        state = httpx.get(f"{stack.url}/api/v1/deployments/{MODEL}", timeout=10).json()
+        state = stack.http.get(f"{stack.url}/api/v1/deployments/{MODEL}", timeout=10).json()
     assert state["split"] == {"v1": 50, "v2": 50}
     v2 = next(v for v in state["versions"] if v["version"] == "v2")
     assert v2["engine"] == {"enable_prefix_caching": False} and v2["ready_replicas"] == 1
@@ -68,7 +68,7 @@ def test_two_real_versions_split_by_user_then_roll_back(stack: Stack) -> None:
     users = [f"e2e-user-{i}" for i in range(200)]
 
     def ask(user: str) -> tuple[str, str, str]:
-        r = httpx.post(f"{stack.url}/v1/completions", timeout=120, json={
+        r = stack.http.post(f"{stack.url}/v1/completions", timeout=120, json={
             "model": MODEL, "prompt": "Hello", "max_tokens": 1, "user": user})
         assert r.status_code == 200, r.text
         return user, r.headers["x-model-version"], r.json()["model"]
@@ -81,7 +81,7 @@ def test_two_real_versions_split_by_user_then_roll_back(stack: Stack) -> None:
     share_v2 = sum(version == "v2" for _, version, _ in answers) / len(answers)
     assert 0.43 <= share_v2 <= 0.57
 
-    rollback = httpx.post(f"{stack.url}/api/v1/deployments/{MODEL}/rollback", timeout=30)
+    rollback = stack.http.post(f"{stack.url}/api/v1/deployments/{MODEL}/rollback", timeout=30)
     assert rollback.status_code == 200
     body = rollback.json()
     assert (body["from"], body["to"]) == ("v2", "v1")
@@ -97,7 +97,8 @@ def stream_once(url: str, user: str, prompt: str) -> tuple[bool, str]:
     """One streamed completion; (answered in full, the version that served it)."""
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "stream": True, "user": user}
     try:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120,
+                          headers={"authorization": f"Bearer {ADMIN_KEY}"}) as r:
             if r.status_code != 200:
                 return False, r.headers.get("x-model-version", "")
             lines = [line for line in r.iter_lines() if line.startswith("data: ")]
@@ -126,7 +127,7 @@ def test_a_real_canary_rollout_reaches_100_percent_under_load_with_no_failed_req
     strategy = {"type": "canary", "steps": [20, 50, 100], "bake_s": 3, "min_samples": 30,
                 "max_samples": 600, "ttft_tolerance": 1.0, "confidence": 0.99}
     started = time.monotonic()
-    response = httpx.post(f"{stack.url}/api/v1/deployments", timeout=30, json={
+    response = stack.http.post(f"{stack.url}/api/v1/deployments", timeout=30, json={
         "model_name": MODEL, "version": "v3", "resources": {"replicas": 1}, "strategy": strategy})
     assert response.status_code == 202, response.text
     # The load starts once v3's engine is up: on these two cores a vLLM worker starting beside a
@@ -137,7 +138,7 @@ def test_a_real_canary_rollout_reaches_100_percent_under_load_with_no_failed_req
         try:
             canary: dict = {}
             while time.monotonic() - started < 600:
-                got = httpx.get(f"{stack.url}/api/v1/deployments/{MODEL}/canary", timeout=10)
+                got = stack.http.get(f"{stack.url}/api/v1/deployments/{MODEL}/canary", timeout=10)
                 if got.status_code == 200:
                     canary = got.json()
                     if canary["status"] != "running":
@@ -150,7 +151,7 @@ def test_a_real_canary_rollout_reaches_100_percent_under_load_with_no_failed_req
                 done.result()
     assert canary.get("status") == "promoted", json.dumps(canary)[:2000]
     assert [d["decision"] for d in canary["decisions"]] == ["promote", "promote"]
-    assert httpx.get(f"{stack.url}/api/v1/deployments/{MODEL}", timeout=10).json()["split"] == {"v3": 100}
+    assert stack.http.get(f"{stack.url}/api/v1/deployments/{MODEL}", timeout=10).json()["split"] == {"v3": 100}
     failed = [o for o in outcomes if not o[0]]
     assert not failed, f"{len(failed)} of {len(outcomes)} requests failed"
     served = {v for _, v in outcomes}
