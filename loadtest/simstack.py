@@ -47,6 +47,7 @@ def sim_server(
     program: Callable[[EngineSpec], ReplicaProgram] = fast_sim,
     models_dir: Path | None = None,
     on_started: StartedHook | None = None,
+    shared_limits_url: str | None = None,
 ) -> Server:
     """``build`` with ``versions`` as static versions and ``program`` for what the control plane deploys.
 
@@ -64,7 +65,7 @@ def sim_server(
     backend = LocalBackend(settings.engine, data_dir / "logs", program=run)
     chosen: Store | Literal["settings"] | None = store
     return build(settings, backend=backend, store=chosen, static=static, models_dir=models_dir or data_dir / "models",
-                 on_started=on_started)
+                 on_started=on_started, shared_limits_url=shared_limits_url)
 
 
 def main(argv: list[str] | None = None) -> int:
