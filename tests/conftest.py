@@ -86,6 +86,7 @@ async def run_router(
     wait_ready: bool = True,
     store: Store | None = None,
     program_factory: ProgramFactory | None = None,
+    shared_limits_url: str | None = None,
 ) -> AsyncIterator[RunningRouter]:
     """The real router app served by uvicorn on a loopback port, in this event loop."""
     port = free_port()
@@ -93,7 +94,7 @@ async def run_router(
     if router_settings is not None:
         port = router_settings.port
     server = sim_server(tmp_path, deployments, settings, engine_settings or fast_engine_settings(), store=store,
-                        program=program_factory or fast_sim)
+                        program=program_factory or fast_sim, shared_limits_url=shared_limits_url)
     backend = server.backend
     assert isinstance(backend, LocalBackend)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
@@ -261,3 +262,33 @@ async def test_the_keys_command_creates_lists_and_revokes(tmp_path: Path, capsys
         assert (await client.get("/api/v1/models", headers=bearer(created["key"]))).status_code == 401
         assert await asyncio.to_thread(main, [*base[:-2], "--key", "sk-ls-wrong", "list"]) == 1
         assert "invalid_api_key" in capsys.readouterr().err
+
+
+async def test_two_routers_on_one_redis_enforce_one_rpm_and_a_revocation_reaches_both(tmp_path: Path) -> None:
+    from router.store.redis_store import RedisStore
+    from tests.redis_server import redis_server
+
+    with redis_server() as url:
+        routers = []
+        async with contextlib.AsyncExitStack() as stack:
+            for name in ("a", "b"):
+                settings = RouterSettings(port=free_port(), retry_after_s=2,
+                                          auth=AuthSettings(admin_key=SecretStr(ADMIN)))
+                chat = StaticVersion(SimEngineProgram("chat", "v1", ttft_ms=2, itl_ms=1))
+                routers.append(await stack.enter_async_context(run_router(
+                    [chat], tmp_path / name, router_settings=settings, store=RedisStore(url, "two:"),
+                    shared_limits_url=url)))
+            client = await stack.enter_async_context(httpx.AsyncClient(timeout=30))
+            a, b = (r.url for r in routers)
+            created = await client.post(f"{a}/api/v1/keys", headers=bearer(ADMIN),
+                                        json={"name": "shared", "scopes": ["inference"], "rpm": 6})
+            key = created.json()["key"]
+            await asyncio.sleep(0.2)  # router b hears of the key on the store's feed
+            answers = await asyncio.gather(*(client.post(f"{url}/v1/chat/completions", json=CHAT,
+                                                         headers=bearer(key))
+                                             for _ in range(8) for url in (a, b)))
+            assert sorted(r.status_code for r in answers) == [200] * 6 + [429] * 10  # one limit, not two
+            await client.delete(f"{a}/api/v1/keys/{created.json()['key_id']}", headers=bearer(ADMIN))
+            await asyncio.sleep(0.2)
+            refused = await client.post(f"{b}/v1/chat/completions", json=CHAT, headers=bearer(key))
+            assert refused.status_code == 401 and "revoked" in refused.json()["error"]["message"]
