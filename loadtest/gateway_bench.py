@@ -2,7 +2,11 @@
 
     python -m loadtest.gateway_bench [--requests 1200 --concurrency 8 --rounds 12]
 
-Three routers, each over its own simulated engine tuned to be nearly free
+Two parts. **Steps**: the gateway's own work per request, timed call by
+call in this process and interleaved (authentication off, a key looked up,
+and a key looked up plus its two buckets taken and settled, in memory and in
+Redis): what the gateway adds, free of the noise of a whole request.
+**End to end**: three routers, each over its own simulated engine tuned to be nearly free
 (1 ms to the first token, 0.5 ms a token, 4 tokens): ``auth_off``, ``auth_on``
 (a key with RPM and TPM limits in this router's memory) and ``auth_redis``
 (the same key and limits in a real Redis, the store there too). The requests
@@ -82,6 +86,64 @@ async def measure(requests: int, concurrency: int, rounds: int) -> dict[str, Any
             "added_vs_auth_off": report["comparison"]}
 
 
+async def steps(calls: int) -> dict[str, Any]:
+    """Per-request cost of each gateway variant, in microseconds (p50, p99), interleaved call by call."""
+    import statistics
+    import time
+
+    from router.access.auth import Caller, KeyRing, hash_key
+    from router.access.ratelimit import LocalLimiter, RedisLimiter
+    from router.store import ApiKeyRecord
+
+    secret = "sk-ls-" + "k" * 43
+    ring = KeyRing()
+    ring.replace([ApiKeyRecord("key_1", "bench", hash_key(secret), "sk-ls-...kkkk", ("inference",),
+                               rpm=LIMITS["rpm"], tpm=LIMITS["tpm"])])
+    headers = {"authorization": f"Bearer {secret}"}
+    local = LocalLimiter()
+    with tempfile.TemporaryDirectory(prefix="gateway-steps-") as tmp:
+        redis = RedisServer(Path(tmp), durable=False)
+        redis.start()
+        shared = RedisLimiter(redis.url, "steps:")
+        try:
+            from router.access.auth import presented_key
+
+            async def off() -> None:
+                Caller(None, "api", frozenset({"inference"}))
+
+            async def authenticate() -> None:
+                ring.authenticate(presented_key(headers)).require("inference")
+
+            # on the request path: the key and the take of its buckets; the settle runs after the answer
+            async def with_local() -> None:
+                caller = ring.authenticate(presented_key(headers))
+                await local.acquire("key_1", caller.rpm, caller.tpm, 100)
+
+            async def with_redis() -> None:
+                caller = ring.authenticate(presented_key(headers))
+                await shared.acquire("key_1", caller.rpm, caller.tpm, 100)
+
+            async def redis_settle() -> None:
+                await shared.settle("key_1", LIMITS["tpm"], 100, 40)
+
+            variants = {"auth_off": off, "key": authenticate, "key_and_local_limits": with_local,
+                        "key_and_redis_limits": with_redis, "redis_settle_after_the_answer": redis_settle}
+            samples: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(calls):
+                for name, step in variants.items():
+                    started = time.perf_counter()
+                    await step()
+                    samples[name].append((time.perf_counter() - started) * 1e6)
+        finally:
+            await shared.close()
+            redis.stop()
+
+    def pct(values: list[float], q: float) -> float:
+        return round(statistics.quantiles(values, n=1000)[int(q * 10) - 1], 1)
+
+    return {name: {"p50_us": pct(v, 50), "p99_us": pct(v, 99)} for name, v in samples.items()}
+
+
 def _figures(summary: dict[str, Any]) -> dict[str, Any]:
     keys = ("completed", "failed", "p50_ttft_ms", "p99_ttft_ms", "p50_e2el_ms", "p99_e2el_ms",
             "request_throughput", "output_throughput")
@@ -93,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1200, help="per router")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--calls", type=int, default=20_000, help="per variant, for the steps")
     parser.add_argument("--output", help="write the JSON here too")
     args = parser.parse_args(argv)
-    result = asyncio.run(measure(args.requests, args.concurrency, args.rounds))
+    result = {"steps": asyncio.run(steps(args.calls)),
+              **asyncio.run(measure(args.requests, args.concurrency, args.rounds))}
     text = json.dumps(result, indent=2)
     if args.output:
         Path(args.output).write_text(text)
