@@ -83,18 +83,21 @@ def _start_stack() -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("the stack did not become ready within 900 s")
 
 
-def direct_url(router_url: str) -> str:
-    replicas = httpx.get(f"{router_url}/api/v1/replicas", timeout=5, headers=Target("router", router_url).headers()
-                         ).json()["replicas"]
+def direct_url(router_url: str, api_key: str | None = None) -> str:
+    headers = Target("router", router_url, api_key=api_key or os.environ.get("LLMSERVE_API_KEY")).headers()
+    replicas = httpx.get(f"{router_url}/api/v1/replicas", timeout=5, headers=headers).json()["replicas"]
     ready = [r for r in replicas if r["state"] == "ready"]
     if not ready:
         raise SystemExit("no ready replica to address directly")
     return str(ready[0]["url"])
 
 
-def measure(router_url: str, scenarios: tuple[Scenario, ...], model: str = MODEL) -> dict[str, Any]:
-    engine = direct_url(router_url)
-    targets = [Target("direct", f"{engine}/v1"), Target("router", f"{router_url}/v1")]
+def measure(router_url: str, scenarios: tuple[Scenario, ...], model: str = MODEL, api_key: str | None = None
+            ) -> dict[str, Any]:
+    """``api_key``: the router's (default: LLMSERVE_API_KEY)."""
+    engine = direct_url(router_url, api_key)
+    router = Target("router", f"{router_url}/v1", api_key=api_key or os.environ.get("LLMSERVE_API_KEY"))
+    targets = [Target("direct", f"{engine}/v1", api_key=None), router]
     results: dict[str, Any] = {}
     for scenario in scenarios:
         config = BenchConfig(model=model, requests=scenario.requests, concurrency=scenario.concurrency,

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.engine
 
 
 def test_router_overhead_benchmark_runs_end_to_end(stack: Stack) -> None:
-    result = measure(stack.url, QUICK, MODEL)
+    result = measure(stack.url, QUICK, MODEL, api_key=stack.key)
     assert result["engine"] != result["router"]
     for name, scenario in result["scenarios"].items():
         assert scenario["failed"] == 0, name
