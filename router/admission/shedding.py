@@ -77,6 +77,14 @@ def resolve_priority(headers: Mapping[str, str], policy: PriorityPolicy) -> str:
 
 
 @dataclass
+class Room:
+    """How many more waiters may go to a version in the current re-check."""
+
+    at: float
+    left: int
+
+
+@dataclass
 class Saturation:
     saturated: bool = False
     changed_at: float = 0.0
@@ -101,6 +109,7 @@ class Admission:
         self._metrics: Metrics = metrics or NoMetrics()
         self._clock = clock
         self._state: dict[tuple[str, str], Saturation] = {}
+        self._room: dict[tuple[str, str], Room] = {}
 
     # -- signals --------------------------------------------------------------
 
@@ -177,10 +186,10 @@ class Admission:
         while self._clock() - started < limit:
             # a poll: saturation comes from scraped engine metrics and TTFT windows too, which notify nobody
             await asyncio.sleep(self.settings.recheck_s)
-            if not self.saturation(served).saturated:
+            if not self.saturation(served).saturated and self._take_room(served):
                 self.count(served.model_name, priority, "full")
                 return Admitted(served)
-            if fallback is not None and not self.saturation(fallback).saturated:
+            if fallback is not None and not self.saturation(fallback).saturated and self._take_room(fallback):
                 self.count(served.model_name, priority, "fallback")
                 return Admitted(fallback, fallback_from=served.model_name)
         if deadline_s is not None and deadline_s <= self.settings.queue_wait_s:
@@ -190,6 +199,27 @@ class Admission:
         self.count(served.model_name, priority, "rejected")
         where = f"{served.versioned_name} and its fallback are" if fallback else f"{served.versioned_name} is"
         raise ShedLoad(f"{where} saturated; waited {limit:.1f}s for room", self.retry_after_s(served))
+
+    def _take_room(self, served: ServedVersion) -> bool:
+        """A place for one waiting request, once saturation has cleared.
+
+        Without it every waiter sees the same "clear" within one re-check and all go at once: found by
+        the soak, 40 requests a replica against a threshold of 16 saturated it again at once, and the
+        2 s hold that follows refused a third of the traffic for minutes. So per re-check, waiters fill
+        the version only up to ``clear_ratio`` of its in-flight threshold: still clear when they land.
+        """
+        key = (served.model_name, served.version)
+        now = self._clock()
+        room = self._room.get(key)
+        if room is None or now - room.at >= self.settings.recheck_s:
+            ready = max(len(served.ready_replicas or served.replicas), 1)
+            target = self.settings.clear_ratio * self.settings.max_outstanding_per_replica * ready
+            in_flight = sum(r.outstanding for r in served.replicas)
+            room = self._room[key] = Room(now, max(0, math.floor(target - in_flight)))
+        if room.left <= 0:
+            return False
+        room.left -= 1
+        return True
 
     def fallback_for(self, served: ServedVersion, user: str | None) -> ServedVersion | None:
         """The version of ``served``'s fallback model that would answer this user, if one can."""
