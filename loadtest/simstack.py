@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="store and logs (default: a new temp folder)")
     parser.add_argument("--predict-models", type=Path, default=None,
                         help="a model repository whose traditional models are registered and deployed at start")
+    # how the demo model's engines behave: the soak sets them so the engines, not this machine's CPUs, bound capacity
+    parser.add_argument("--replicas", type=int, default=1, help="simulated engine replicas of demo")
+    parser.add_argument("--ttft-ms", type=float, default=5.0)
+    parser.add_argument("--itl-ms", type=float, default=1.0)
+    parser.add_argument("--max-running", type=int, default=256, help="sequences each engine runs at once")
     args = parser.parse_args(argv)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="simstack-"))
     predict_dir: Path | None = args.predict_models
@@ -89,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                 await state.control.register_model(ModelRecord(manifest.name, "simstack", manifest.framework, "sim"))
                 await state.control.deploy(manifest.name, manifest.version, 1, "simstack")
 
-    server = sim_server(data_dir, [StaticVersion(SimEngineProgram("demo", "v1", ttft_ms=5, itl_ms=1))],
+    engine = SimEngineProgram("demo", "v1", ttft_ms=args.ttft_ms, itl_ms=args.itl_ms,
+                              extra_args=("--max-running", str(args.max_running)))
+    server = sim_server(data_dir, [StaticVersion(engine, replicas=args.replicas)],
                         RouterSettings(port=args.port), EngineSettings(first_port=free_port()),
                         store=SQLiteStore(data_dir / "llmserve.db"), models_dir=predict_dir,
                         on_started=deploy_predict_models)
