@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-s", type=float, default=15.0, help="RouterSettings.rollout_lease_s")
     parser.add_argument("--deploy-slow-start-s", type=float, default=0.0,
                         help="a deployed version's simulated engine takes this long to become ready")
+    # how the demo model's engines behave: the soak sets them so the engines, not this machine's CPUs, bound capacity
+    parser.add_argument("--replicas", type=int, default=1, help="simulated engine replicas of demo")
+    parser.add_argument("--ttft-ms", type=float, default=5.0)
+    parser.add_argument("--itl-ms", type=float, default=1.0)
+    parser.add_argument("--max-running", type=int, default=256, help="sequences each engine runs at once")
     args = parser.parse_args(argv)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="simstack-"))
     predict_dir: Path | None = args.predict_models
@@ -114,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     def deployed(spec: EngineSpec) -> ReplicaProgram:
         return SimEngineProgram(spec.model_name, spec.version, ttft_ms=20, itl_ms=5, extra_args=slow_start)
 
+    engine = SimEngineProgram("demo", "v1", ttft_ms=args.ttft_ms, itl_ms=args.itl_ms,
+                              extra_args=("--max-running", str(args.max_running)))
     store: Store = RedisStore(args.redis_url) if args.redis_url else SQLiteStore(data_dir / "llmserve.db")
-    server = sim_server(data_dir, [StaticVersion(SimEngineProgram("demo", "v1", ttft_ms=5, itl_ms=1))],
+    server = sim_server(data_dir, [StaticVersion(engine, replicas=args.replicas)],
                         RouterSettings(port=args.port, rollout_lease_s=args.lease_s),
                         EngineSettings(first_port=free_port()), store=store, program=deployed,
                         models_dir=args.models_dir or predict_dir, on_started=deploy_predict_models)

@@ -53,6 +53,7 @@ async def test_metrics_count_what_was_sent(tmp_path: Path) -> None:
     assert value(found, "llmserve_requests_in_flight", model="demo") == 0
     assert value(found, "llmserve_traffic_share_percent", model="demo", version="v1") == 100
     assert value(found, "llmserve_replica_ready", model="demo") == 2
+    assert value(found, "llmserve_router_asyncio_tasks") >= 1  # the scrape runs in one
     # SLO bounds are bucket edges; no per-user or per-request labels anywhere
     ttft_buckets = {dict(ls)["le"] for (n, ls) in found if n == "llmserve_time_to_first_token_seconds_bucket"}
     assert {"0.05", "0.5"} <= ttft_buckets
@@ -121,3 +122,23 @@ def test_a_long_stream_holds_a_bounded_number_of_gaps_and_every_gap_is_counted()
     count = metrics.registry.get_sample_value("llmserve_inter_token_latency_seconds_count",
                                               {"model": "demo", "version": "v1"})
     assert count == 10 * GAP_BATCH
+
+
+async def test_the_asyncio_task_gauge_counts_the_loops_tasks() -> None:
+    """The soak reads this gauge to see a task leak from outside the router's process."""
+    from router.observe.metrics import RouterMetrics
+    from router.traffic.catalog import Catalog
+
+    metrics = RouterMetrics(Catalog())
+
+    def tasks() -> float:
+        return value(samples(metrics.exposition().decode()), "llmserve_router_asyncio_tasks")
+
+    before = tasks()
+    parked = [asyncio.create_task(asyncio.sleep(60)) for _ in range(5)]
+    assert tasks() == before + 5
+    for task in parked:
+        task.cancel()
+    await asyncio.gather(*parked, return_exceptions=True)
+    assert tasks() == before
+    assert before >= 1  # this test's own task

@@ -16,18 +16,24 @@ part way, and classifies every request (``tally``):
 or between two chunks). Each scenario also reports its own checks (the fault's
 replica back in rotation, the routers reconverged, nothing written lost); a
 scenario misses when anything is lost or a check is false.
+
+The soak (``soak``) injects no fault: it runs an open-loop load at 70% of the
+capacity it measures for the whole duration (``--duration-s 1800`` is the
+30-minute soak) and checks the router's memory, descriptors, threads and tasks
+stay flat; it sizes its own load, so ``--users`` does not apply to it.
 """
 
 from __future__ import annotations
 
-from loadtest.chaos import clients, replicas, restarts, stores
+from loadtest.chaos import clients, replicas, restarts, soak, stores
 from loadtest.chaos.scenario import Load, Outcome, Scenario, report
 from loadtest.chaos.tally import Tally, outcome_of
 
 
 def scenarios() -> list[Scenario]:
     """Every scenario, in the order the table lists them."""
-    return [*replicas.scenarios(), *clients.scenarios(), *stores.scenarios(), *restarts.scenarios()]
+    return [*replicas.scenarios(), *clients.scenarios(), *stores.scenarios(), *restarts.scenarios(),
+            *soak.scenarios()]  # the soak last: the longest
 
 
 def table(results: list[dict[str, object]]) -> str:

@@ -25,6 +25,7 @@ class Outcome:
     tally: Tally
     fault: str
     checks: dict[str, Any] = field(default_factory=dict)  # what recovered, how fast, what was kept
+    details: dict[str, Any] = field(default_factory=dict)  # figures for the JSON only (the soak's series)
 
     def failures(self) -> list[str]:
         """The scenario's goals it missed: anything lost, or a check that came out false."""
@@ -48,4 +49,4 @@ def report(scenario: Scenario, outcome: Outcome, wall_s: float) -> dict[str, Any
     tally.pop("examples")
     return {"scenario": scenario.name, "summary": scenario.summary, "fault": outcome.fault, **tally,
             "lost_examples": outcome.tally.examples, "checks": outcome.checks,
-            "missed": outcome.failures(), "wall_s": round(wall_s, 1)}
+            "missed": outcome.failures(), "wall_s": round(wall_s, 1), "details": outcome.details}
