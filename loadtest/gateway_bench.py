@@ -92,7 +92,7 @@ async def steps(calls: int) -> dict[str, Any]:
     import time
 
     from router.access.auth import Caller, KeyRing, hash_key
-    from router.access.ratelimit import LocalLimiter, RedisLimiter
+    from router.access.ratelimit import Admission, LocalLimiter, RedisLimiter
     from router.store import ApiKeyRecord
 
     secret = "sk-ls-" + "k" * 43
@@ -123,8 +123,10 @@ async def steps(calls: int) -> dict[str, Any]:
                 caller = ring.authenticate(presented_key(headers))
                 await shared.acquire("key_1", caller.rpm, caller.tpm, 100)
 
+            reservation = Admission(None, None, reserved=100)
+
             async def redis_settle() -> None:
-                await shared.settle("key_1", LIMITS["tpm"], 100, 40)
+                await shared.settle("key_1", LIMITS["tpm"], reservation, 40)
 
             variants = {"auth_off": off, "key": authenticate, "key_and_local_limits": with_local,
                         "key_and_redis_limits": with_redis, "redis_settle_after_the_answer": redis_settle}

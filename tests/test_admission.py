@@ -208,20 +208,24 @@ async def test_waiters_released_when_saturation_clears_fill_the_version_only_to_
     settings = AdmissionSettings(max_outstanding_per_replica=10, clear_ratio=0.7, min_hold_s=0, queue_wait_s=5,
                                  recheck_s=0.01)
     admission = Admission(settings, catalog, SampleWindows(clock=clock), clock=clock)
-    served.replicas[0].outstanding = 10
+    replica = served.replicas[0]
+    replica.outstanding = 10
     assert admission.saturation(served).saturated
-    waiters = [asyncio.create_task(admission.admit(served, "standard", f"u{i}")) for i in range(30)]
+
+    async def waiter(user: str) -> None:
+        await admission.admit(served, "standard", user)
+        replica.outstanding += 1  # what the relay does before its first await: the next waiter sees it
+
+    waiters = [asyncio.create_task(waiter(f"u{i}")) for i in range(30)]
     await asyncio.sleep(0.05)
     assert not any(w.done() for w in waiters)  # still saturated: everybody waits
-    served.replicas[0].outstanding = 2  # drained below 70%: clear
+    replica.outstanding = 2  # drained below 70%: clear
     clock.now += 1
-    await asyncio.sleep(0.05)  # several re-checks pass in real time; the clock stands still: one re-check's room
-    admitted = [w for w in waiters if w.done()]
-    assert len(admitted) == 5  # 7 (70% of 10) minus the 2 in flight, not all 30
-    clock.now += 1  # the next re-check: room again, from what is in flight now
-    served.replicas[0].outstanding = 7
     await asyncio.sleep(0.05)
-    assert sum(w.done() for w in waiters) == 5  # full to the ratio: nobody more
-    for waiter in waiters:
-        waiter.cancel()
+    assert sum(w.done() for w in waiters) == 5 and replica.outstanding == 7  # up to 70% of 10, not all 30
+    replica.outstanding = 4  # three finished: three more go
+    await asyncio.sleep(0.05)
+    assert sum(w.done() for w in waiters) == 8 and replica.outstanding == 7
+    for task in waiters:
+        task.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)

@@ -53,9 +53,9 @@ async def test_requests_at_once_admit_exactly_the_limit_and_a_refusal_takes_no_t
 async def test_a_stream_that_used_less_than_it_reserved_gives_the_rest_back() -> None:
     limiter = LocalLimiter(Clock())
     reserved = await limiter.acquire("k", rpm=None, tpm=100, tokens=90)
-    await limiter.settle("k", 100, reserved.reserved, used=10)  # a stream cut after 10 tokens
+    await limiter.settle("k", 100, reserved, used=10)  # a stream cut after 10 tokens
     assert (await limiter.acquire("k", rpm=None, tpm=100, tokens=90)).allowed
-    await limiter.settle("k", 100, 90, used=150)  # used more than reserved: the key owes it
+    await limiter.settle("k", 100, reserved, used=150)  # used more than reserved: the key owes it
     assert not (await limiter.acquire("k", rpm=None, tpm=100, tokens=1)).allowed
 
 
@@ -67,8 +67,9 @@ async def test_two_routers_on_one_redis_enforce_one_limit_not_two() -> None:
                                              for limiter in (a, b) for _ in range(15)))
             assert sum(r.allowed for r in results) == 10  # the RPM, across both
             # tokens: 10 x 50 reserved of 1000; router b's streams each used 5 of their 50
-            for _ in range(5):
-                await b.settle("key_1", 1000, 50, used=5)
+            taken = [r for r in results if r.allowed]
+            for admission in taken[:5]:
+                await b.settle("key_1", 1000, admission, used=5)
             after = await a.acquire("key_2", rpm=None, tpm=1000, tokens=0)
             assert after.allowed and after.tokens is not None and after.tokens.remaining == 1000
             left = await a.acquire("key_1", rpm=None, tpm=1000, tokens=0)
@@ -76,3 +77,15 @@ async def test_two_routers_on_one_redis_enforce_one_limit_not_two() -> None:
         finally:
             await a.close()
             await b.close()
+
+
+async def test_a_reservation_above_the_tpm_gives_back_no_more_than_it_took() -> None:
+    limiter = LocalLimiter(Clock())
+    admissions = []
+    for _ in range(5):  # each asks for 9x the limit and uses little: a refund must not refill the bucket
+        admission = await limiter.acquire("k", rpm=None, tpm=1000, tokens=9000)
+        admissions.append(admission)
+        if admission.allowed:
+            await limiter.settle("k", 1000, admission, used=950)
+    assert [a.allowed for a in admissions] == [True, False, False, False, False]
+    assert admissions[0].reserved == 1000

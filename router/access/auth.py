@@ -106,7 +106,8 @@ class Caller:
                                     param=scope)
 
     def may_use(self, model: str) -> bool:
-        return self.models is None or model in self.models
+        """``model`` may be ``name:version`` (a pin): the name decides."""
+        return self.models is None or model.partition(":")[0] in self.models
 
 
 class KeyRing:

@@ -24,11 +24,13 @@ async def first_admin_key(store: Store, data_dir: Path) -> str | None:
     secret = new_secret()
     path = data_dir / ADMIN_KEY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    # created 0600 in one call: never readable by others, not even for a moment
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # a new file created 0600 in one call, then put in place: never readable by others, not for a moment,
+    # whatever mode an older file had
+    partial = path.with_name(f".{ADMIN_KEY_FILE}.{uuid.uuid4().hex[:8]}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(secret + "\n")
-    os.chmod(path, 0o600)  # an older file of another mode
+    os.replace(partial, path)
     await store.create_key(ApiKeyRecord(
         key_id=f"key_{uuid.uuid4().hex[:16]}", name=f"admin-{time.strftime('%Y%m%d-%H%M%S')}",
         key_hash=hash_key(secret), hint=hint(secret), scopes=("admin",), owner="llmserve up"))

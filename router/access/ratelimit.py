@@ -86,7 +86,8 @@ class Admission:
 
     requests: Decision | None
     tokens: Decision | None
-    reserved: int  # tokens reserved, to settle when the request ends
+    reserved: int  # tokens taken from the bucket (at most the TPM), to settle when the request ends
+    local: bool = False  # taken from this router's buckets (Redis was down): settled there too
 
     @property
     def allowed(self) -> bool:
@@ -103,8 +104,8 @@ class Limiter(Protocol):
         """One request and ``tokens`` reserved, both or neither."""
         ...
 
-    async def settle(self, key_id: str, tpm: int | None, reserved: int, used: int) -> None:
-        """The request ended having used ``used`` tokens of the ``reserved``."""
+    async def settle(self, key_id: str, tpm: int | None, admission: Admission, used: int) -> None:
+        """The request ended having used ``used`` tokens of those ``admission`` reserved."""
         ...
 
 
@@ -121,7 +122,7 @@ class LocalLimiter:
             new_requests, requests = take(self._buckets.get((key_id, "r")), rpm, 1, now)
         if tpm is not None:
             new_tokens, tokens_decision = take(self._buckets.get((key_id, "t")), tpm, tokens, now)
-        admission = Admission(requests, tokens_decision, tokens if tpm is not None else 0)
+        admission = Admission(requests, tokens_decision, min(tokens, tpm) if tpm is not None else 0, local=True)
         if admission.allowed:  # both or neither: a refused request takes nothing from either bucket
             if new_requests is not None:
                 self._buckets[(key_id, "r")] = new_requests
@@ -129,14 +130,16 @@ class LocalLimiter:
                 self._buckets[(key_id, "t")] = new_tokens
         return admission
 
-    async def settle(self, key_id: str, tpm: int | None, reserved: int, used: int) -> None:
-        if tpm is None or used == reserved:
+    async def settle(self, key_id: str, tpm: int | None, admission: Admission, used: int) -> None:
+        if tpm is None or used == admission.reserved:
             return
-        self._buckets[(key_id, "t")] = adjust(self._buckets.get((key_id, "t")), tpm, reserved - used, self._clock())
+        self._buckets[(key_id, "t")] = adjust(self._buckets.get((key_id, "t")), tpm, admission.reserved - used,
+                                              self._clock())
 
 
 # The same rule as ``take``, in Redis, on Redis's clock: KEYS[1] requests bucket, KEYS[2] tokens bucket;
-# ARGV: rpm (0: none), tpm (0: none), tokens. Returns {allowed, r_level*1000, t_level*1000, r_retry_ms, t_retry_ms}.
+# ARGV: rpm (0: none), tpm (0: none), tokens. Returns {allowed, r_level*1000, t_level*1000, r_retry_ms, t_retry_ms,
+# r_ok, t_ok}: each bucket's own verdict besides the request's.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -156,17 +159,19 @@ local allowed = 1
 local r_retry, t_retry = 0, 0
 if r and r[1] < r[2] then allowed = 0; r_retry = (r[2] - r[1]) * 60 / rpm end
 if k and k[1] < k[2] then allowed = 0; t_retry = (k[2] - k[1]) * 60 / tpm end
-local function store(key, b)
+local function store(key, b, limit)
   b[1] = b[1] - b[2]
   redis.call('HSET', key, 'level', b[1], 'at', now)
-  redis.call('EXPIRE', key, 120)  -- a bucket left alone for a minute is full: forgetting it is the same
+  -- kept until it would be full again (forgetting a full bucket is the same), an overdraw included
+  redis.call('EXPIRE', key, math.ceil((limit - b[1]) * 60 / limit) + 1)
 end
 if allowed == 1 then
-  if r then store(KEYS[1], r) end
-  if k then store(KEYS[2], k) end
+  if r then store(KEYS[1], r, rpm) end
+  if k then store(KEYS[2], k, tpm) end
 end
 return {allowed, math.floor((r and r[1] or 0) * 1000), math.floor((k and k[1] or 0) * 1000),
-        math.floor(r_retry * 1000), math.floor(t_retry * 1000)}
+        math.floor(r_retry * 1000), math.floor(t_retry * 1000),
+        (r and r[1] >= r[2]) and 1 or 0, (k and k[1] >= k[2]) and 1 or 0}
 """
 
 # KEYS[1] tokens bucket; ARGV: tpm, delta (tokens given back, negative to take).
@@ -179,7 +184,7 @@ local level = tonumber(b[1]) or limit
 local at = tonumber(b[2]) or now
 level = math.min(limit, math.min(limit, level + math.max(0, now - at) * limit / 60) + delta)
 redis.call('HSET', KEYS[1], 'level', level, 'at', now)
-redis.call('EXPIRE', KEYS[1], 120)
+redis.call('EXPIRE', KEYS[1], math.ceil((limit - level) * 60 / limit) + 1)
 return 1
 """
 
@@ -196,27 +201,26 @@ class RedisLimiter:
         return [f"{self._prefix}rl:{{{key_id}}}:requests", f"{self._prefix}rl:{{{key_id}}}:tokens"]
 
     async def acquire(self, key_id: str, rpm: int | None, tpm: int | None, tokens: int) -> Admission:
-        allowed, r_level, t_level, r_retry, t_retry = await self._acquire(
+        allowed, r_level, t_level, r_retry, t_retry, r_ok, t_ok = await self._acquire(
             keys=self._keys(key_id), args=[rpm or 0, tpm or 0, tokens])
-        return Admission(_decision(bool(allowed), rpm, r_level / 1000, r_retry / 1000),
-                         _decision(bool(allowed), tpm, t_level / 1000, t_retry / 1000),
-                         tokens if tpm is not None else 0)
+        return Admission(_decision(bool(allowed) or bool(r_ok), rpm, r_level / 1000, r_retry / 1000),
+                         _decision(bool(allowed) or bool(t_ok), tpm, t_level / 1000, t_retry / 1000),
+                         min(tokens, tpm) if tpm is not None else 0)
 
-    async def settle(self, key_id: str, tpm: int | None, reserved: int, used: int) -> None:
-        if tpm is None or used == reserved:
+    async def settle(self, key_id: str, tpm: int | None, admission: Admission, used: int) -> None:
+        if tpm is None or used == admission.reserved:
             return
-        await self._adjust(keys=self._keys(key_id)[1:], args=[tpm, reserved - used])
+        await self._adjust(keys=self._keys(key_id)[1:], args=[tpm, admission.reserved - used])
 
     async def close(self) -> None:
         await self._redis.aclose()
 
 
 def _decision(allowed: bool, limit: int | None, level: float, retry_s: float) -> Decision | None:
+    """One bucket's decision from the script's answer; ``allowed``: its own verdict."""
     if limit is None:
         return None
-    # a bucket that had room while the other refused says allowed=False overall, but its own retry is 0
-    return Decision(allowed or retry_s == 0, limit, max(0, math.floor(level)), (limit - level) * 60 / limit,
-                    retry_s)
+    return Decision(allowed, limit, max(0, math.floor(level)), (limit - level) * 60 / limit, retry_s)
 
 
 def duration(seconds: float) -> str:
@@ -257,12 +261,14 @@ class SharedLimiter:
         self._recover()
         return admission
 
-    async def settle(self, key_id: str, tpm: int | None, reserved: int, used: int) -> None:
+    async def settle(self, key_id: str, tpm: int | None, admission: Admission, used: int) -> None:
+        if admission.local:  # taken from this router's buckets while Redis was down: given back there
+            await self._local.settle(key_id, tpm, admission, used)
+            return
         try:
-            await self._shared.settle(key_id, tpm, reserved, used)
+            await self._shared.settle(key_id, tpm, admission, used)
         except (RedisError, OSError) as exc:
-            self._degrade(exc)
-            await self._local.settle(key_id, tpm, reserved, used)
+            self._degrade(exc)  # Redis took the tokens; it gets them back when it can (or never: safe side)
 
     def _degrade(self, exc: BaseException) -> None:
         if not self.degraded:

@@ -60,6 +60,10 @@ class PriorityPolicy(Protocol):
     @property
     def priorities(self) -> tuple[str, ...]: ...
 
+    def may_use(self, model: str) -> bool:
+        """Whether a fallback to ``model`` may answer this caller (a key limited to some models)."""
+        ...
+
 
 def resolve_priority(headers: Mapping[str, str], policy: PriorityPolicy) -> str:
     """The request's class: the caller's default, or ``X-Priority`` within what the caller may use."""
@@ -74,14 +78,6 @@ def resolve_priority(headers: Mapping[str, str], policy: PriorityPolicy) -> str:
         raise PriorityForbidden(f"{policy.name} may not use priority {value!r}; allowed: "
                                 f"{', '.join(policy.priorities)}", param="X-Priority")
     return value
-
-
-@dataclass
-class Room:
-    """How many more waiters may go to a version in the current re-check."""
-
-    at: float
-    left: int
 
 
 @dataclass
@@ -109,7 +105,6 @@ class Admission:
         self._metrics: Metrics = metrics or NoMetrics()
         self._clock = clock
         self._state: dict[tuple[str, str], Saturation] = {}
-        self._room: dict[tuple[str, str], Room] = {}
 
     # -- signals --------------------------------------------------------------
 
@@ -167,7 +162,7 @@ class Admission:
     # -- the decision -----------------------------------------------------------
 
     async def admit(self, served: ServedVersion, priority: str, user: str | None,
-                    deadline_s: float | None = None) -> Admitted:
+                    deadline_s: float | None = None, may_use: Callable[[str], bool] | None = None) -> Admitted:
         """Where this request goes, or a ShedLoad or DeadlineExceeded error. ``deadline_s``: seconds it may wait."""
         if not self.settings.enabled or priority == "critical" or not self.saturation(served).saturated:
             self.count(served.model_name, priority, "full")
@@ -176,7 +171,7 @@ class Admission:
             self.count(served.model_name, priority, "rejected")
             raise ShedLoad(f"{served.versioned_name} is saturated ({', '.join(self.saturation(served).reasons)}); "
                             "batch traffic is refused until it drains", self.retry_after_s(served))
-        fallback = self.fallback_for(served, user)
+        fallback = self.fallback_for(served, user, may_use)
         if fallback is not None and not self.saturation(fallback).saturated:
             self.count(served.model_name, priority, "fallback")
             return Admitted(fallback, fallback_from=served.model_name)
@@ -186,10 +181,10 @@ class Admission:
         while self._clock() - started < limit:
             # a poll: saturation comes from scraped engine metrics and TTFT windows too, which notify nobody
             await asyncio.sleep(self.settings.recheck_s)
-            if not self.saturation(served).saturated and self._take_room(served):
+            if not self.saturation(served).saturated and self._has_room(served):
                 self.count(served.model_name, priority, "full")
                 return Admitted(served)
-            if fallback is not None and not self.saturation(fallback).saturated and self._take_room(fallback):
+            if fallback is not None and not self.saturation(fallback).saturated and self._has_room(fallback):
                 self.count(served.model_name, priority, "fallback")
                 return Admitted(fallback, fallback_from=served.model_name)
         if deadline_s is not None and deadline_s <= self.settings.queue_wait_s:
@@ -200,31 +195,25 @@ class Admission:
         where = f"{served.versioned_name} and its fallback are" if fallback else f"{served.versioned_name} is"
         raise ShedLoad(f"{where} saturated; waited {limit:.1f}s for room", self.retry_after_s(served))
 
-    def _take_room(self, served: ServedVersion) -> bool:
-        """A place for one waiting request, once saturation has cleared.
+    def _has_room(self, served: ServedVersion) -> bool:
+        """Whether one more waiting request may go to ``served`` now that saturation has cleared.
 
-        Without it every waiter sees the same "clear" within one re-check and all go at once: found by
-        the soak, 40 requests a replica against a threshold of 16 saturated it again at once, and the
-        2 s hold that follows refused a third of the traffic for minutes. So per re-check, waiters fill
-        the version only up to ``clear_ratio`` of its in-flight threshold: still clear when they land.
+        Without it every waiter sees the same cached "clear" within one re-check and all go at once:
+        found by the soak, 40 requests a replica against a threshold of 16 saturated it again at once,
+        and the 2 s hold that follows refused a third of the traffic for minutes. So a waiter goes only
+        while the version's requests in flight, counted live (each one admitted is counted before the
+        next waiter looks), are under ``clear_ratio`` of its threshold: still clear when they land.
         """
-        key = (served.model_name, served.version)
-        now = self._clock()
-        room = self._room.get(key)
-        if room is None or now - room.at >= self.settings.recheck_s:
-            ready = max(len(served.ready_replicas or served.replicas), 1)
-            target = self.settings.clear_ratio * self.settings.max_outstanding_per_replica * ready
-            in_flight = sum(r.outstanding for r in served.replicas)
-            room = self._room[key] = Room(now, max(0, math.floor(target - in_flight)))
-        if room.left <= 0:
-            return False
-        room.left -= 1
-        return True
+        ready = max(len(served.ready_replicas or served.replicas), 1)
+        target = self.settings.clear_ratio * self.settings.max_outstanding_per_replica * ready
+        return sum(r.outstanding for r in served.replicas) < target
 
-    def fallback_for(self, served: ServedVersion, user: str | None) -> ServedVersion | None:
-        """The version of ``served``'s fallback model that would answer this user, if one can."""
+    def fallback_for(self, served: ServedVersion, user: str | None,
+                     may_use: Callable[[str], bool] | None = None) -> ServedVersion | None:
+        """The version of ``served``'s fallback model that would answer this user, if one can (and the
+        caller may use it: a key limited to some models never lands on another)."""
         name = self.settings.fallbacks.get(served.model_name)
-        if name is None or self._catalog.find(name) is None:
+        if name is None or self._catalog.find(name) is None or (may_use is not None and not may_use(name)):
             return None
         try:
             candidate = self._catalog.resolve(name, None, user, retry_after_s=1, predict=served.predictor is not None)
@@ -262,7 +251,7 @@ async def admit_request(admission: Admission | None, headers: Mapping[str, str],
     if admission is None:
         return served, {}
     priority = resolve_priority(headers, policy)
-    admitted = await admission.admit(served, priority, user, deadline_s(headers))
+    admitted = await admission.admit(served, priority, user, deadline_s(headers), policy.may_use)
     extra = {"x-priority": priority}
     if admitted.fallback_from is not None:
         extra["x-fallback"] = admitted.served.versioned_name

@@ -94,7 +94,7 @@ async def _run(call: InferenceCall, served: ServedVersion, inputs: dict[str, np.
         return served, await predictor.batcher.submit(inputs, priority, deadline_ms)
     except Overloaded as exc:
         state.metrics.predict_refused(served.model_name, served.version, exc.status)
-        fallback = _fallback(state, served, record.user, priority) if exc.status == 429 else None
+        fallback = _fallback(state, served, record.user, priority, call.who) if exc.status == 429 else None
         if fallback is not None:
             try:
                 outputs = await _predictor(fallback).batcher.submit(inputs, priority, deadline_ms)
@@ -109,11 +109,13 @@ async def _run(call: InferenceCall, served: ServedVersion, inputs: dict[str, np.
                     exc.retry_after_s) from None
 
 
-def _fallback(state: RouterState, served: ServedVersion, user: str | None, priority: str) -> ServedVersion | None:
-    """The predict fallback for a full queue: a model with the same inputs; never for batch traffic."""
+def _fallback(state: RouterState, served: ServedVersion, user: str | None, priority: str,
+              caller: Caller) -> ServedVersion | None:
+    """The predict fallback for a full queue: a model with the same inputs, that the caller may use;
+    never for batch traffic."""
     if not state.settings.admission.enabled or priority == "batch":
         return None
-    candidate = state.admission.fallback_for(served, user)
+    candidate = state.admission.fallback_for(served, user, caller.may_use)
     if candidate is None or candidate.predictor is None \
             or candidate.predictor.manifest.inputs != _predictor(served).manifest.inputs:
         return None
@@ -177,10 +179,16 @@ async def predict(model_name: str, call: PredictCall) -> Response:
 
 def _v2_served(state: RouterState, model_name: str, version: str | None, request: Request,
                caller: Caller) -> ServedVersion:
+    unknown = ModelNotFound(f"model {model_name!r} does not exist", param="model")
     if not caller.may_use(model_name):  # as unknown as a model that does not exist
-        raise ModelNotFound(f"model {model_name!r} does not exist", param="model")
-    return state.catalog.resolve(model_name, version, user_key(request.headers, None, caller.key_id),
-                                 retry_after_s=state.settings.retry_after_s, predict=True)
+        raise unknown
+    try:
+        return state.catalog.resolve(model_name, version, user_key(request.headers, None, caller.key_id),
+                                     retry_after_s=state.settings.retry_after_s, predict=True)
+    except ModelNotFound:
+        if caller.models is None:
+            raise
+        raise unknown from None  # the catalog's message lists every served model
 
 
 def _metadata(served: ServedVersion, versions: list[str]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from router.store import DeploymentRecord, DeploymentStatus, Store
+from router.store import DeploymentRecord, DeploymentStatus, Store, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +96,25 @@ class Leases:
         (claiming an orphan: two routers racing for it, one wins)."""
         async with self._writing:
             until = self._clock() + self.lease_s
-            taken = await self._store.set_driver(deployment_id, operation, self.router_id, until, expected)
-            if taken:
-                self._held[deployment_id] = _Held(operation, until)
+            # held before the write: a sweep listing the record meanwhile must not take it for an orphan
+            previous = self._held.get(deployment_id)
+            held = self._held[deployment_id] = _Held(operation, until)
+            try:
+                taken = await self._store.set_driver(deployment_id, operation, self.router_id, until, expected)
+            except BaseException:
+                self._restore(deployment_id, held, previous)
+                raise
+            if not taken:
+                self._restore(deployment_id, held, previous)
             return taken
+
+    def _restore(self, deployment_id: str, held: _Held, previous: _Held | None) -> None:
+        if self._held.get(deployment_id) is not held:
+            return
+        if previous is None:
+            del self._held[deployment_id]
+        else:
+            self._held[deployment_id] = previous
 
     def forget(self, deployment_id: str) -> None:
         """The operation ended with a terminal status (which cleared the lease in the store)."""
@@ -115,7 +130,11 @@ class Leases:
         held.finished = True
         async with self._writing:
             if self._held.get(deployment_id) is held:
-                await self._clear(deployment_id, held)
+                try:
+                    await self._clear(deployment_id, held)
+                except StoreError as exc:  # still held, finished: the next renewal clears it
+                    logger.warning("clearing the lease on deployment %s failed (%s); retried at renewal",
+                                   deployment_id, exc)
 
     async def _clear(self, deployment_id: str, held: _Held) -> None:
         await self._store.set_driver(deployment_id, "", "", 0.0, expected=(self.router_id, held.until))

@@ -126,7 +126,11 @@ class ControlPlane:
             await self._reconciler.reconcile(model.name)
         # What a previous run of this router left half done is settled before anything new starts
         # (``llmserve up`` deploys its model when it finds no live deployment of it).
-        await self._recovery.sweep(time.time())
+        try:
+            await self._recovery.sweep(time.time())
+        except Exception:  # the lease loop's sweeps try again; a start must not fail on it
+            logger.exception("settling interrupted operations at start failed; retried every %.0fs",
+                             self.leases.lease_s / 3)
         self._watch.start()
         self._lease_loop.start()
 
@@ -200,13 +204,14 @@ class ControlPlane:
         )
         self._owned_rollouts.add(record.id)
         self._rolling_out[record.id] = model_name
+        self.leases.hold(record.id, DEPLOY, lease_until)  # before the record exists: no sweep takes it for an orphan
         try:
             await self.store.create_deployment(record)
         except BaseException:
             self._owned_rollouts.discard(record.id)
             self._rolling_out.pop(record.id, None)
+            self.leases.forget(record.id)
             raise
-        self.leases.hold(record.id, DEPLOY, lease_until)
         await self.store.append_history(HistoryEntry(
             model_name, "deploy", actor, {"version": version, "traffic_percent": plan.traffic_percent,
                                           "replicas": replicas, "deployment_id": record.id}))
@@ -297,6 +302,12 @@ class ControlPlane:
                 raise Conflict(f"{model_name}:{newest.version} is the only active version; nothing to roll back to")
             target = max(older, key=lambda d: d.created_at).version
         if newest.version != target:  # first say who drains it: dying after the switch, it is not forgotten
+            rollout = self._rollout_tasks.get(newest.id)
+            canary = self.canaries.get(model_name)
+            if rollout is not None and rollout is not asyncio.current_task() and canary is not None \
+                    and canary.state.canary_version == newest.version:
+                rollout.cancel()  # its canary would go on stepping the version up (a rolling update sees the
+                # rollback itself and gives the old version its replicas back)
             await self.leases.take(newest.id, RETIRE)
         record = await self.update_split(
             model_name, lambda _split: {target: 100},

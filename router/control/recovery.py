@@ -62,7 +62,13 @@ class Recovery:
             operation = record.operation or RETIRE  # a drain recorded before leases existed
             if not await self._leases.take(record.id, operation, expected=(record.driver, record.lease_until)):
                 continue  # another router claimed it first
-            outcome = await self._settle(record)
+            try:
+                outcome = await self._settle(record)
+            except Exception:  # the store failing, say: let go, so that a later sweep (here or elsewhere) retries
+                logger.exception("settling the interrupted %s of %s:%s failed", operation, record.model_name,
+                                 record.version)
+                self._leases.forget(record.id)
+                continue
             settled.append((record, outcome))
         return settled
 
@@ -83,15 +89,16 @@ class Recovery:
         else:
             await control.store.append_history(HistoryEntry(model, action, "recovery", detail))
         key = (model, record.version)
+        # Drains run as tasks (a drain may take drain_timeout_s): the sweep runs in the loop that renews
+        # this router's leases, and waiting here could let them lapse.
         if outcome in (Settlement.FAIL, Settlement.ROLL_BACK):
             await control.store.update_deployment(record.id, DeploymentStatus.FAILED, reason)
             self._leases.forget(record.id)
-            await control.versions.retire(key)
+            control.versions.retire(key)
         elif outcome is Settlement.FINISH_RETIRE:
             if record.status is not DeploymentStatus.DRAINING:
                 await control.store.update_deployment(record.id, DeploymentStatus.DRAINING)
-            await control.retire(record)
-            self._leases.forget(record.id)
+            control.spawn(control.retire(record), name=f"retire {model}:{record.version}")  # keeps the lease
         else:
             await self._leases.release(record.id, record.operation or RETIRE)
         return outcome

@@ -130,7 +130,7 @@ class InferenceCall:
             def settle(record: RequestRecord) -> None:
                 used = _tokens_used(record, tokens, prompt_estimate, counts_rows)
                 state.metrics.key_tokens(key_id, used)
-                state.background.spawn(state.limiter.settle(key_id, tpm, admission.reserved, used),
+                state.background.spawn(state.limiter.settle(key_id, tpm, admission, used),
                                        name=f"settle {record.request_id}")
 
             self.record.on_finish.append(settle)

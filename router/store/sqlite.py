@@ -89,8 +89,9 @@ class SQLiteStore:
         if not os.access(self.path.parent, os.W_OK):
             raise Unavailable(f"the SQLite store at {self.path} is on a read-only disk; nothing was changed "
                               f"(make {self.path.parent} writable: the router picks it up on the next change)")
+        reopened = self._open()  # first: a reopen that fails leaves the read-only connection serving reads
         self._db.close()
-        self._db = self._open()
+        self._db = reopened
 
     @property
     def schema_version(self) -> int:

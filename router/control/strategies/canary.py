@@ -145,6 +145,14 @@ class CanaryRollout:
         return command
 
     async def run(self) -> None:
+        try:
+            await self._steps()
+        except asyncio.CancelledError:  # a rollback from elsewhere, or the router stopping
+            if self.state.status in (CanaryStatus.RUNNING, CanaryStatus.PAUSED):
+                self.state.status = CanaryStatus.ABORTED
+            raise
+
+    async def _steps(self) -> None:
         s = self.state
         began = self._samples.now()
         for step in s.policy.steps:
