@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
+
+import pytest
 
 from llmserve.settings import ConnectionSettings, RouterSettings
 from loadtest.chaos import misbehave as raw
 from loadtest.overhead import free_port
 from loadtest.sim import SimEngineProgram
 from loadtest.simstack import StaticVersion
+from router.relay.relay import Upstream, sse_data
 from tests.conftest import RunningRouter, run_router
 
 
@@ -75,9 +80,55 @@ async def test_streams_reset_with_a_backlog_release_their_replica_at_once(tmp_pa
         while replica.outstanding and time.monotonic() - reset_at < 15:
             await asyncio.sleep(0.05)
         released_s = time.monotonic() - reset_at
-        # Before: the relays drained their backlogs into the closed sockets first, 5 to 10 s here.
+        # Before: the relays drained their backlogs into the closed sockets first, 5 to 10 s here; then,
+        # with two busy loops on two cores, 2 to 6 s: each relay took its backlog in one step and held the
+        # loop, so the resets went unseen (now 0.05 to 0.1 s there: see the test above).
         assert released_s < 2.0, f"the reset streams held their replica {released_s:.1f}s"
         assert await router_metric(router, "llmserve_requests_total", status="499") == count
+
+
+class Backlog:
+    """An upstream whose one chunk holds many events: what the relay of a stream that fell behind reads."""
+
+    client_gone = False
+
+    def __init__(self, events: int) -> None:
+        self.chunk = b"".join(b"data: %d\n\n" % i for i in range(events))
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.chunk
+
+
+async def test_a_backlog_is_relayed_a_turn_an_event_and_stops_when_its_client_goes() -> None:
+    """What keeps the reset streams above prompt on a loaded machine: a relay that took its backlog in
+    one step held the event loop, and 16 of them kept the resets unseen for seconds (2 to 6 s with two
+    busy loops on two cores; the engine's connections closed only after)."""
+    turns = 0
+
+    async def another_task() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(another_task())
+    await asyncio.sleep(0)
+    try:
+        seen = []
+        async for data in sse_data(cast(Upstream, Backlog(50))):
+            seen.append((data, turns))
+        assert [data for data, _ in seen] == [b"%d" % i for i in range(50)]
+        at = [turn for _, turn in seen]
+        assert at == sorted(set(at)), at  # the other task ran between every two events
+
+        backlog = Backlog(50)
+        events = sse_data(cast(Upstream, backlog))
+        assert [await anext(events) for _ in range(3)] == [b"0", b"1", b"2"]
+        backlog.client_gone = True  # Upstream.on_client_gone: the client reset, the engine's connection closed
+        with pytest.raises(asyncio.CancelledError):
+            await anext(events)  # the 47 events left in the chunk go nowhere
+    finally:
+        other.cancel()
 
 
 async def test_oversized_headers_get_a_prompt_431_and_normal_ones_are_served(tmp_path: Path) -> None:

@@ -137,10 +137,10 @@ class Upstream:
             raise UpstreamTimedOut(self.budget_s)
 
     async def on_client_gone(self, message: object = None) -> None:
-        """The client left a stream (sse-starlette calls this): close the engine's connection now, so
-        the engine aborts, and the relay's next read ends it. Cancelling the relay task is not enough:
-        anyio cancels a task only when it finds it waiting, and a relay with a backlog (a reader that
-        stopped, then reset) always has a chunk ready; such streams ran on for seconds, into nothing."""
+        """The client left a stream (sse-starlette calls this once ``connection_lost`` wakes it): close the
+        engine's connection now, so the engine aborts, and the relay's next read or event (``sse_data``)
+        ends it. Cancelling the relay task is not enough: anyio cancels a task only when it finds it
+        waiting, and a relay with a backlog (a reader that stopped, then reset) always has a chunk ready."""
         self.client_gone = True
         self.response.close()
 
@@ -167,12 +167,8 @@ class Relay:
     per streamed chunk, which showed up directly as added TTFT and ITL.
     """
 
-    def __init__(
-        self,
-        settings: RouterSettings,
-        on_replica_failure: Callable[[Endpoint, str], None],
-        balancer: LeastOutstanding | None = None,
-    ) -> None:
+    def __init__(self, settings: RouterSettings, on_replica_failure: Callable[[Endpoint, str], None],
+                 balancer: LeastOutstanding | None = None) -> None:
         self._settings = settings
         self._balancer = balancer or LeastOutstanding()
         self._on_replica_failure = on_replica_failure
@@ -309,10 +305,16 @@ class Relay:
 
 
 async def sse_data(upstream: Upstream) -> AsyncIterator[bytes]:
-    """Yield the data of each SSE event (``[DONE]`` included) as soon as the event is complete."""
+    """Yield the data of each SSE event (``[DONE]`` included) as soon as the event is complete. Between the
+    events of one chunk (a backlog) the loop gets a turn (16 backlogs relayed in one step each held it for
+    seconds, their clients' resets unseen); once the client is gone (``on_client_gone``) the rest is dropped."""
     decoder = Decoder()
     async for chunk in upstream.chunks():
-        for event in decoder.feed(chunk):
+        for n, event in enumerate(decoder.feed(chunk)):
+            if n:
+                await asyncio.sleep(0)
+                if upstream.client_gone:
+                    raise asyncio.CancelledError("the client went away")
             yield event.data
 
 
