@@ -236,7 +236,8 @@ class ControlPlane:
             # A store outage mid-rollout, say: the lease stays in the store, no task here drives it,
             # and the next recovery sweep (here or on another router) settles it.
             logger.exception("the rollout of %s:%s stopped; recovery will settle it", *key)
-            self.leases.forget(record.id)
+            if self.leases.operation(record.id) == DEPLOY:  # not a drain a rollback took over meanwhile
+                self.leases.forget(record.id)
         finally:
             self._owned_rollouts.discard(record.id)
             self._rolling_out.pop(record.id, None)
