@@ -24,6 +24,7 @@ serving classes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
@@ -166,6 +167,7 @@ class InferenceCall:
     async def admit(self, served: ServedVersion) -> ServedVersion:
         answering, extra = await admit_request(self.state.admission, self.request.headers, served, self.record.user,
                                                self.who)
+        self.record.admitted_at = time.perf_counter()
         self.headers.update(extra)
         return answering
 

@@ -57,6 +57,7 @@ class RequestRecord:
     status_code: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    admitted_at: float | None = None  # when admission let it through (after any wait for room)
     chunks: int = 0
     error: str | None = None  # the message of a failure, for the request log
     reason: str | None = None  # the error code of a failure
@@ -185,7 +186,12 @@ class RequestRecord:
         )
         if self.samples is not None and self._begun and self.status_code != 499:
             # A prediction arrives whole: its latency is what a canary of a predict model is judged on.
-            signal = latency_ms if self.route in ("predict", "v2_infer") else ttft
+            # Timed from admission, not arrival: the wait for room is the router's queue, not the version's
+            # speed, and counted in the TTFT signal it kept a version saturated by its own waiters (the soak
+            # after a 4 s stall: a third of the requests refused for minutes).
+            since = self.admitted_at if self.admitted_at is not None else self.started
+            end = time.perf_counter() if self.route in ("predict", "v2_infer") else self.first_token_at
+            signal = None if end is None else (end - since) * 1000
             self.samples.record(self.model, self.version, signal, self.status_code)
         for hook in self.on_finish:
             try:
