@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtest.chaos import Load, Scenario, report, scenarios, table
+from loadtest.chaos import Load, Outcome, Scenario, Tally, report, scenarios, table
 
 
 async def run_one(scenario: Scenario, load: Load, work: Path) -> dict[str, object]:
@@ -18,6 +18,15 @@ async def run_one(scenario: Scenario, load: Load, work: Path) -> dict[str, objec
     work.mkdir(parents=True, exist_ok=True)
     outcome = await scenario.run(load, work)
     return report(scenario, outcome, time.monotonic() - started)
+
+
+async def run_guarded(scenario: Scenario, load: Load, work: Path) -> dict[str, object]:
+    """``run_one``, with a scenario that breaks reported as a miss (the others still run)."""
+    try:
+        return await run_one(scenario, load, work)
+    except Exception as exc:  # the table must show every scenario, a broken one as broken
+        empty = report(scenario, Outcome(Tally(), "the scenario broke"), 0.0)
+        return {**empty, "missed": [f"{type(exc).__name__}: {exc}"], "checks": {"ran": False}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenarios {sorted(unknown)}; known: {[s.name for s in scenarios()]}")
     load = Load(args.users, args.duration_s)
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
-        results = [asyncio.run(run_one(s, load, Path(tmp) / s.name)) for s in chosen]
+        results = [asyncio.run(run_guarded(s, load, Path(tmp) / s.name)) for s in chosen]
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2))
     print(table(results))

@@ -89,9 +89,16 @@ class SQLiteStore:
         if not os.access(self.path.parent, os.W_OK):
             raise Unavailable(f"the SQLite store at {self.path} is on a read-only disk; nothing was changed "
                               f"(make {self.path.parent} writable: the router picks it up on the next change)")
-        reopened = self._open()  # first: a reopen that fails leaves the read-only connection serving reads
+        # closed first: with the read-only connection still open, the new one's writes kept failing
+        # (the chaos sqlite_read_only scenario); a reopen that fails leaves a read-only one serving reads
         self._db.close()
-        self._db = reopened
+        try:
+            self._db = self._open()
+        except sqlite3.Error:
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
+                                       isolation_level=None)
+            self.read_only = True
+            raise
 
     @property
     def schema_version(self) -> int:
