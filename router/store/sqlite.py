@@ -35,7 +35,7 @@ from router.store.base import (
     TrafficRecord,
     Unavailable,
 )
-from router.store.sqlite_schema import DAY, LOG_COLUMNS, LOG_TABLE, MIGRATIONS, ensure_log_table
+from router.store.sqlite_schema import DAY, LOG_COLUMNS, LOG_TABLE, MIGRATIONS, connect_read_only, ensure_log_table
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ class SQLiteStore:
             self.read_only = False
             return db
         # read-only WAL: SQLite reads the -wal and -shm files a killed router left, creating none
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
-                             isolation_level=None)
+        db = connect_read_only(self.path)
         version = int(db.execute("PRAGMA user_version").fetchone()[0])
         if version != len(MIGRATIONS):
             db.close()
@@ -89,15 +88,13 @@ class SQLiteStore:
         if not os.access(self.path.parent, os.W_OK):
             raise Unavailable(f"the SQLite store at {self.path} is on a read-only disk; nothing was changed "
                               f"(make {self.path.parent} writable: the router picks it up on the next change)")
-        # closed first: with the read-only connection still open, the new one's writes kept failing
-        # (the chaos sqlite_read_only scenario); a reopen that fails leaves a read-only one serving reads
+        # closed first: beside the read-only connection, the new one's writes kept failing (chaos
+        # sqlite_read_only); a reopen that fails leaves a read-only one serving reads
         self._db.close()
         try:
             self._db = self._open()
         except sqlite3.Error:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
-                                       isolation_level=None)
-            self.read_only = True
+            self._db, self.read_only = connect_read_only(self.path), True
             raise
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from pathlib import Path
 
 # Append only: each entry upgrades the schema by one version.
 MIGRATIONS: tuple[str, ...] = (
@@ -54,6 +55,11 @@ LOG_COLUMNS = {"request_id": "TEXT", "model_name": "TEXT", "version": "TEXT", "r
                 "reason": "TEXT"}
 LOG_TABLE = re.compile(r"^inference_logs_(\d{8})$")
 DAY = re.compile(r"^\d{8}$")
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """Read-only, WAL included: SQLite reads the -wal and -shm files a killed router left, creating none."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
 
 
 def ensure_log_table(db: sqlite3.Connection, table: str, known: set[str]) -> None:
