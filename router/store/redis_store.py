@@ -154,8 +154,9 @@ class RedisStore:
         raw = await self._redis.get(self._key("deployment", deployment_id))
         return DeploymentRecord.from_dict(json.loads(raw)) if raw else None
 
-    @_reachable
-    async def update_deployment(self, deployment_id: str, status: DeploymentStatus, reason: str | None = None) -> None:
+    async def _change_deployment(self, deployment_id: str, change: Callable[[dict[str, Any]], bool]) -> bool:
+        """Read, ``change`` in place and write a deployment record under WATCH (retried when another writer
+        won); ``change`` returning False leaves it as it was. True when it was written."""
         key = self._key("deployment", deployment_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:
@@ -165,37 +166,9 @@ class RedisStore:
                     if raw is None:
                         raise NotFound(f"deployment {deployment_id!r} does not exist", "deployment")
                     data: dict[str, Any] = json.loads(raw)
-                    data.update(status=status.value, updated_at=time.time())
-                    if status in TERMINAL_STATUSES:
-                        data.update(operation="", driver="", lease_until=0.0)
-                    if reason is not None:
-                        data["reason"] = reason
-                    pipe.multi()
-                    pipe.set(key, json.dumps(data))
-                    await pipe.execute()
-                    break
-                except WatchError:
-                    continue
-        await self._publish(str(data["model_name"]))
-
-    @_reachable
-    async def set_driver(
-        self, deployment_id: str, operation: str, driver: str, lease_until: float,
-        expected: tuple[str, float] | None = None,
-    ) -> bool:
-        key = self._key("deployment", deployment_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    if raw is None:
-                        raise NotFound(f"deployment {deployment_id!r} does not exist", "deployment")
-                    data: dict[str, Any] = json.loads(raw)
-                    if expected is not None and (data.get("driver", ""), data.get("lease_until", 0.0)) != expected:
+                    if not change(data):
                         await pipe.reset()
                         return False
-                    data.update(operation=operation, driver=driver, lease_until=lease_until)
                     pipe.multi()
                     pipe.set(key, json.dumps(data))
                     await pipe.execute()
@@ -204,6 +177,31 @@ class RedisStore:
                     continue
         await self._publish(str(data["model_name"]))
         return True
+
+    @_reachable
+    async def update_deployment(self, deployment_id: str, status: DeploymentStatus, reason: str | None = None) -> None:
+        def change(data: dict[str, Any]) -> bool:
+            data.update(status=status.value, updated_at=time.time())
+            if status in TERMINAL_STATUSES:
+                data.update(operation="", driver="", lease_until=0.0)
+            if reason is not None:
+                data["reason"] = reason
+            return True
+
+        await self._change_deployment(deployment_id, change)
+
+    @_reachable
+    async def set_driver(
+        self, deployment_id: str, operation: str, driver: str, lease_until: float,
+        expected: tuple[str, float] | None = None,
+    ) -> bool:
+        def change(data: dict[str, Any]) -> bool:
+            if expected is not None and (data.get("driver", ""), data.get("lease_until", 0.0)) != expected:
+                return False
+            data.update(operation=operation, driver=driver, lease_until=lease_until)
+            return True
+
+        return await self._change_deployment(deployment_id, change)
 
     @_reachable
     async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]:
