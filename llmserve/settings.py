@@ -185,6 +185,23 @@ class AdmissionSettings(BaseModel):
         0.05, gt=0, le=1, description="While a request waits for room, how often saturation is checked again.")
 
 
+class AutoscaleSettings(BaseModel):
+    """The autoscaler loop (see router.control.autoscale); each version's policy comes with its deployment."""
+
+    interval_s: float = Field(5.0, gt=0, le=300, description="One decision per autoscaled version this often.")
+    window_s: float = Field(60.0, gt=0, le=3600, description="How far back the latency percentiles look.")
+    lease_s: float = Field(
+        15.0, gt=0, le=3600, description="How long a router's claim to act for a version lasts unrenewed "
+        "(several routers on one Redis: one acts at a time).")
+    max_held: int = Field(256, ge=1, description="Requests held per version while it starts from zero; "
+                          "past it 429 with Retry-After.")
+    hold_timeout_s: float = Field(
+        300.0, gt=0, description="Longest a request is held for a cold start; past it 503 with Retry-After.")
+    keepalive_s: float = Field(
+        5.0, gt=0, le=60, description="A held stream gets an SSE comment this often, so clients and proxies "
+        "do not time out.")
+
+
 class AuthSettings(BaseModel):
     """API keys (see router.gateway.auth); the environment sets ``enabled`` and ``admin_key`` through
     ``LLMSERVE_AUTH`` and ``LLMSERVE_ADMIN_KEY``."""
@@ -258,6 +275,7 @@ class RouterSettings(BaseModel):
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     connections: ConnectionSettings = Field(default_factory=ConnectionSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
 
     @model_validator(mode="after")
     def _no_open_router_off_loopback(self) -> RouterSettings:

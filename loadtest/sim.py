@@ -310,6 +310,8 @@ class SimEngineProgram:
     extra_args: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
     generation: GenerationDefaults = field(default_factory=lambda: GenerationDefaults(max_tokens=16))
+    footprint_gib: float = 0.08  # what one simulated engine process takes (``llmserve.replicas.capacity``)
+    replicas_per_core: int = 16  # it sleeps instead of computing: many share a core
 
     @property
     def versioned_name(self) -> str:

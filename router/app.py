@@ -20,12 +20,15 @@ from llmserve.settings import RouterSettings
 from router.access.auth import configured_admin
 from router.access.ratelimit import SharedLimiter
 from router.admission.shedding import Admission
+from router.api import autoscaling as autoscaling_api
 from router.api import control as control_api
 from router.api import generate as generate_api
 from router.api import health as health_api
 from router.api import keys as keys_api
 from router.api import openai as openai_api
 from router.api import predict as predict_api
+from router.control.autoscale.loop import Autoscaler
+from router.control.autoscale.signals import SignalSource
 from router.control.leases import driver_id
 from router.control.plane import ControlPlane
 from router.control.versions import SpecBuilder
@@ -42,6 +45,8 @@ from router.relay.relay import Relay
 from router.state import RouterState
 from router.store import Store
 from router.traffic.catalog import Catalog, ServedVersion
+from router.traffic.cold_start import ColdStarts
+from router.traffic.demand import Demand
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +82,10 @@ def create_app(
             metrics.registry.register(scraper)
             scraper.start()
         samples = SampleWindows()
+        demand = Demand()
         state = RouterState(settings=settings, catalog=catalog, relay=relay, backend=backend, samples=samples,
-                            admission=Admission(settings.admission, catalog, samples, scraper, metrics),
-                            metrics=metrics)
+                            admission=Admission(settings.admission, catalog, samples, scraper, metrics, demand=demand),
+                            metrics=metrics, demand=demand)
         app.state.router = state
         if settings.auth.admin_key is not None:
             state.keys.add_static(configured_admin(settings.auth.admin_key.get_secret_value()))
@@ -102,6 +108,12 @@ def create_app(
                 await reload_keys()
                 state.control.on_keys_changed = reload_keys
                 await state.control.start()
+                scaling = settings.autoscale
+                state.cold_starts = ColdStarts(demand, scaling.max_held, scaling.hold_timeout_s, settings.retry_after_s)
+                state.autoscaler = Autoscaler(state.control, SignalSource(demand, samples, scraper, scaling.window_s),
+                                              state.cold_starts, state.control.leases.router_id, scaling, metrics)
+                demand.on_cold_demand = state.autoscaler.wake
+                state.autoscaler.start()
                 log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)
                 log_writer.start()
                 state.log_sink = log_writer.submit
@@ -110,6 +122,8 @@ def create_app(
             yield
         finally:
             logger.info("router shutting down: stopping engine replicas")
+            if state.autoscaler is not None:
+                await state.autoscaler.close()
             if state.control is not None:
                 await state.control.stop()
             if log_writer is not None:
@@ -135,6 +149,7 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(generate_api.router)
     app.include_router(control_api.router)
+    app.include_router(autoscaling_api.router)
     app.include_router(keys_api.router)
     app.include_router(predict_api.router)
     app.add_middleware(AccessLogMiddleware, enabled=settings.access_log)

@@ -19,12 +19,15 @@ from llmserve.settings import RouterSettings
 from router.access.auth import KeyRing
 from router.access.ratelimit import Limiter, LocalLimiter
 from router.admission.shedding import Admission
+from router.control.autoscale.loop import Autoscaler
 from router.control.plane import ControlPlane
 from router.observe.metrics import Metrics, NoMetrics
 from router.observe.samples import SampleWindows
 from router.relay.relay import Relay
 from router.store.base import InferenceLog
 from router.traffic.catalog import Catalog
+from router.traffic.cold_start import ColdStarts
+from router.traffic.demand import Demand
 
 
 def drop_log(_log: InferenceLog) -> None:
@@ -48,3 +51,6 @@ class RouterState:
     keys: KeyRing = field(default_factory=KeyRing)  # every API key's record, from the store
     limiter: Limiter = field(default_factory=LocalLimiter)  # per-key buckets (Redis-backed with a Redis store)
     background: Tasks = field(default_factory=Tasks)  # short work after a response (settling a key's tokens)
+    demand: Demand = field(default_factory=Demand)  # requests per version and class: the autoscaler's signal
+    cold_starts: ColdStarts | None = None  # holds requests for versions scaled to zero (with a control plane)
+    autoscaler: Autoscaler | None = None

@@ -22,6 +22,9 @@ Contract, per method:
   drain timeout. Retiring twice is harmless.
 - ``report_failure(endpoint, reason)``: the router saw the endpoint refuse a
   connection; a READY endpoint is ejected until its health check passes.
+- ``capacity(spec)`` how many replicas of the spec fit (the machine's cores and
+  memory locally; a cluster's quota on Kubernetes), so that a policy asking
+  for more is refused with what fits.
 - ``close()`` retires everything the backend started.
 """
 
@@ -33,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from llmserve.replicas.capacity import Capacity
 from llmserve.replicas.spec import EngineSpec
 
 
@@ -138,5 +142,9 @@ class ReplicaBackend(Protocol):
     def report_failure(self, endpoint: Endpoint, reason: str) -> None: ...
 
     def endpoints(self) -> list[Endpoint]: ...
+
+    def capacity(self, spec: EngineSpec) -> Capacity:
+        """How many replicas of ``spec`` the backend can run at most, and what bounds it."""
+        ...
 
     async def close(self) -> None: ...

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from llmserve.replicas.backend import Endpoint, ReplicaSet
+from llmserve.replicas.capacity import Capacity, capacity
 from llmserve.replicas.process import LocalReplica, ReplicaProgram
 from llmserve.replicas.spec import EngineSpec
 from llmserve.replicas.supervisor import Supervisor
@@ -63,6 +64,10 @@ class LocalBackend:
 
     def endpoints(self) -> list[Endpoint]:
         return list(self._replicas)
+
+    def capacity(self, spec: EngineSpec) -> Capacity:
+        """How many replicas of ``spec`` this machine can run (``capacity``)."""
+        return capacity(spec, self._program(spec))
 
     def process(self, endpoint: Endpoint) -> LocalReplica:
         """The process behind an endpoint (pid, port, log file): for operators and tests."""

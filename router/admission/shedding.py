@@ -40,6 +40,7 @@ from llmserve.stats import percentile
 from router.errors import APIError, DeadlineExceeded, InvalidRequest, PriorityForbidden, ShedLoad
 from router.observe.metrics import Metrics, NoMetrics
 from router.traffic.catalog import Catalog, ServedVersion
+from router.traffic.demand import Demand
 
 if TYPE_CHECKING:
     from router.observe.engine_metrics import EngineMetricsScraper
@@ -97,7 +98,7 @@ class Admitted:
 class Admission:
     def __init__(self, settings: AdmissionSettings, catalog: Catalog, samples: SampleWindows,
                  engines: EngineMetricsScraper | None = None, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, demand: Demand | None = None) -> None:
         self.settings = settings
         self._catalog = catalog
         self._samples = samples
@@ -105,6 +106,7 @@ class Admission:
         self._metrics: Metrics = metrics or NoMetrics()
         self._clock = clock
         self._state: dict[tuple[str, str], Saturation] = {}
+        self._demand = demand or Demand()
 
     # -- signals --------------------------------------------------------------
 
@@ -175,7 +177,16 @@ class Admission:
         if fallback is not None and not self.saturation(fallback).saturated:
             self.count(served.model_name, priority, "fallback")
             return Admitted(fallback, fallback_from=served.model_name)
-        # Both saturated: wait (bounded) for room on either.
+        # Both saturated: wait (bounded) for room on either; counted as waiting, the autoscaler's queue signal.
+        counts = self._demand.of(served.model_name, served.version)
+        counts.waiting += 1
+        try:
+            return await self._wait_for_room(served, fallback, priority, deadline_s)
+        finally:
+            counts.waiting -= 1
+
+    async def _wait_for_room(self, served: ServedVersion, fallback: ServedVersion | None, priority: str,
+                             deadline_s: float | None) -> Admitted:
         started = self._clock()
         limit = self.settings.queue_wait_s if deadline_s is None else min(self.settings.queue_wait_s, deadline_s)
         while self._clock() - started < limit:

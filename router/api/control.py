@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from llmserve.settings import SamplingDefaults
 from router.access.auth import Caller
+from router.api.autoscaling import AutoscalingBody
 from router.control.canary_analysis import CanaryPolicy
 from router.control.plane import ControlPlane
 from router.control.strategies.base import RolloutPlan, StrategyType
@@ -127,6 +128,7 @@ class CreateDeployment(BaseModel):
     engine: EngineOverrides = Field(default_factory=EngineOverrides)
     strategy: Strategy = Field(default_factory=Strategy)
     batching: BatchingOverrides = Field(default_factory=BatchingOverrides)
+    autoscaling: AutoscalingBody | None = Field(None, description="replicas follow the load within these bounds")
 
 
 SPLIT_BODY = {"type": "object", "description": "version -> whole percentage; the active versions, summing to 100",
@@ -209,8 +211,9 @@ async def create_deployment(request: Request) -> JSONResponse:
         engine = {"batching": batching} if batching else {}
     elif batching:
         raise InvalidRequest("batching applies to traditional models; vLLM batches continuously", param="batching")
+    autoscaling = body.autoscaling.policy() if body.autoscaling is not None else None
     record = await control.deploy(body.model_name, body.version, body.resources.replicas, _actor(request),
-                                  plan, engine=engine, gpu=body.resources.gpu)
+                                  plan, engine=engine, gpu=body.resources.gpu, autoscaling=autoscaling)
     return JSONResponse(_deployment_json(record), status_code=202)
 
 

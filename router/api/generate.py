@@ -22,12 +22,21 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
+from router.api.held import HeldStream
 from router.errors import APIError, RequestTimedOut, UpstreamFailed
 from router.gateway.openapi import json_body
 from router.gateway.pipeline import InferenceCall, inference
 from router.gateway.protocol import GenerateRequest, check_output_limit
 from router.observe.request_record import RequestRecord
-from router.relay.relay import StreamFailure, Upstream, UpstreamBroken, buffered_response, sse_bytes, sse_data
+from router.relay.relay import (
+    StreamFailure,
+    Upstream,
+    UpstreamBroken,
+    buffered_response,
+    error_event,
+    sse_bytes,
+    sse_data,
+)
 from router.traffic.catalog import ServedVersion
 
 router = APIRouter(prefix="/api/v1", tags=["generate"])
@@ -52,14 +61,23 @@ async def generate(model_name: str, call: GenerateCall) -> Response:
         check_output_limit(parsed.max_tokens, served)
         path, payload = _engine_request(parsed, served)
         record.begin(served.model_name, served.version, parsed.stream)
+        hold = call.cold_start(served)
+        summary = {"model": served.model_name, "version": served.version, "request_id": request_id}
+        if hold is not None and parsed.stream:
+            held = HeldStream(call, hold, lambda: state.relay.open(served, path, payload, request_id, call.deadline),
+                              lambda upstream: _stream(upstream, record, {**summary, "replica": upstream.replica.id}),
+                              _error_events)
+            return EventSourceResponse(held.events(), headers=call.answer_headers(served, "pending"), sep="\n",
+                                       ping=state.sse_ping_s, client_close_handler_callable=held.on_client_gone)
+        if hold is not None:
+            await call.wait_for_replica(hold)
         upstream = await state.relay.open(served, path, payload, request_id, call.deadline)
     record.replica = upstream.replica.id
     headers = call.answer_headers(served, upstream.replica.id)
     if upstream.status_code != 200:
         return await buffered_response(upstream, record, headers)
 
-    summary = {"model": served.model_name, "version": served.version, "replica": upstream.replica.id,
-               "request_id": request_id}
+    summary = {**summary, "replica": upstream.replica.id}
     if parsed.stream:
         return EventSourceResponse(_stream(upstream, record, summary), headers=headers, sep="\n", ping=state.sse_ping_s,
                                    client_close_handler_callable=upstream.on_client_gone)
@@ -85,6 +103,10 @@ async def generate(model_name: str, call: GenerateCall) -> Response:
          "usage": outcome.usage},
         headers=headers,
     )
+
+
+def _error_events(error: APIError) -> list[bytes]:
+    return [sse_bytes(error_event(error.message, error.code, error.error_type), event="error")]
 
 
 def _engine_request(parsed: GenerateRequest, served: ServedVersion) -> tuple[str, dict[str, Any]]:

@@ -10,13 +10,24 @@ from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
 from router.access.auth import Caller
+from router.api.held import HeldStream
+from router.errors import APIError
 from router.gateway.authorize import inference_or_read
 from router.gateway.openapi import json_body
 from router.gateway.pipeline import InferenceCall, State, inference
 from router.gateway.protocol import ChatCompletionRequest, CompletionRequest, check_output_limit, drop_tools
 from router.observe.request_record import RequestRecord
-from router.relay.relay import StreamFailure, Upstream, UpstreamBroken, buffered_response, sse_bytes, sse_data
-from router.traffic.catalog import Catalog
+from router.relay.relay import (
+    StreamFailure,
+    Upstream,
+    UpstreamBroken,
+    buffered_response,
+    error_event,
+    sse_bytes,
+    sse_data,
+)
+from router.traffic.catalog import Catalog, ServedVersion
+from router.traffic.cold_start import Hold
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -86,6 +97,11 @@ async def _relay_openai(
             call.headers["x-tools-dropped"] = str(dropped)
         payload["model"] = served.versioned_name
         call.record.begin(served.model_name, served.version, parsed.stream)
+        hold = call.cold_start(served)
+        if hold is not None and parsed.stream:
+            return _held(call, hold, served, path, payload)
+        if hold is not None:
+            await call.wait_for_replica(hold)
         upstream = await call.state.relay.open(served, path, payload, call.request_id, call.deadline,
                                                stream=parsed.stream)
     call.record.replica = upstream.replica.id
@@ -94,6 +110,19 @@ async def _relay_openai(
         return await buffered_response(upstream, call.record, headers)
     return EventSourceResponse(_relay_stream(upstream, call.record), headers=headers, sep="\n",
                                ping=call.state.sse_ping_s, client_close_handler_callable=upstream.on_client_gone)
+
+
+def _held(call: InferenceCall, hold: Hold, served: ServedVersion, path: str, payload: dict[str, Any]) -> Response:
+    """A stream for a version starting from zero: answered now, kept alive, relayed once a replica is up."""
+
+    def error_events(error: APIError) -> list[bytes]:
+        return [sse_bytes(error_event(error.message, error.code, error.error_type)), sse_bytes(b"[DONE]")]
+
+    held = HeldStream(call, hold,
+                      lambda: call.state.relay.open(served, path, payload, call.request_id, call.deadline),
+                      lambda upstream: _relay_stream(upstream, call.record), error_events)
+    return EventSourceResponse(held.events(), headers=call.answer_headers(served, "pending"), sep="\n",
+                               ping=call.state.sse_ping_s, client_close_handler_callable=held.on_client_gone)
 
 
 async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncIterator[bytes]:

@@ -36,6 +36,8 @@ from typing import Any
 
 from llmserve.loops import PeriodicLoop, Tasks
 from llmserve.replicas.backend import ReplicaBackend
+from router.control.autoscale.checks import check_policy
+from router.control.autoscale.policy import AutoscalingPolicy
 from router.control.leases import DEPLOY, RETIRE, Leases, driver_id
 from router.control.reconciler import Reconciler
 from router.control.recovery import Recovery
@@ -192,16 +194,19 @@ class ControlPlane:
 
     async def deploy(
         self, model_name: str, version: str, replicas: int, actor: str, plan: RolloutPlan | None = None,
-        engine: dict[str, Any] | None = None, gpu: int = 0,
+        engine: dict[str, Any] | None = None, gpu: int = 0, autoscaling: AutoscalingPolicy | None = None,
     ) -> DeploymentRecord:
         plan = plan or RolloutPlan(traffic_percent=100)
-        await self.require_model(model_name)
+        model = await self.require_model(model_name)
         operation, driver, lease_until = self.leases.new_lease(DEPLOY)
         record = DeploymentRecord(
             id=uuid.uuid4().hex[:12], model_name=model_name, version=version, status=DeploymentStatus.DEPLOYING,
             model_dir=str(self._models_dir / model_name / version), replicas=replicas, gpu=gpu,
             engine=dict(engine or {}), operation=operation, driver=driver, lease_until=lease_until,
+            autoscaling=autoscaling.to_dict() if autoscaling else {},
         )
+        if autoscaling is not None:
+            check_policy(autoscaling, record, model.framework != "vllm", self.versions, replicas)
         self._owned_rollouts.add(record.id)
         self._rolling_out[record.id] = model_name
         self.leases.hold(record.id, DEPLOY, lease_until)  # before the record exists: no sweep takes it for an orphan
@@ -318,6 +323,26 @@ class ControlPlane:
             await self.store.update_deployment(newest.id, DeploymentStatus.DRAINING)
             self.spawn(self.retire(newest), name=f"retire {model_name}:{newest.version}")
         return RollbackResult(model_name, newest.version, target, applied_ms, record.revision)
+
+    async def set_autoscaling(self, model_name: str, version: str | None, policy: AutoscalingPolicy,
+                              actor: str) -> list[DeploymentRecord]:
+        """Give the model's active versions (or one) this policy; the autoscaler acts on it next period."""
+        model = await self.require_model(model_name)
+        deployments = await self.store.list_deployments(model_name)
+        live = [d for d in deployments if d.status in (DeploymentStatus.ACTIVE, DeploymentStatus.DEPLOYING,
+                                                        DeploymentStatus.DRAINING)
+                and (version is None or d.version == version)]
+        if not live:
+            known = ", ".join(sorted(d.version for d in deployments if d.status is DeploymentStatus.ACTIVE))
+            raise NotFound(f"{model_name} has no active version{' ' + repr(version) if version else ''} "
+                           f"(active: {known or 'none'})", "version")
+        for record in live:
+            check_policy(policy, record, model.framework != "vllm", self.versions)
+        for record in live:
+            await self.store.set_scaling(record.id, autoscaling=policy.to_dict())
+            await self.store.append_history(HistoryEntry(model_name, "autoscaling", actor,
+                                                         {"version": record.version, "policy": policy.to_dict()}))
+        return live
 
     async def delete_version(self, model_name: str, version: str, actor: str) -> DeploymentRecord:
         await self.require_model(model_name)

@@ -2,7 +2,9 @@
 
 The store holds the desired state. Each router reconciles on start (after a
 restart), and on every change it sees, whether the change came through its
-own API or, with a shared Redis store, through another router's.
+own API or, with a shared Redis store, through another router's: versions to
+run, versions to drain, and how many replicas each runs (the autoscaler's
+desired count).
 """
 
 from __future__ import annotations
@@ -41,4 +43,8 @@ class Reconciler:
                 elif record.status is DeploymentStatus.DRAINING and key in self._versions \
                         and record.id not in self._owned:
                     self._versions.retire(key)
+                elif record.status is DeploymentStatus.ACTIVE and not record.operation and record.id not in self._owned:
+                    # The desired count changed (the autoscaler, on this router or another): follow it. Not while
+                    # an operation (a rolling update, a drain) moves this version's replicas itself.
+                    self._versions.scale_to(key, record.replicas)
             self._catalog.set_split(model_name, traffic.split)

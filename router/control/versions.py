@@ -63,12 +63,22 @@ class LocalVersions:
         self._tasks = tasks
         self._served: dict[VersionKey, ServedVersion] = {}
         self._retiring: dict[VersionKey, asyncio.Task[None]] = {}
+        self._scale_targets: dict[VersionKey, int] = {}
+        self._scaling: dict[VersionKey, asyncio.Task[None]] = {}
 
     def get(self, key: VersionKey) -> ServedVersion | None:
         return self._served.get(key)
 
     def __contains__(self, key: VersionKey) -> bool:
         return key in self._served
+
+    def spec_for(self, record: DeploymentRecord) -> EngineSpec:
+        """What a replica of the record runs (the running set's own spec once launched); ValueError when its
+        engine overrides do not fit the settings."""
+        served = self._served.get((record.model_name, record.version))
+        if served is not None and served.replica_set is not None:
+            return served.replica_set.spec
+        return self._specs(record.model_name, record.version, Path(record.model_dir), record.engine)
 
     async def launch(self, record: DeploymentRecord, predict: bool, replicas: int | None = None) -> ServedVersion:
         """Start a version (engine replicas STARTING; a predictor loaded) and add it to the catalog.
@@ -99,6 +109,33 @@ class LocalVersions:
     async def wait_ready(self, served: ServedVersion) -> None:
         if served.replica_set is not None:
             await self.backend.wait_ready(served.replicas)
+
+    def scale_to(self, key: VersionKey, replicas: int) -> None:
+        """Bring the version's live replicas here to ``replicas`` (the store's desired count), in the
+        background: a scale-down drains (in-flight streams finish, bounded by the drain timeout) before a
+        replica stops. One scaling task per version; a newer target replaces the one it works towards."""
+        served = self._served.get(key)
+        if served is None or served.replica_set is None:
+            return
+        self._scale_targets[key] = replicas
+        if key not in self._scaling and len(served.replica_set.live) != replicas:
+            task = self._tasks.spawn(self._scale(key), name=f"scale {key[0]}:{key[1]}")
+            self._scaling[key] = task
+            task.add_done_callback(lambda _done: self._scaling.pop(key, None))
+
+    async def _scale(self, key: VersionKey) -> None:
+        while True:
+            served, target = self._served.get(key), self._scale_targets.get(key)
+            if served is None or served.replica_set is None or target is None:
+                return
+            before = len(served.replica_set.live)
+            if before == target:
+                return
+            logger.info("scaling %s:%s from %d to %d replicas", key[0], key[1], before, target)
+            await self.backend.scale(served.replica_set, target)
+            if len(served.replica_set.live) == before:  # the backend could not change it: not a busy loop
+                logger.warning("scaling %s:%s to %d left it at %d", key[0], key[1], target, before)
+                return
 
     async def stop_now(self, key: VersionKey) -> None:
         """A version that failed to roll out: no drain, it never had traffic."""

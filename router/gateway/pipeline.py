@@ -12,7 +12,8 @@ Steps, in this order, each a method of ``InferenceCall``:
 4. **resolve** the model and version (a pin, else the split by user); a model the key may not
    use is as unknown as one that does not exist (404);
 5. **admit** under load: priority (the key's default, or what it allows), deadline, shedding or
-   the fallback model;
+   the fallback model; counted in flight for its version and class (the autoscaler's demand); a
+   version scaled to zero **holds** the request while its first replica starts (``cold_start``);
 6. the handler **opens** the upstream (an engine replica, or a predictor's batcher) and answers.
 
 The call's ``headers`` collect what the response must carry (priority,
@@ -41,6 +42,7 @@ from router.gateway.protocol import parse_json_object, read_body, validate
 from router.observe.request_record import RequestRecord, served_headers, user_key
 from router.state import RouterState
 from router.traffic.catalog import ServedVersion
+from router.traffic.cold_start import Hold
 
 Schema = TypeVar("Schema", bound=BaseModel)
 
@@ -169,7 +171,24 @@ class InferenceCall:
                                                self.who)
         self.record.admitted_at = time.perf_counter()
         self.headers.update(extra)
+        self.record.priority = extra.get("x-priority", "standard")
+        end = self.state.demand.begin(answering.model_name, answering.version, self.record.priority)
+        self.record.on_finish.append(lambda _record: end())
         return answering
+
+    # 5b. a version scaled to zero: a place in its cold-start queue (429 when full), or None
+    def cold_start(self, served: ServedVersion) -> Hold | None:
+        cold = self.state.cold_starts
+        if cold is None or not cold.needs_hold(served):
+            return None
+        return cold.reserve(served)
+
+    async def wait_for_replica(self, hold: Hold) -> None:
+        """Hold a buffered request until a replica can answer (503 with Retry-After past the bound)."""
+        try:
+            await hold.wait_quietly()
+        finally:
+            self.state.metrics.cold_start_held(hold.served.model_name, hold.served.version, hold.waited_s)
 
     # 6. what a successful answer carries
     def answer_headers(self, served: ServedVersion, replica_id: str) -> dict[str, str]:

@@ -108,6 +108,17 @@ class RouterMetrics:
                                        ["key_id"], registry=self.registry)
         self.key_refusals = Counter("llmserve_key_rate_limited", "Requests refused by a key's RPM or TPM limit",
                                     ["key_id", "limit"], registry=self.registry)
+        self.desired_replicas = Gauge("llmserve_autoscale_desired_replicas", "Replicas the autoscaler wants",
+                                      labels, registry=self.registry)
+        self.current_replicas = Gauge("llmserve_autoscale_current_replicas", "Replicas live on this router "
+                                      "(ready, starting or draining) when the autoscaler last decided",
+                                      labels, registry=self.registry)
+        self.scale_decisions = Counter("llmserve_autoscale_decisions", "Autoscaler changes by direction and the "
+                                       "rule that fired (advisory ones too: mode label)",
+                                       ["model", "version", "direction", "rule", "mode"], registry=self.registry)
+        self.cold_start_wait = Histogram("llmserve_cold_start_wait_seconds", "How long requests were held for "
+                                         "a version to start from zero", labels, buckets=LATENCY_BUCKETS,
+                                         registry=self.registry)
         self.registry.register(_CatalogCollector(catalog))
         self.registry.register(_LoopCollector())
 
@@ -130,6 +141,16 @@ class RouterMetrics:
 
     def admission_outcome(self, model: str, priority: str, outcome: str) -> None:
         self.admission.labels(model, priority, outcome).inc()
+
+    def autoscaled(self, model: str, version: str, desired: int, current: int, direction: str, rule: str,
+                   mode: str) -> None:
+        self.desired_replicas.labels(model, version).set(desired)
+        self.current_replicas.labels(model, version).set(current)
+        if direction != "hold":
+            self.scale_decisions.labels(model, version, direction, rule, mode).inc()
+
+    def cold_start_held(self, model: str, version: str, waited_s: float) -> None:
+        self.cold_start_wait.labels(model, version).observe(waited_s)
 
     def started(self, model: str, version: str) -> None:
         self.in_flight.labels(model, version).inc()
@@ -176,6 +197,13 @@ class NoMetrics:
         return None
 
     def admission_outcome(self, model: str, priority: str, outcome: str) -> None:
+        return None
+
+    def autoscaled(self, model: str, version: str, desired: int, current: int, direction: str, rule: str,
+                   mode: str) -> None:
+        return None
+
+    def cold_start_held(self, model: str, version: str, waited_s: float) -> None:
         return None
 
     def key_refused(self, key_id: str, limit: str) -> None:

@@ -63,6 +63,7 @@ class RequestRecord:
     reason: str | None = None  # the error code of a failure
     user: str | None = None
     key_id: str | None = None  # the caller's API key (its id: the secret is never kept)
+    priority: str = "standard"  # its admission class (critical, standard, batch)
     output_tokens: int | None = None
     prompt_tokens: int | None = None
     on_finish: list[Callable[[RequestRecord], None]] = field(default_factory=list, repr=False)
@@ -121,6 +122,13 @@ class RequestRecord:
     @property
     def ttft_ms(self) -> float | None:
         return None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
+
+    @property
+    def tpot_ms(self) -> float | None:
+        """Mean time per output token after the first (a stream with at least two text chunks)."""
+        if self.first_token_at is None or self._last_chunk_at is None or self.text_chunks < 2:
+            return None
+        return (self._last_chunk_at - self.first_token_at) * 1000 / (self.text_chunks - 1)
 
     def failed(self, reason: str, message: str) -> None:
         self.reason, self.error = reason, message[:300]
@@ -192,7 +200,8 @@ class RequestRecord:
             since = self.admitted_at if self.admitted_at is not None else self.started
             end = time.perf_counter() if self.route in ("predict", "v2_infer") else self.first_token_at
             signal = None if end is None else (end - since) * 1000
-            self.samples.record(self.model, self.version, signal, self.status_code)
+            self.samples.record(self.model, self.version, signal, self.status_code, self.priority,
+                                self.tpot_ms, latency_ms)
         for hook in self.on_finish:
             try:
                 hook(self)

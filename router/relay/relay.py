@@ -318,12 +318,17 @@ async def sse_data(upstream: Upstream) -> AsyncIterator[bytes]:
             yield event.data
 
 
+def engine_message(content: bytes) -> str:
+    """The message of an engine's error body (vLLM's OpenAI error shape), else its first bytes."""
+    try:
+        return str(json.loads(content)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return content[:200].decode(errors="replace")
+
+
 def engine_failure(upstream: Upstream, content: bytes) -> UpstreamFailed:
     """An engine's 5xx as the router's 502: the client learns which replica failed and why."""
-    try:
-        detail = json.loads(content)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        detail = content[:200].decode(errors="replace")
+    detail = engine_message(content)
     return UpstreamFailed(f"replica {upstream.replica.id} failed ({upstream.status_code}: {detail}); "
                           "retry the request")
 

@@ -76,6 +76,9 @@ class DeploymentRecord:
     operation: str = ""
     driver: str = ""
     lease_until: float = 0.0
+    # The version's autoscaling policy (``router.control.autoscale.policy``, its dict form); {}: none.
+    # With a policy, ``replicas`` is the autoscaler's desired count, which every router converges to.
+    autoscaling: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "status": self.status.value}
@@ -166,6 +169,12 @@ class Store(Protocol):
         self, deployment_id: str, status: DeploymentStatus, reason: str | None = None
     ) -> None: ...
     async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]: ...
+    # the desired replicas and/or the autoscaling policy of a deployment (a change every router sees)
+    async def set_scaling(self, deployment_id: str, replicas: int | None = None,
+                          autoscaling: dict[str, Any] | None = None) -> None: ...
+
+    # a named lease: taken when free, expired at ``now`` or already ``holder``'s; False when another holds it
+    async def claim_lease(self, name: str, holder: str, until: float, now: float) -> bool: ...
 
     # the operation in progress on a deployment: set when ``expected`` (driver, lease_until) is what is
     # stored (None: unconditionally); False when it was not. A terminal status (retired, failed) clears it.

@@ -68,6 +68,14 @@ def _reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corou
     return call
 
 
+# KEYS[1] the lease; ARGV holder, until, now. Taken when absent, expired or the holder's own.
+_CLAIM = """
+local held = redis.call('HMGET', KEYS[1], 'holder', 'until')
+if held[1] and held[1] ~= ARGV[1] and tonumber(held[2]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'until', ARGV[2])
+return 1
+"""
+
 class RedisStore:
     def __init__(self, url: str, prefix: str = "llmserve:", timeout_s: float = 1.0) -> None:
         # Short socket time-outs: a control-plane write against a dead Redis fails in about a second
@@ -202,6 +210,24 @@ class RedisStore:
             return True
 
         return await self._change_deployment(deployment_id, change)
+
+    @_reachable
+    async def set_scaling(self, deployment_id: str, replicas: int | None = None,
+                          autoscaling: dict[str, Any] | None = None) -> None:
+        def change(data: dict[str, Any]) -> bool:
+            if replicas is not None:
+                data["replicas"] = replicas
+            if autoscaling is not None:
+                data["autoscaling"] = autoscaling
+            return True
+
+        await self._change_deployment(deployment_id, change)
+
+    @_reachable
+    async def claim_lease(self, name: str, holder: str, until: float, now: float) -> bool:
+        # one script: the read and the write of a claim are atomic however many routers race for it
+        taken = await self._redis.eval(_CLAIM, 1, self._key("lease", name), holder, repr(until), repr(now))
+        return bool(taken)
 
     @_reachable
     async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]:

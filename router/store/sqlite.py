@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from router.store import sqlite_logs
 from router.store.base import (
     KEYS_CHANGED,
     LIVE_STATUSES,
@@ -35,14 +36,14 @@ from router.store.base import (
     TrafficRecord,
     Unavailable,
 )
-from router.store.sqlite_schema import DAY, LOG_COLUMNS, LOG_TABLE, MIGRATIONS, connect_read_only, ensure_log_table
+from router.store.sqlite_schema import DAY, MIGRATIONS, connect_read_only
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 _REOPEN_AFTER = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
 _DEPLOYMENT_COLUMNS = ("id, model_name, version, status, model_dir, replicas, gpu, reason, created_at, updated_at, "
-                       "engine, operation, driver, lease_until")
+                       "engine, operation, driver, lease_until, autoscaling")
 
 
 class SQLiteStore:
@@ -205,10 +206,11 @@ class SQLiteStore:
             d = deployment
             db.execute(
                 "INSERT INTO deployments (id, model_name, version, status, model_dir, replicas, gpu, reason, "
-                "created_at, updated_at, engine, operation, driver, lease_until) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "created_at, updated_at, engine, operation, driver, lease_until, autoscaling) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (d.id, d.model_name, d.version, d.status.value, d.model_dir, d.replicas, d.gpu, d.reason,
-                 d.created_at, d.updated_at, json.dumps(d.engine), d.operation, d.driver, d.lease_until),
+                 d.created_at, d.updated_at, json.dumps(d.engine), d.operation, d.driver, d.lease_until,
+                 json.dumps(d.autoscaling)),
             )
 
         await self._write(insert, changed=deployment.model_name)
@@ -247,6 +249,31 @@ class SQLiteStore:
         changed = await self._write(update)
         return changed is not None
 
+    async def set_scaling(self, deployment_id: str, replicas: int | None = None,
+                          autoscaling: dict[str, Any] | None = None) -> None:
+        def update(db: sqlite3.Connection) -> str:
+            row = db.execute("SELECT model_name FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"deployment {deployment_id!r} does not exist", "deployment")
+            if replicas is not None:
+                db.execute("UPDATE deployments SET replicas = ? WHERE id = ?", (replicas, deployment_id))
+            if autoscaling is not None:
+                db.execute("UPDATE deployments SET autoscaling = ? WHERE id = ?",
+                           (json.dumps(autoscaling), deployment_id))
+            return str(row[0])
+
+        self._notify(await self._write(update))
+
+    async def claim_lease(self, name: str, holder: str, until: float, now: float) -> bool:
+        def claim(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT holder, until FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != holder and row[1] >= now:
+                return False
+            db.execute("INSERT OR REPLACE INTO leases (name, holder, until) VALUES (?, ?, ?)", (name, holder, until))
+            return True
+
+        return await self._write(claim)
+
     async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]:
         def query(db: sqlite3.Connection) -> list[Any]:
             if model_name is None:
@@ -260,7 +287,8 @@ class SQLiteStore:
         return [
             DeploymentRecord(id=r[0], model_name=r[1], version=r[2], status=DeploymentStatus(r[3]), model_dir=r[4],
                              replicas=r[5], gpu=r[6], reason=r[7], created_at=r[8], updated_at=r[9],
-                             engine=json.loads(r[10]), operation=r[11], driver=r[12], lease_until=r[13])
+                             engine=json.loads(r[10]), operation=r[11], driver=r[12], lease_until=r[13],
+                             autoscaling=json.loads(r[14]))
             for r in rows
         ]
 
@@ -344,53 +372,16 @@ class SQLiteStore:
     # -- inference logs -------------------------------------------------------
 
     async def write_inference_logs(self, logs: list[InferenceLog]) -> None:
-        by_day: dict[str, list[InferenceLog]] = {}
-        for log in logs:
-            by_day.setdefault(log.day, []).append(log)
-
-        def insert(db: sqlite3.Connection) -> None:
-            for day, rows in by_day.items():
-                table = f"inference_logs_{day}"
-                ensure_log_table(db, table, self._log_tables)
-                db.executemany(
-                    f"INSERT INTO {table} ({', '.join(LOG_COLUMNS)}) VALUES ({', '.join('?' * len(LOG_COLUMNS))})",
-                    [tuple(getattr(r, c) for c in LOG_COLUMNS) for r in rows],
-                )
-
         if logs:
-            await self._write(insert)
+            await self._write(lambda db: sqlite_logs.insert(db, logs, self._log_tables))
 
     async def inference_logs(self, day: str, model_name: str | None = None) -> list[InferenceLog]:
         if not DAY.match(day):
             raise ValueError(f"day must be YYYYMMDD, got {day!r}")
-
-        def query(db: sqlite3.Connection) -> list[Any]:
-            table = f"inference_logs_{day}"
-            exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone()
-            if not exists:
-                return []
-            if model_name is None:
-                cursor = db.execute(f"SELECT * FROM {table} ORDER BY timestamp")
-            else:
-                cursor = db.execute(f"SELECT * FROM {table} WHERE model_name = ? ORDER BY timestamp", (model_name,))
-            names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-        return [InferenceLog(**row) for row in await self._run(query)]
+        return await self._run(lambda db: sqlite_logs.query(db, day, model_name))
 
     async def drop_inference_logs_before(self, day: str) -> list[str]:
-        def drop(db: sqlite3.Connection) -> list[str]:
-            names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()]
-            dropped = []
-            for name in names:
-                match = LOG_TABLE.match(name)
-                if match and match.group(1) < day:
-                    db.execute(f"DROP TABLE {name}")
-                    self._log_tables.discard(name)
-                    dropped.append(match.group(1))
-            return sorted(dropped)
-
-        return await self._write(drop)
+        return await self._write(lambda db: sqlite_logs.drop_before(db, day, self._log_tables))
 
 
 def _insert_history(db: sqlite3.Connection, entry: HistoryEntry) -> None:

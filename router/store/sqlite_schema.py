@@ -47,6 +47,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX api_keys_by_name ON api_keys(name);
     """,
+    # 5: a deployment's autoscaling policy; named leases (one autoscaler acts for a version at a time)
+    """
+    ALTER TABLE deployments ADD COLUMN autoscaling TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until REAL NOT NULL);
+    """,
 )
 
 LOG_COLUMNS = {"request_id": "TEXT", "model_name": "TEXT", "version": "TEXT", "replica": "TEXT",

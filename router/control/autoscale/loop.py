@@ -1,0 +1,141 @@
+"""The autoscaler loop: one decision per autoscaled version per period, applied through the store.
+
+Each period, for every active version whose deployment carries a policy:
+
+1. skip it while an operation drives it (a rollout, a rollback's drain):
+   those own its replicas until they finish;
+2. claim the version's lease in the store (``autoscale:<deployment id>``): with
+   several routers on one Redis exactly one decides for a version at a time;
+3. measure its ``Signals`` (``signals``) and ask ``desired_replicas``;
+4. mode ``on``: write the desired count on the deployment record
+   (``Store.set_scaling``); every router's reconciler then scales its own
+   replica set to it through the replica backend (local processes here, a
+   Deployment's replicas on Kubernetes), scale-downs draining first. Mode
+   ``advisory``: the same decision, recorded and logged, not applied.
+
+Every change (and every advisory one) goes into the model's history with its
+evidence, is counted in ``llmserve_autoscale_decisions``, and the latest
+decision of each version is readable at ``GET /api/v1/deployments/{m}/autoscaling``.
+Requests held for a version at zero wake the loop at once (``wake``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from llmserve.loops import PeriodicLoop
+from llmserve.settings import AutoscaleSettings
+from router.control.autoscale.policy import (
+    AutoscalingPolicy,
+    Decision,
+    Memory,
+    Mode,
+    PolicyError,
+    desired_replicas,
+)
+from router.control.autoscale.signals import SignalSource
+from router.control.versions import LocalVersions
+from router.observe.metrics import Metrics, NoMetrics
+from router.store import DeploymentRecord, DeploymentStatus, HistoryEntry, Store
+from router.traffic.cold_start import ColdStarts
+
+logger = logging.getLogger(__name__)
+
+ACTOR = "autoscaler"
+
+
+class Scaled(Protocol):
+    """What the autoscaler needs of the control plane."""
+
+    store: Store
+    versions: LocalVersions
+
+
+@dataclass
+class Latest:
+    """A version's last decision and its evidence (the GET view)."""
+
+    at: float
+    policy: dict[str, Any]
+    signals: dict[str, Any]
+    decision: dict[str, Any]
+    applied: bool
+    acting_router: str
+
+
+class Autoscaler:
+    def __init__(self, control: Scaled, source: SignalSource, cold_starts: ColdStarts, router_id: str,
+                 settings: AutoscaleSettings, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self._control = control
+        self._source = source
+        self._cold = cold_starts
+        self._router_id = router_id
+        self._settings = settings
+        self._metrics: Metrics = metrics or NoMetrics()
+        self._clock = clock
+        self._wall = wall
+        self._memory: dict[str, Memory] = {}  # deployment id -> what its next decision needs of the past
+        self.latest: dict[tuple[str, str], Latest] = {}
+        self._loop = PeriodicLoop("autoscaler", settings.interval_s, self.tick)
+
+    def start(self) -> None:
+        self._loop.start()
+
+    async def close(self) -> None:
+        await self._loop.close()
+
+    def wake(self, _model: str = "", _version: str = "") -> None:
+        """Decide now (demand arrived for a version with no replica)."""
+        self._loop.wake()
+
+    async def tick(self) -> None:
+        for record in await self._control.store.list_deployments():
+            if record.status is not DeploymentStatus.ACTIVE or not record.autoscaling:
+                if record.status is not DeploymentStatus.ACTIVE:
+                    self._cold.allow(record.model_name, record.version, False)
+                    self._memory.pop(record.id, None)
+                continue
+            try:
+                await self._decide(record)
+            except PolicyError as exc:  # written by an older router, say: not this loop's to fix
+                logger.warning("autoscaling of %s:%s skipped: %s", record.model_name, record.version, exc)
+
+    async def _decide(self, record: DeploymentRecord) -> None:
+        key = (record.model_name, record.version)
+        policy = AutoscalingPolicy.from_dict(record.autoscaling)
+        self._cold.allow(*key, policy.mode is Mode.ON and policy.min_replicas == 0)
+        served = self._control.versions.get(key)
+        if policy.mode is Mode.OFF or served is None or served.replica_set is None or record.operation:
+            return
+        now = self._wall()
+        if not await self._control.store.claim_lease(f"autoscale:{record.id}", self._router_id,
+                                                     now + self._settings.lease_s, now):
+            return  # another router acts for this version
+        signals = self._source.measure(served)
+        decision = desired_replicas(signals, record.replicas, policy, self._clock(), self._memory.get(record.id))
+        self._memory[record.id] = decision.memory
+        applied = policy.mode is Mode.ON and decision.desired != record.replicas
+        self.latest[key] = Latest(now, policy.to_dict(), signals.to_dict(), decision.to_dict(), applied,
+                                  self._router_id)
+        self._metrics.autoscaled(*key, decision.desired, len(served.replica_set.live), decision.direction,
+                                 decision.rule, policy.mode.value)
+        if decision.desired == record.replicas:
+            return
+        await self._record(record, decision, signals.to_dict(), policy.mode)
+        if applied:
+            await self._control.store.set_scaling(record.id, replicas=decision.desired)
+
+    async def _record(self, record: DeploymentRecord, decision: Decision, signals: dict[str, Any],
+                      mode: Mode) -> None:
+        verb = "scales" if mode is Mode.ON else "would scale (advisory)"
+        logger.info("autoscaler: %s:%s %s %d -> %d (%s: %s)", record.model_name, record.version, verb,
+                    decision.current, decision.desired, decision.rule, decision.reason)
+        action = "autoscale" if mode is Mode.ON else "autoscale_advice"
+        await self._control.store.append_history(HistoryEntry(
+            record.model_name, action, ACTOR,
+            {"version": record.version, **decision.to_dict(), "signals": signals, "router": self._router_id}))
