@@ -212,3 +212,29 @@ async def test_api_keys_are_created_listed_and_revoked_and_a_live_name_is_unique
     assert [k.key_id for k in await store.list_keys()] == ["key_a", "key_b"]
     with pytest.raises(NotFound):
         await store.revoke_key("key_nope", at=1.0)
+
+
+async def test_the_desired_replicas_and_the_policy_are_set_and_announced(store: Store) -> None:
+    await store.create_model(ModelRecord("chat"))
+    record = deployment("v1", DeploymentStatus.ACTIVE)
+    await store.create_deployment(record)
+    changes = store.changes()
+    assert await asyncio.wait_for(changes.__anext__(), 5) == RESYNC
+    await store.set_scaling(record.id, autoscaling={"min_replicas": 0, "max_replicas": 3})
+    await store.set_scaling(record.id, replicas=3)
+    assert await asyncio.wait_for(changes.__anext__(), 5) == "chat"
+    (stored,) = await store.list_deployments("chat")
+    assert (stored.replicas, stored.autoscaling) == (3, {"min_replicas": 0, "max_replicas": 3})
+    with pytest.raises(NotFound):
+        await store.set_scaling("nope", replicas=1)
+
+
+async def test_a_named_lease_has_one_holder_until_it_expires(store: Store) -> None:
+    assert await store.claim_lease("autoscale:d1", "router-a", until=100.0, now=0.0)
+    assert await store.claim_lease("autoscale:d1", "router-a", until=150.0, now=50.0)  # renewed by its holder
+    assert not await store.claim_lease("autoscale:d1", "router-b", until=200.0, now=149.0)
+    assert await store.claim_lease("autoscale:d2", "router-b", until=200.0, now=149.0)  # another name is free
+    assert await store.claim_lease("autoscale:d1", "router-b", until=300.0, now=151.0)  # expired: taken over
+    assert not await store.claim_lease("autoscale:d1", "router-a", until=400.0, now=200.0)
+    results = await asyncio.gather(*(store.claim_lease("race", f"r{i}", until=10.0, now=0.0) for i in range(8)))
+    assert sum(results) == 1

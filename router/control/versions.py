@@ -66,6 +66,9 @@ class LocalVersions:
         self._scale_targets: dict[VersionKey, int] = {}
         self._scaling: dict[VersionKey, asyncio.Task[None]] = {}
 
+    def items(self) -> list[tuple[VersionKey, ServedVersion]]:
+        return list(self._served.items())
+
     def get(self, key: VersionKey) -> ServedVersion | None:
         return self._served.get(key)
 
@@ -88,6 +91,8 @@ class LocalVersions:
         folder = Path(record.model_dir)
         if predict:  # loading checks the folder, the file and a first prediction
             predictor = await self._predictors.load(record.model_name, record.version, folder, record.engine)
+            if record.autoscaling:  # the autoscaler's desired count is its batcher's threads
+                predictor.batcher.resize(record.replicas)
             served = ServedVersion(record.model_name, record.version, max_model_len=0, predictor=predictor)
         else:
             try:
@@ -115,6 +120,9 @@ class LocalVersions:
         background: a scale-down drains (in-flight streams finish, bounded by the drain timeout) before a
         replica stops. One scaling task per version; a newer target replaces the one it works towards."""
         served = self._served.get(key)
+        if served is not None and served.predictor is not None:  # a traditional model: its batcher's threads
+            served.predictor.batcher.resize(replicas)
+            return
         if served is None or served.replica_set is None:
             return
         self._scale_targets[key] = replicas

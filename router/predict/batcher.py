@@ -15,12 +15,17 @@ Admission is immediate: a queue over ``max_queue_rows`` is a 429, and a
 request whose deadline the queue cannot meet (from the measured drain rate)
 a 503, both with Retry-After, before it waits. A request larger than
 ``max_batch_size`` rows is split and its parts answered together.
+
+The autoscaler sizes ``instances`` with the load (``resize``): more threads
+start at once; fewer take effect as running batches finish (a batch is never
+cut). ``busy_s`` (model time summed over instances) gives its compute share.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +37,8 @@ import numpy as np
 from llmserve.settings import PRIORITIES, PredictSettings
 from router.predict.errors import Overloaded
 from router.predict.runtimes import Runtime
+
+MAX_INSTANCES = 64
 
 
 @dataclass(frozen=True)
@@ -102,13 +109,39 @@ class DynamicBatcher:
         self._queued_rows = 0
         self._arrived = asyncio.Event()
         self._free = asyncio.Semaphore(config.instances)
-        self._executor = ThreadPoolExecutor(config.instances, thread_name_prefix="predict")
+        # threads start on demand, as many as batches run at once (the permits say how many may)
+        self._executor = ThreadPoolExecutor(MAX_INSTANCES, thread_name_prefix="predict")
         self._running: set[asyncio.Task[None]] = set()
         self._rate_rows_per_s = 0.0
         self._last_arrival: float | None = None
         self._drain_rows_per_s = 0.0  # measured throughput, for Retry-After and deadlines
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
+        self.busy_s = 0.0  # model time run, summed over the instances (the autoscaler's compute share)
+        self._withheld: list[asyncio.Future[bool]] = []  # permits taken out of use by a resize down
+
+    @property
+    def instances(self) -> int:
+        return self.config.instances
+
+    def resize(self, instances: int) -> None:
+        """Run batches on ``instances`` threads from now on (at least one)."""
+        instances = max(1, instances)
+        change = instances - self.config.instances
+        if change == 0:
+            return
+        self.config = dataclasses.replace(self.config, instances=instances)
+        if change > 0:
+            for _ in range(change):
+                if self._withheld:  # undo a resize down: its permit back, or its pending take stopped
+                    withheld = self._withheld.pop()
+                    withheld.cancel()
+                    withheld.add_done_callback(lambda task: None if task.cancelled() else self._free.release())
+                else:
+                    self._free.release()
+        else:
+            for _ in range(-change):  # each takes one permit as a running batch frees it, and keeps it
+                self._withheld.append(asyncio.ensure_future(self._free.acquire()))
 
     # -- submitting -----------------------------------------------------------
 
@@ -243,6 +276,7 @@ class DynamicBatcher:
                     item.future.set_result(part)
             rows = offset
             self.latency.observe(rows, compute_s)
+            self.busy_s += compute_s
             elapsed = max(self._clock() - started, 1e-6)
             self._drain_rows_per_s = 0.8 * self._drain_rows_per_s + 0.2 * (rows / elapsed * self.config.instances) \
                 if self._drain_rows_per_s else rows / elapsed * self.config.instances
@@ -269,6 +303,8 @@ class DynamicBatcher:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
+        for withheld in self._withheld:
+            withheld.cancel()
         for queue in self._queues.values():
             while queue:
                 item = queue.popleft()

@@ -24,11 +24,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from llmserve.loops import PeriodicLoop
 from llmserve.settings import AutoscaleSettings
+from router.control.autoscale.checks import cpu_budget
 from router.control.autoscale.policy import (
     AutoscalingPolicy,
     Decision,
@@ -79,6 +80,7 @@ class Autoscaler:
         self._metrics: Metrics = metrics or NoMetrics()
         self._clock = clock
         self._wall = wall
+        self._cpu_budget = cpu_budget()
         self._memory: dict[str, Memory] = {}  # deployment id -> what its next decision needs of the past
         self.latest: dict[tuple[str, str], Latest] = {}
         self._loop = PeriodicLoop("autoscaler", settings.interval_s, self.tick)
@@ -110,7 +112,7 @@ class Autoscaler:
         policy = AutoscalingPolicy.from_dict(record.autoscaling)
         self._cold.allow(*key, policy.mode is Mode.ON and policy.min_replicas == 0)
         served = self._control.versions.get(key)
-        if policy.mode is Mode.OFF or served is None or served.replica_set is None or record.operation:
+        if policy.mode is Mode.OFF or served is None or record.operation:
             return
         now = self._wall()
         if not await self._control.store.claim_lease(f"autoscale:{record.id}", self._router_id,
@@ -118,17 +120,31 @@ class Autoscaler:
             return  # another router acts for this version
         signals = self._source.measure(served)
         decision = desired_replicas(signals, record.replicas, policy, self._clock(), self._memory.get(record.id))
+        if served.predictor is not None:
+            decision = self._within_cpu_budget(decision, key)
         self._memory[record.id] = decision.memory
         applied = policy.mode is Mode.ON and decision.desired != record.replicas
         self.latest[key] = Latest(now, policy.to_dict(), signals.to_dict(), decision.to_dict(), applied,
                                   self._router_id)
-        self._metrics.autoscaled(*key, decision.desired, len(served.replica_set.live), decision.direction,
-                                 decision.rule, policy.mode.value)
+        current = served.predictor.batcher.instances if served.predictor is not None else \
+            len(served.replica_set.live) if served.replica_set is not None else 0
+        self._metrics.autoscaled(*key, decision.desired, current, decision.direction, decision.rule, policy.mode.value)
         if decision.desired == record.replicas:
             return
         await self._record(record, decision, signals.to_dict(), policy.mode)
         if applied:
             await self._control.store.set_scaling(record.id, replicas=decision.desired)
+
+    def _within_cpu_budget(self, decision: Decision, key: tuple[str, str]) -> Decision:
+        """Predict versions share the router's cores: their threads together stay within the CPU budget."""
+        others = sum(served.predictor.batcher.instances for other, served in self._control.versions.items()
+                     if other != key and served.predictor is not None)
+        room = self._cpu_budget - others
+        if decision.desired <= max(room, decision.current):
+            return decision
+        capped = max(room, decision.current)
+        return replace(decision, desired=capped, reason=f"{decision.reason}; capped at {capped} by the CPU budget "
+                       f"of {self._cpu_budget} threads ({others} used by other predict versions)")
 
     async def _record(self, record: DeploymentRecord, decision: Decision, signals: dict[str, Any],
                       mode: Mode) -> None:

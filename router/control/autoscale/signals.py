@@ -7,8 +7,8 @@
 - p99 TTFT, time per output token and latency over ``window_s`` from ``SampleWindows``:
   the critical class when it has ``min_samples`` requests, else the standard one
   (batch latency never drives scaling: batch waits for spare capacity by design);
-- a predict version: its batcher's queued rows count as waiting requests, its rows
-  in the batcher's instances as in flight.
+- a predict version: its "replicas" are its batcher's threads (``instances``), its queued
+  rows count as waiting, and the threads' share of time spent in the model is its utilisation.
 """
 
 from __future__ import annotations
@@ -36,15 +36,17 @@ class SignalSource:
         self._window_s = window_s
         self._min_samples = min_samples
         self._clock = clock or samples.now
+        self._busy: dict[tuple[str, str], tuple[float, float]] = {}  # predict version -> (at, busy_s) last seen
 
     def measure(self, served: ServedVersion) -> Signals:
         states = [r.state for r in served.replicas]
         counts = self._demand.of(served.model_name, served.version)
         ready = sum(1 for s in states if s is EndpointState.READY)
         engine_waiting, utilisation = self._engine_load(served)
-        if served.predictor is not None:  # one "replica": the batcher in this process
-            ready = 1
+        if served.predictor is not None:  # its "replicas" are the batcher's threads
+            ready = served.predictor.batcher.instances
             engine_waiting = float(served.predictor.batcher.queued_rows)
+            utilisation = self._compute_share(served)
         start = self._clock() - self._window_s
         window = self._samples.latencies(served.model_name, served.version, start, ("critical",))
         if window.requests < self._min_samples:
@@ -64,6 +66,16 @@ class SignalSource:
             latency_p99_ms=percentile(window.total, 99) if window.total else None,
             samples=window.requests,
         )
+
+    def _compute_share(self, served: ServedVersion) -> float | None:
+        """The share of the batcher's threads' time spent running the model since the last look."""
+        assert served.predictor is not None
+        batcher, key, now = served.predictor.batcher, (served.model_name, served.version), self._clock()
+        last = self._busy.get(key)
+        self._busy[key] = (now, batcher.busy_s)
+        if last is None or now <= last[0]:
+            return None
+        return min(1.0, (batcher.busy_s - last[1]) / ((now - last[0]) * batcher.instances))
 
     def _engine_load(self, served: ServedVersion) -> tuple[float, float | None]:
         """(requests waiting in the engines, mean utilisation over them: KV-cache use or busy share)."""
