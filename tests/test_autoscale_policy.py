@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from router.control.autoscale.checks import check_policy
 from router.control.autoscale.policy import (
     AutoscalingPolicy,
     Memory,
@@ -16,6 +17,9 @@ from router.control.autoscale.policy import (
     Slo,
     desired_replicas,
 )
+from router.control.leases import RETIRE
+from router.errors import InvalidRequest
+from router.store import DeploymentRecord, DeploymentStatus
 
 POLICY = AutoscalingPolicy(min_replicas=1, max_replicas=8, target_in_flight_per_replica=4, max_queue=50,
                            up_delay_s=120, down_delay_s=600, idle_delay_s=300, cooldown_s=60)
@@ -193,3 +197,13 @@ def test_bad_policies_name_their_field(values: dict[str, object], field: str) ->
 def test_the_policy_round_trips_through_its_stored_form() -> None:
     policy = AutoscalingPolicy(mode=Mode.ADVISORY, min_replicas=0, max_replicas=3, slo=Slo(ttft_ms=300, itl_ms=40))
     assert AutoscalingPolicy.from_dict(policy.to_dict()) == policy
+
+
+@pytest.mark.parametrize(("status", "operation"), [(DeploymentStatus.DRAINING, ""),
+                                                   (DeploymentStatus.ACTIVE, RETIRE)])
+def test_a_version_being_rolled_back_is_not_given_a_policy(status: DeploymentStatus, operation: str) -> None:
+    record = DeploymentRecord(id="d1", model_name="chat", version="v2", status=status, model_dir="/m",
+                              operation=operation)
+    with pytest.raises(InvalidRequest) as caught:
+        check_policy(AutoscalingPolicy(), record, False, versions=None)  # type: ignore[arg-type]
+    assert caught.value.param == "autoscaling" and "rolled back" in caught.value.message

@@ -224,3 +224,54 @@ async def test_bad_policies_are_400s_naming_the_field_and_change_nothing(tmp_pat
             "model_name": MODEL, "version": "v2", "resources": {"replicas": 3},
             "autoscaling": {"min_replicas": 1, "max_replicas": 2}})
         assert deploy_bad.status_code == 400 and deploy_bad.json()["error"]["param"] == "resources.replicas"
+
+
+async def test_advisory_mode_records_what_it_would_do_once_and_changes_nothing(tmp_path: Path) -> None:
+    async with autoscaled_router(tmp_path) as router, httpx.AsyncClient(timeout=30) as client:
+        await deploy(client, router.url, 1, {"max_replicas": 3})
+        url = f"{router.url}/api/v1/deployments/{MODEL}/autoscaling"
+        assert (await client.put(url, json={"mode": "advisory", "min_replicas": 2, "max_replicas": 3})
+                ).status_code == 200
+
+        async def advised() -> bool:
+            view = (await client.get(url)).json()["versions"][0]
+            return bool(view["decisions"])
+
+        await until(advised, "an advisory decision")
+        await asyncio.sleep(1.0)  # five more periods
+        view = (await client.get(url)).json()["versions"][0]
+        assert [(d["action"], d["from"], d["to"], d["rule"]) for d in view["decisions"]] == [
+            ("autoscale_advice", 1, 2, "bounds")]
+        assert view["desired_replicas"] == 1 and live(router) == 1
+        assert view["latest"]["applied"] is False
+
+
+async def test_two_routers_on_one_redis_one_decides_and_both_converge(tmp_path: Path) -> None:
+    from router.store.redis_store import RedisStore
+    from tests.redis_server import redis_server
+
+    def settings() -> RouterSettings:
+        return RouterSettings(port=free_port(), retry_after_s=2, admission=AdmissionSettings(enabled=False),
+                              autoscale=FAST_LOOP)
+
+    with redis_server() as redis_url:
+        make_version(tmp_path / "a" / "models", "v1")
+        async with (
+            run_router([], tmp_path / "a", router_settings=settings(), store=RedisStore(redis_url, "as:"),
+                       program_factory=slow_sim) as a,
+            run_router([], tmp_path / "b", router_settings=settings(), store=RedisStore(redis_url, "as:"),
+                       program_factory=slow_sim) as b,
+            httpx.AsyncClient(timeout=30) as client,
+        ):
+            await deploy(client, a.url, 1, {"max_replicas": 3})
+            await until(lambda: live(b) == 1, "router B runs v1 too")
+            put = await client.put(f"{b.url}/api/v1/deployments/{MODEL}/autoscaling",
+                                   json={"min_replicas": 2, "max_replicas": 3})
+            assert put.status_code == 200
+            await until(lambda: ready(a) == 2 and ready(b) == 2, "two replicas on each router")
+            await asyncio.sleep(1.0)
+            history = (await client.get(f"{a.url}/api/v1/deployments/{MODEL}")).json()["history"]
+            changes = [h for h in history if h["action"] == "autoscale"]
+            assert len(changes) == 1, changes  # one router decided, not one each
+            assert changes[0]["detail"]["router"] in {a.app.state.router.control.leases.router_id,
+                                                      b.app.state.router.control.leases.router_id}

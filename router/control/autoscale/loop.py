@@ -82,6 +82,7 @@ class Autoscaler:
         self._wall = wall
         self._cpu_budget = cpu_budget()
         self._memory: dict[str, Memory] = {}  # deployment id -> what its next decision needs of the past
+        self._advised: dict[str, tuple[int, str]] = {}  # deployment id -> the advisory change last recorded
         self.latest: dict[tuple[str, str], Latest] = {}
         self._loop = PeriodicLoop("autoscaler", settings.interval_s, self.tick)
 
@@ -130,7 +131,13 @@ class Autoscaler:
             len(served.replica_set.live) if served.replica_set is not None else 0
         self._metrics.autoscaled(*key, decision.desired, current, decision.direction, decision.rule, policy.mode.value)
         if decision.desired == record.replicas:
+            self._advised.pop(record.id, None)
             return
+        if policy.mode is Mode.ADVISORY:  # the same advice again each period is not news: recorded once
+            advice = (decision.desired, decision.rule)
+            if self._advised.get(record.id) == advice:
+                return
+            self._advised[record.id] = advice
         await self._record(record, decision, signals.to_dict(), policy.mode)
         if applied:
             await self._control.store.set_scaling(record.id, replicas=decision.desired)
