@@ -28,12 +28,11 @@ from router.gateway.openapi import json_body
 from router.gateway.pipeline import InferenceCall, inference
 from router.gateway.protocol import GenerateRequest, check_output_limit
 from router.observe.request_record import RequestRecord
+from router.relay.failures import StreamFailure, error_event
 from router.relay.relay import (
-    StreamFailure,
     Upstream,
     UpstreamBroken,
     buffered_response,
-    error_event,
     sse_bytes,
     sse_data,
 )

@@ -17,12 +17,11 @@ from router.gateway.openapi import json_body
 from router.gateway.pipeline import InferenceCall, State, inference
 from router.gateway.protocol import ChatCompletionRequest, CompletionRequest, check_output_limit, drop_tools
 from router.observe.request_record import RequestRecord
+from router.relay.failures import StreamFailure, error_event
 from router.relay.relay import (
-    StreamFailure,
     Upstream,
     UpstreamBroken,
     buffered_response,
-    error_event,
     sse_bytes,
     sse_data,
 )
