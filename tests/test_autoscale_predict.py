@@ -103,3 +103,5 @@ async def test_a_predict_version_scales_its_threads_with_the_load(tmp_path: Path
         too_many = await client.put(f"/api/v1/deployments/{XGB}/autoscaling", json={"max_replicas": cores + 1})
         assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "autoscaling.max_replicas"
         assert f"CPU budget of {XGB}:v1's router: {cores} cores" in too_many.json()["error"]["message"]
+        to_zero = await client.put(f"/api/v1/deployments/{XGB}/autoscaling", json={"min_replicas": 0})
+        assert to_zero.status_code == 400 and to_zero.json()["error"]["param"] == "autoscaling.min_replicas"

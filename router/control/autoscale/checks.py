@@ -38,6 +38,9 @@ def check_policy(policy: AutoscalingPolicy, record: DeploymentRecord, predict: b
     if policy.mode is Mode.OFF:
         return
     if predict:  # its replicas are its batcher's threads, on this router's cores
+        if policy.min_replicas < 1:
+            raise InvalidRequest(f"{name} is loaded in the router and runs at least one batcher thread: "
+                                 "autoscaling.min_replicas must be at least 1", param="autoscaling.min_replicas")
         budget = cpu_budget()
         if policy.max_replicas > budget:
             raise InvalidRequest(f"autoscaling.max_replicas ({policy.max_replicas}) is more batcher threads than "
