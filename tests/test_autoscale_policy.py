@@ -5,6 +5,8 @@ Time is a number passed in; nothing sleeps.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from router.control.autoscale.checks import check_policy
@@ -16,6 +18,7 @@ from router.control.autoscale.policy import (
     Signals,
     Slo,
     desired_replicas,
+    within_budget,
 )
 from router.control.leases import RETIRE
 from router.errors import InvalidRequest
@@ -207,3 +210,12 @@ def test_a_version_being_rolled_back_is_not_given_a_policy(status: DeploymentSta
     with pytest.raises(InvalidRequest) as caught:
         check_policy(AutoscalingPolicy(), record, False, versions=None)  # type: ignore[arg-type]
     assert caught.value.param == "autoscaling" and "rolled back" in caught.value.message
+
+
+def test_predict_threads_stay_within_the_cpu_budget() -> None:
+    up = desired_replicas(Signals(ready=1, in_flight=40), 1, AutoscalingPolicy(max_replicas=8, up_delay_s=0), 0.0)
+    assert up.desired == 2
+    assert within_budget(up, budget=4, used_elsewhere=0).desired == 2
+    capped = within_budget(replace(up, desired=4), budget=4, used_elsewhere=2)
+    assert capped.desired == 2 and "CPU budget" in capped.reason
+    assert within_budget(up, budget=2, used_elsewhere=2).desired == 1  # no room: it keeps what it has

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from llmserve.loops import PeriodicLoop
@@ -37,6 +37,7 @@ from router.control.autoscale.policy import (
     Mode,
     PolicyError,
     desired_replicas,
+    within_budget,
 )
 from router.control.autoscale.signals import SignalSource
 from router.control.versions import LocalVersions
@@ -143,15 +144,9 @@ class Autoscaler:
             await self._control.store.set_scaling(record.id, replicas=decision.desired)
 
     def _within_cpu_budget(self, decision: Decision, key: tuple[str, str]) -> Decision:
-        """Predict versions share the router's cores: their threads together stay within the CPU budget."""
-        others = sum(served.predictor.batcher.instances for other, served in self._control.versions.items()
+        others = sum(served.predictor.batcher.instances - 1 for other, served in self._control.versions.items()
                      if other != key and served.predictor is not None)
-        room = self._cpu_budget - others
-        if decision.desired <= max(room, decision.current):
-            return decision
-        capped = max(room, decision.current)
-        return replace(decision, desired=capped, reason=f"{decision.reason}; capped at {capped} by the CPU budget "
-                       f"of {self._cpu_budget} threads ({others} used by other predict versions)")
+        return within_budget(decision, self._cpu_budget, others)
 
     async def _record(self, record: DeploymentRecord, decision: Decision, signals: dict[str, Any],
                       mode: Mode) -> None:

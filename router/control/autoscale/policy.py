@@ -319,3 +319,14 @@ def desired_replicas(signals: Signals, current: int, policy: AutoscalingPolicy, 
         return _change(current, current - 1, "down", f"cold for {held:.0f}s and the load fits on {current - 1}",
                        memory, now)
     return Decision(current, current, "steady", "within targets", memory)
+
+
+def within_budget(decision: Decision, budget: int, used_elsewhere: int) -> Decision:
+    """``decision`` capped so that its extra replicas (beyond the first, which a predict version always runs)
+    and ``used_elsewhere`` (the other versions' extras) stay within ``budget``; never below the current count."""
+    room = budget - used_elsewhere
+    if decision.desired <= max(room, decision.current):
+        return decision
+    capped = max(room, decision.current)
+    return replace(decision, desired=capped, reason=f"{decision.reason}; capped at {capped} by the CPU budget of "
+                   f"{budget} threads ({used_elsewhere} more used by other versions)")
