@@ -97,12 +97,20 @@ def test_itl_and_whole_request_slos_count_too() -> None:
     assert desired_replicas(Signals(ready=1, latency_p99_ms=60, samples=50), 1, policy, 0.0).rule == "latency"
 
 
-def test_scale_down_only_after_ten_cold_minutes_one_at_a_time() -> None:
+def test_scale_down_only_after_ten_cold_minutes_then_one_a_cooldown() -> None:
     cold = Signals(ready=4, in_flight=1, utilisation=0.1)
-    counts, _ = run(cold, 4, POLICY, [0, 300, 599, 600, 630, 660, 1229, 1230, 1240, 1840])
-    # the window restarts with the first look after each change: 4 -> 3 at 600, cold again from 630,
-    # 3 -> 2 at 1230, cold again from 1240, 2 -> 1 at 1840
-    assert counts == [4, 4, 4, 3, 3, 3, 3, 2, 2, 1]
+    counts, _ = run(cold, 4, POLICY, [0, 300, 599, 600, 630, 659, 660, 700, 720, 800])
+    # cold since 0: 4 -> 3 at 600; the load is still cold, so one more each cooldown (60 s): 660, 720
+    assert counts == [4, 4, 4, 3, 3, 3, 2, 2, 1, 1]
+
+
+def test_a_load_that_warms_up_after_a_step_down_restarts_the_window() -> None:
+    cold, warm = Signals(ready=3, in_flight=1, utilisation=0.1), Signals(ready=2, in_flight=1, utilisation=0.5)
+    step = desired_replicas(cold, 3, POLICY, 600.0, Memory(cold_since=0.0))
+    assert step.desired == 2
+    warmer = desired_replicas(warm, 2, POLICY, 700.0, step.memory)  # 50% busy on two: not cold any more
+    assert warmer.desired == 2 and warmer.memory.cold_since is None
+    assert desired_replicas(cold, 2, POLICY, 760.0, warmer.memory).desired == 2  # a new ten minutes from here
 
 
 def test_scale_down_is_refused_when_the_load_would_not_fit_on_n_minus_1() -> None:

@@ -25,7 +25,9 @@ The rules, in order (the design's table, with the anchors' safeguards):
    ``utilisation_low``, nothing queued, latency under ``slo_low_ratio`` of the
    SLO) *and* the load simulated on N-1 replicas still under every target (the
    2 <-> 1 flap Dynamo hit without it). One replica at a time, and not within
-   ``cooldown_s`` of the last change.
+   ``cooldown_s`` of the last change; while it stays cold the next step comes
+   a cooldown later (the window is not waited out again per replica: a load
+   that fell from 8 replicas' worth to 1 is not paid for 70 more minutes).
 7. **to zero** (``min_replicas`` 0): nothing in flight or waiting for
    ``idle_delay_s``.
 
@@ -235,7 +237,11 @@ def fits_on(signals: Signals, replicas: int, policy: AutoscalingPolicy) -> str |
 def _change(current: int, desired: int, rule: str, reason: str, memory: Memory, now: float) -> Decision:
     direction = "up" if desired > current else "down"
     reversed_ = bool(memory.last_direction) and memory.last_direction != direction
-    after = Memory(last_change_at=now, last_direction=direction,
+    # A step down keeps the evidence that the load has been low (HPA's stabilization window, not a fresh
+    # wait per replica): the next step comes a cooldown later if it is still cold and still fits on one
+    # fewer. Anything else starts every window again.
+    cold_since = memory.cold_since if direction == "down" and rule == "down" else None
+    after = Memory(cold_since=cold_since, last_change_at=now, last_direction=direction,
                    direction_changes=memory.direction_changes + (1 if reversed_ else 0))
     return Decision(current, desired, rule, reason, after)
 
