@@ -54,10 +54,13 @@ def test_utilisation_over_80_percent_for_two_minutes_scales_up_not_before() -> N
     assert (at_120.desired, at_120.rule) == (3, "utilisation")
 
 
-def test_a_hot_signal_that_drops_restarts_its_window() -> None:
+def test_a_short_dip_keeps_the_hot_window_and_a_long_one_restarts_it() -> None:
     hot, calm = Signals(ready=2, in_flight=4, utilisation=0.9), Signals(ready=2, in_flight=4, utilisation=0.5)
     memory = desired_replicas(hot, 2, POLICY, 0.0).memory
-    memory = desired_replicas(calm, 2, POLICY, 60.0, memory).memory
+    dip = desired_replicas(calm, 2, POLICY, 20.0, memory).memory  # 20 s calm: under a quarter of 120 s
+    assert dip.hot_since == 0.0
+    assert desired_replicas(hot, 2, POLICY, 120.0, desired_replicas(hot, 2, POLICY, 25.0, dip).memory).desired == 3
+    memory = desired_replicas(calm, 2, POLICY, 60.0, memory).memory  # 60 s calm: the wait starts again
     assert memory.hot_since is None
     assert desired_replicas(hot, 2, POLICY, 150.0, memory).desired == 2  # hot again since 150 only
     assert desired_replicas(hot, 2, POLICY, 270.0, desired_replicas(hot, 2, POLICY, 150.0, memory).memory).desired == 3

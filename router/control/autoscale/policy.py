@@ -20,6 +20,8 @@ The rules, in order (the design's table, with the anchors' safeguards):
 5. **up**: a signal *hot* for ``up_delay_s``: the proportional demand
    ``ceil(demand / target_in_flight_per_replica)`` above the current count,
    utilisation above ``utilisation_high``, or a latency percentile above the SLO.
+   A dip shorter than a quarter of ``up_delay_s`` does not restart the wait
+   (a Poisson load is never above its mean for minutes on end).
    The step is at least one and at most a doubling.
 6. **down**: every signal *cold* for ``down_delay_s`` (utilisation below
    ``utilisation_low``, nothing queued, latency under ``slo_low_ratio`` of the
@@ -47,6 +49,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 MAX_REPLICAS_LIMIT = 64  # no single version asks for more; a typo (1000) is refused, not attempted
+HOT_GRACE = 0.25  # of up_delay_s: how long a hot signal may dip without its wait starting again
 
 
 class Mode(str, enum.Enum):
@@ -185,6 +188,7 @@ class Memory:
     """What a decision needs of the past: since when each condition has held, the last change."""
 
     hot_since: float | None = None
+    last_hot_at: float | None = None
     cold_since: float | None = None
     idle_since: float | None = None
     last_change_at: float | None = None
@@ -290,6 +294,11 @@ def desired_replicas(signals: Signals, current: int, policy: AutoscalingPolicy, 
         return _change(current, up_to, "panic", f"{signals.waiting:.0f} waiting > max_queue {policy.max_queue}",
                        memory, now)
     hot_since = _since(memory.hot_since, bool(hot), now)
+    last_hot_at = now if hot else memory.last_hot_at
+    if not hot and memory.hot_since is not None and last_hot_at is not None \
+            and now - last_hot_at <= HOT_GRACE * policy.up_delay_s:
+        hot_since = memory.hot_since  # a dip of a noisy load (Poisson arrivals) does not restart the wait
+    memory = replace(memory, last_hot_at=last_hot_at)
     if hot and current < policy.max_replicas:
         assert hot_since is not None
         if now - hot_since >= policy.up_delay_s:
