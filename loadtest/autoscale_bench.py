@@ -97,7 +97,10 @@ class Config:
     slo: Objective = field(default_factory=Objective)
     engine: EngineModel = field(default_factory=EngineModel)
     loop_interval_s: float = 0.25  # the autoscaler's period (5 s by default, compressed to 0.17, rounded up)
-    window_s: float = 5.0  # its latency window; long enough for 20 samples at the low rate
+    # its latency window (60 s by default): under up_delay_s, as the default is, so that one slow request
+    # (with min_samples 20 the window's p99 is its maximum) cannot hold the latency signal hot long enough
+    # to scale up by itself; 20 samples need 7 requests/s, so at the low rate latency does not count
+    window_s: float = 3.0
     cold_burst_s: float = 6.0  # the cold-start scenario's burst at the low rate
     admission_mode: str = "compressed"  # compressed | default | off (``admission``)
 
@@ -314,8 +317,8 @@ def _config(args: argparse.Namespace) -> Config:
     compression = Compression(args.compression or (120.0 if args.quick else 30.0))
     config = Config(trace, compression, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                     seed=args.seed, admission_mode=args.admission)
-    if args.quick:  # a shorter latency window and burst: the whole quick run is ~20 s of trace
-        config = replace(config, window_s=3.0, cold_burst_s=3.0, loop_interval_s=0.2)
+    if args.quick:  # a shorter burst and loop period: the whole quick run is ~20 s of trace
+        config = replace(config, cold_burst_s=3.0, loop_interval_s=0.2)
     return config
 
 
