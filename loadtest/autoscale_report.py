@@ -125,6 +125,7 @@ def draw(report: dict[str, Any], path: str) -> str | None:
     load.plot(times, rates, color="grey", alpha=0.6, label="offered load (req/s)")
     load.fill_between(times, rates, color="grey", alpha=0.12)
     load.set_ylabel("offered requests/s")
+    load.set_ylim(0, max(rates) * 1.15)
     for phase in trace["phases"]:
         top.axvline(phase["start_s"], color="black", alpha=0.08)
         top.text(phase["start_s"] + 0.5, 0.1, phase["name"], fontsize=8, alpha=0.6)
