@@ -105,3 +105,19 @@ async def test_a_predict_version_scales_its_threads_with_the_load(tmp_path: Path
         assert f"CPU budget of {XGB}:v1's router: {cores} cores" in too_many.json()["error"]["message"]
         to_zero = await client.put(f"/api/v1/deployments/{XGB}/autoscaling", json={"min_replicas": 0})
         assert to_zero.status_code == 400 and to_zero.json()["error"]["param"] == "autoscaling.min_replicas"
+
+
+async def test_without_a_policy_a_predict_version_keeps_its_batching_instances(tmp_path: Path,
+                                                                                example_models: Path) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(example_models / XGB, repo / XGB)
+    async with run_router([], tmp_path, store=SQLiteStore(tmp_path / "db")) as router, \
+            httpx.AsyncClient(base_url=router.url, timeout=30) as client:
+        framework = json.loads((repo / XGB / "v1" / "manifest.json").read_text())["framework"]
+        assert (await client.post("/api/v1/models", json={"model_name": XGB, "framework": framework})
+                ).status_code == 201
+        await deploy(client, XGB, "v1", 100, batching={"instances": 2})
+        assert (await client.put(f"/api/v1/deployments/{XGB}/traffic", json={"v1": 100})).status_code == 200
+        await asyncio.sleep(0.3)  # the reconciles that follow each change have run
+        batcher = router.app.state.router.control.versions.get((XGB, "v1")).predictor.batcher
+        assert batcher.instances == 2

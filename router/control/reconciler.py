@@ -46,5 +46,5 @@ class Reconciler:
                 elif record.status is DeploymentStatus.ACTIVE and not record.operation and record.id not in self._owned:
                     # The desired count changed (the autoscaler, on this router or another): follow it. Not while
                     # an operation (a rolling update, a drain) moves this version's replicas itself.
-                    self._versions.scale_to(key, record.replicas)
+                    self._versions.scale_to(record)
             self._catalog.set_split(model_name, traffic.split)

@@ -115,13 +115,15 @@ class LocalVersions:
         if served.replica_set is not None:
             await self.backend.wait_ready(served.replicas)
 
-    def scale_to(self, key: VersionKey, replicas: int) -> None:
-        """Bring the version's live replicas here to ``replicas`` (the store's desired count), in the
+    def scale_to(self, record: DeploymentRecord) -> None:
+        """Bring the version's live replicas here to the record's (the store's desired count), in the
         background: a scale-down drains (in-flight streams finish, bounded by the drain timeout) before a
         replica stops. One scaling task per version; a newer target replaces the one it works towards."""
+        key, replicas = (record.model_name, record.version), record.replicas
         served = self._served.get(key)
-        if served is not None and served.predictor is not None:  # a traditional model: its batcher's threads
-            served.predictor.batcher.resize(replicas)
+        if served is not None and served.predictor is not None:
+            if record.autoscaling:  # its batcher's threads; without a policy, its batching.instances stand
+                served.predictor.batcher.resize(replicas)
             return
         if served is None or served.replica_set is None:
             return
