@@ -275,3 +275,27 @@ async def test_two_routers_on_one_redis_one_decides_and_both_converge(tmp_path: 
             assert len(changes) == 1, changes  # one router decided, not one each
             assert changes[0]["detail"]["router"] in {a.app.state.router.control.leases.router_id,
                                                       b.app.state.router.control.leases.router_id}
+
+
+async def test_a_client_that_leaves_while_held_frees_its_place(tmp_path: Path) -> None:
+    start_s = {"value": "0"}
+
+    def program(spec: EngineSpec) -> SimEngineProgram:
+        return SimEngineProgram(spec.model_name, spec.version, extra_args=("--slow-start-s", start_s["value"]))
+
+    policy = {"min_replicas": 0, "max_replicas": 1, "idle_delay_s": 0.3, "cooldown_s": 0}
+    async with autoscaled_router(tmp_path, program) as router, httpx.AsyncClient(timeout=30) as client:
+        await deploy(client, router.url, 1, policy)
+        await until(lambda: live(router) == 0, "scaled to zero")
+        start_s["value"] = "3600"
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
+        async with client.stream("POST", f"{router.url}/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith(": waiting for a replica"):
+                    break  # and leave
+        counts = router.app.state.router.demand.of(MODEL, "v1")
+        await until(lambda: counts.held == 0 and counts.interactive == 0, "the hold and the in-flight count freed")
+        metrics = (await client.get(f"{router.url}/metrics")).text
+        assert f'llmserve_requests_total{{model="{MODEL}",route="/v1/chat/completions",status="499",version="v1"}}' \
+            in metrics
