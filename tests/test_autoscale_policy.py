@@ -201,6 +201,8 @@ def test_direction_changes_are_counted() -> None:
     ({"up_delay_s": -5}, "autoscaling.up_delay_s"),
     ({"mode": "sometimes"}, "autoscaling.mode"),
     ({"replicas": 3}, "autoscaling.replicas"),
+    ({"utilisation_low": 0.9}, "autoscaling.utilisation_low"),
+    ({"min_samples": 0}, "autoscaling.min_samples"),
 ])
 def test_bad_policies_name_their_field(values: dict[str, object], field: str) -> None:
     with pytest.raises(PolicyError) as caught:

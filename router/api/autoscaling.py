@@ -1,7 +1,7 @@
 """The autoscaling API: ``GET`` and ``PUT /api/v1/deployments/{model}/autoscaling``.
 
 A policy also comes with a deploy (``"autoscaling": {...}`` in its body).
-Fields left out take the design's defaults (``router.control.autoscale.policy``);
+A PUT replaces a version's policy; fields left out take the design's defaults (``router.control.autoscale.policy``);
 a bad value is a 400 naming the field and changes nothing.
 """
 
@@ -44,6 +44,10 @@ class AutoscalingBody(BaseModel):
     down_delay_s: float | None = None
     idle_delay_s: float | None = None
     cooldown_s: float | None = None
+    utilisation_high: float | None = None
+    utilisation_low: float | None = None
+    slo_low_ratio: float | None = Field(None, description="scale down only under this share of the SLO")
+    min_samples: int | None = Field(None, description="requests a latency percentile needs in the window")
 
     def policy(self) -> AutoscalingPolicy:
         """The domain's policy; raises ``InvalidRequest`` naming the field whose value does not fit."""

@@ -118,6 +118,8 @@ class AutoscalingPolicy:
             raise PolicyError("utilisation_low", "must be above 0 and below utilisation_high, which is at most 1")
         if not 0 < self.slo_low_ratio < 1:
             raise PolicyError("slo_low_ratio", f"must be between 0 and 1, got {self.slo_low_ratio}")
+        if not 1 <= self.min_samples <= 100_000:
+            raise PolicyError("min_samples", f"must be 1 to 100000, got {self.min_samples}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AutoscalingPolicy:
