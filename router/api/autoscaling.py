@@ -12,12 +12,12 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from router.api.control_requests import actor_of, control_of, json_of
 from router.control.autoscale.policy import AutoscalingPolicy, PolicyError
-from router.control.plane import ControlPlane
-from router.errors import InvalidRequest, RouteNotFound
+from router.errors import InvalidRequest
 from router.gateway.authorize import control_scope
 from router.gateway.openapi import json_body
-from router.gateway.protocol import parse_json_object, read_body, validate
+from router.gateway.protocol import validate
 from router.store import DeploymentStatus
 
 router = APIRouter(prefix="/api/v1", tags=["control"], dependencies=[Depends(control_scope)])
@@ -65,20 +65,10 @@ class SetAutoscaling(AutoscalingBody):
                                 description="the version to scale; default: every active version")
 
 
-def _control(request: Request) -> ControlPlane:
-    control: ControlPlane | None = getattr(request.app.state.router, "control", None)
-    if control is None:
-        raise RouteNotFound("this router runs without a control plane (it was started without a store)")
-    return control
-
-
 @router.put("/deployments/{model_name}/autoscaling", openapi_extra=json_body(SetAutoscaling))
 async def set_autoscaling(model_name: str, request: Request) -> dict[str, Any]:
-    raw = await read_body(request.stream(), request.headers.get("content-length"),
-                          request.app.state.router.settings.max_body_bytes)
-    body: SetAutoscaling = validate(SetAutoscaling, parse_json_object(raw) if raw else {})
-    control = _control(request)
-    await control.set_autoscaling(model_name, body.version, body.policy(), request.state.caller.actor)
+    body: SetAutoscaling = validate(SetAutoscaling, await json_of(request))
+    await control_of(request).set_autoscaling(model_name, body.version, body.policy(), actor_of(request))
     return await describe(request, model_name)
 
 
@@ -89,7 +79,7 @@ async def get_autoscaling(model_name: str, request: Request) -> dict[str, Any]:
 
 async def describe(request: Request, model_name: str) -> dict[str, Any]:
     """Each live version's policy, desired and current replicas, latest decision and its past changes."""
-    control = _control(request)
+    control = control_of(request)
     await control.require_model(model_name)
     autoscaler = request.app.state.router.autoscaler
     history = await control.store.history(model_name, limit=500)

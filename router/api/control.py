@@ -9,15 +9,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmserve.settings import SamplingDefaults
-from router.access.auth import Caller
 from router.api.autoscaling import AutoscalingBody
+from router.api.control_requests import actor_of, control_of, json_of
 from router.control.canary_analysis import CanaryPolicy
 from router.control.plane import ControlPlane
 from router.control.strategies.base import RolloutPlan, StrategyType
-from router.errors import ConflictError, InvalidRequest, ModelNotFound, RouteNotFound, VersionNotFound
+from router.errors import ConflictError, InvalidRequest, ModelNotFound, VersionNotFound
 from router.gateway.authorize import control_scope
 from router.gateway.openapi import json_body
-from router.gateway.protocol import parse_json_object, read_body, validate
+from router.gateway.protocol import validate
 from router.store import ModelRecord
 from router.store.base import DeploymentRecord
 
@@ -141,26 +141,6 @@ class RollbackBody(BaseModel):
     to: str | None = Field(None, pattern=_VERSION)
 
 
-def _control(request: Request) -> ControlPlane:
-    control: ControlPlane | None = getattr(request.app.state.router, "control", None)
-    if control is None:
-        raise RouteNotFound("this router runs without a control plane (it was started without a store); "
-                            "start it with `llmserve up`, which keeps one in SQLite or Redis")
-    return control
-
-
-def _actor(request: Request) -> str:
-    """Who the audit trail names: the API key's name and id (set by ``control_scope``)."""
-    caller: Caller = request.state.caller
-    return caller.actor
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    limit = request.app.state.router.settings.max_body_bytes
-    raw = await read_body(request.stream(), request.headers.get("content-length"), limit)
-    return parse_json_object(raw) if raw else {}
-
-
 def _deployment_json(record: DeploymentRecord) -> dict[str, Any]:
     data = record.to_dict()
     data["deployment_id"] = data.pop("id")
@@ -169,21 +149,21 @@ def _deployment_json(record: DeploymentRecord) -> dict[str, Any]:
 
 @router.post("/models", status_code=201, openapi_extra=json_body(RegisterModel))
 async def register_model(request: Request) -> dict[str, Any]:
-    body: RegisterModel = validate(RegisterModel, await _body(request))
+    body: RegisterModel = validate(RegisterModel, await json_of(request))
     record = ModelRecord(body.model_name, body.description, body.framework, body.owner)
-    await _control(request).register_model(record, _actor(request))
+    await control_of(request).register_model(record, actor_of(request))
     return record.__dict__ | {"model_name": record.name}
 
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    control = _control(request)
+    control = control_of(request)
     return {"models": [m.__dict__ | {"model_name": m.name} for m in await control.store.list_models()]}
 
 
 @router.get("/models/{model_name}")
 async def get_model(model_name: str, request: Request) -> dict[str, Any]:
-    control = _control(request)
+    control = control_of(request)
     model = await control.store.get_model(model_name)
     if model is None:
         raise ModelNotFound(f"model {model_name!r} is not registered", param="model_name")
@@ -193,12 +173,12 @@ async def get_model(model_name: str, request: Request) -> dict[str, Any]:
 
 @router.post("/deployments", status_code=202, openapi_extra=json_body(CreateDeployment))
 async def create_deployment(request: Request) -> JSONResponse:
-    body: CreateDeployment = validate(CreateDeployment, await _body(request))
+    body: CreateDeployment = validate(CreateDeployment, await json_of(request))
     try:
         plan = body.strategy.plan(body.traffic_percent)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="strategy") from None
-    control = _control(request)
+    control = control_of(request)
     engine = body.engine.model_dump(exclude_none=True)
     batching = body.batching.model_dump(exclude_none=True)
     model = await control.require_model(body.model_name)
@@ -212,25 +192,25 @@ async def create_deployment(request: Request) -> JSONResponse:
     elif batching:
         raise InvalidRequest("batching applies to traditional models; vLLM batches continuously", param="batching")
     autoscaling = body.autoscaling.policy() if body.autoscaling is not None else None
-    record = await control.deploy(body.model_name, body.version, body.resources.replicas, _actor(request),
+    record = await control.deploy(body.model_name, body.version, body.resources.replicas, actor_of(request),
                                   plan, engine=engine, gpu=body.resources.gpu, autoscaling=autoscaling)
     return JSONResponse(_deployment_json(record), status_code=202)
 
 
 @router.get("/deployments")
 async def list_deployments(request: Request) -> dict[str, Any]:
-    control = _control(request)
+    control = control_of(request)
     return {"deployments": [await describe(control, m.name) for m in await control.store.list_models()]}
 
 
 @router.get("/deployments/{model_name}")
 async def get_deployments(model_name: str, request: Request) -> dict[str, Any]:
-    return await describe(_control(request), model_name)
+    return await describe(control_of(request), model_name)
 
 
 @router.get("/deployments/{model_name}/canary")
 async def get_canary(model_name: str, request: Request) -> dict[str, Any]:
-    control = _control(request)
+    control = control_of(request)
     await control.require_model(model_name)
     rollout = control.canaries.get(model_name)
     if rollout is None:
@@ -242,7 +222,7 @@ async def get_canary(model_name: str, request: Request) -> dict[str, Any]:
 @router.post("/deployments/{model_name}/canary/{action}")
 async def control_canary(model_name: str, action: str, request: Request) -> dict[str, Any]:
     """Manual control of a running canary: pause, resume, promote (the current step, now) or abort (= rollback)."""
-    control = _control(request)
+    control = control_of(request)
     rollout = control.canaries.get(model_name)
     if rollout is None:
         raise VersionNotFound(f"model {model_name!r} has no canary rollout", param="model_name")
@@ -260,27 +240,27 @@ async def control_canary(model_name: str, action: str, request: Request) -> dict
 
 @router.put("/deployments/{model_name}/traffic", openapi_extra=json_body(SPLIT_BODY))
 async def set_traffic(model_name: str, request: Request) -> dict[str, Any]:
-    split = await _body(request)
+    split = await json_of(request)
     if_match = request.headers.get("if-match")
     if if_match is not None and not if_match.strip('"').isdigit():
         raise InvalidRequest("If-Match must be the split's revision number, as GET /api/v1/deployments/{model} "
                              "returns it", param="If-Match")
     expected = int(if_match.strip('"')) if if_match is not None else None
-    record = await _control(request).set_traffic(model_name, split, _actor(request), expected)
+    record = await control_of(request).set_traffic(model_name, split, actor_of(request), expected)
     return {"model_name": model_name, "split": record.split, "revision": record.revision}
 
 
 @router.post("/deployments/{model_name}/rollback", openapi_extra=json_body(RollbackBody, required=False))
 async def rollback(model_name: str, request: Request) -> dict[str, Any]:
-    body: RollbackBody = validate(RollbackBody, await _body(request))
-    result = await _control(request).rollback(model_name, body.to, _actor(request))
+    body: RollbackBody = validate(RollbackBody, await json_of(request))
+    result = await control_of(request).rollback(model_name, body.to, actor_of(request))
     return {"model_name": model_name, "from": result.from_version, "to": result.to_version,
             "applied_in_ms": round(result.applied_in_ms, 3), "revision": result.revision}
 
 
 @router.delete("/deployments/{model_name}/versions/{version}")
 async def delete_version(model_name: str, version: str, request: Request) -> dict[str, Any]:
-    record = await _control(request).delete_version(model_name, version, _actor(request))
+    record = await control_of(request).delete_version(model_name, version, actor_of(request))
     return {"deployment_id": record.id, "model_name": model_name, "version": version, "status": "draining"}
 
 
