@@ -109,7 +109,8 @@ def create_app(
                 state.control.on_keys_changed = reload_keys
                 await state.control.start()
                 scaling = settings.autoscale
-                state.cold_starts = ColdStarts(demand, scaling.max_held, scaling.hold_timeout_s, settings.retry_after_s)
+                state.cold_starts = ColdStarts(demand, scaling.max_held, scaling.hold_timeout_s, settings.retry_after_s,
+                                               metrics.cold_start_held)
                 state.autoscaler = Autoscaler(state.control, SignalSource(demand, samples, scraper, scaling.window_s),
                                               state.cold_starts, state.control.leases.router_id, scaling, metrics)
                 demand.on_cold_demand = state.autoscaler.wake

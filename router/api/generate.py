@@ -69,7 +69,7 @@ async def generate(model_name: str, call: GenerateCall) -> Response:
             return EventSourceResponse(held.events(), headers=call.answer_headers(served, "pending"), sep="\n",
                                        ping=state.sse_ping_s, client_close_handler_callable=held.on_client_gone)
         if hold is not None:
-            await call.wait_for_replica(hold)
+            await hold.wait_quietly()  # 503 with Retry-After past the bound
         upstream = await state.relay.open(served, path, payload, request_id, call.deadline)
     record.replica = upstream.replica.id
     headers = call.answer_headers(served, upstream.replica.id)

@@ -41,11 +41,8 @@ class HeldStream:
     async def events(self) -> AsyncIterator[bytes]:
         call, served = self._call, self._hold.served
         try:
-            try:
-                async for waited in self._hold.wait(call.state.settings.autoscale.keepalive_s):
-                    yield f": waiting for a replica of {served.versioned_name} to start ({waited:.0f}s)\n\n".encode()
-            finally:
-                call.state.metrics.cold_start_held(served.model_name, served.version, self._hold.waited_s)
+            async for waited in self._hold.wait(call.state.settings.autoscale.keepalive_s):
+                yield f": waiting for a replica of {served.versioned_name} to start ({waited:.0f}s)\n\n".encode()
             upstream = self._upstream = await self._open()
         except APIError as exc:
             call.record.fail(exc)

@@ -100,7 +100,7 @@ async def _relay_openai(
         if hold is not None and parsed.stream:
             return _held(call, hold, served, path, payload)
         if hold is not None:
-            await call.wait_for_replica(hold)
+            await hold.wait_quietly()  # 503 with Retry-After past the bound
         upstream = await call.state.relay.open(served, path, payload, call.request_id, call.deadline,
                                                stream=parsed.stream)
     call.record.replica = upstream.replica.id

@@ -183,13 +183,6 @@ class InferenceCall:
             return None
         return cold.reserve(served)
 
-    async def wait_for_replica(self, hold: Hold) -> None:
-        """Hold a buffered request until a replica can answer (503 with Retry-After past the bound)."""
-        try:
-            await hold.wait_quietly()
-        finally:
-            self.state.metrics.cold_start_held(hold.served.model_name, hold.served.version, hold.waited_s)
-
     # 6. what a successful answer carries
     def answer_headers(self, served: ServedVersion, replica_id: str) -> dict[str, str]:
         return {**served_headers(self.request_id, served.version, replica_id), **self.headers}

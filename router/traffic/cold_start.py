@@ -16,21 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from router.errors import NoReplicaReady, QueueFull
 from router.traffic.catalog import ServedVersion
 from router.traffic.demand import Counts, Demand
 
+Released = Callable[[str, str, float], None]
 _POLL_S = 0.05  # how often a held request looks for a ready replica (replica states notify nobody)
 
 
 class Hold:
     """One request's place in a version's cold-start queue; ``wait`` releases it whatever happens."""
 
-    def __init__(self, served: ServedVersion, counts: Counts, max_wait_s: float, retry_after_s: int) -> None:
+    def __init__(self, served: ServedVersion, counts: Counts, max_wait_s: float, retry_after_s: int,
+                 on_released: Released) -> None:
         self.served = served
         self._counts = counts
+        self._on_released = on_released
         self._max_wait_s = max_wait_s
         self._retry_after_s = retry_after_s
         self.started = time.monotonic()
@@ -42,6 +45,7 @@ class Hold:
             self._released = True
             self._counts.held -= 1
             self.waited_s = time.monotonic() - self.started
+            self._on_released(self.served.model_name, self.served.version, self.waited_s)
 
     async def wait(self, keepalive_s: float = 5.0) -> AsyncIterator[float]:
         """Return once a replica can answer; yields the seconds waited every ``keepalive_s`` meanwhile.
@@ -67,8 +71,10 @@ class Hold:
 
 
 class ColdStarts:
-    def __init__(self, demand: Demand, max_held: int = 256, max_wait_s: float = 300.0, retry_after_s: int = 5) -> None:
+    def __init__(self, demand: Demand, max_held: int = 256, max_wait_s: float = 300.0, retry_after_s: int = 5,
+                 on_released: Released = lambda _model, _version, _waited_s: None) -> None:
         self._demand = demand
+        self._on_released = on_released  # (model, version, seconds held): the wait's histogram
         self.max_held = max_held
         self.max_wait_s = max_wait_s
         self._retry_after_s = retry_after_s
@@ -93,4 +99,4 @@ class ColdStarts:
                             f"requests (autoscale.max_held); retry in {self._retry_after_s}s", self._retry_after_s)
         counts.held += 1
         self._demand.on_cold_demand(served.model_name, served.version)
-        return Hold(served, counts, self.max_wait_s, self._retry_after_s)
+        return Hold(served, counts, self.max_wait_s, self._retry_after_s, self._on_released)

@@ -55,6 +55,3 @@ class Demand:
                 counts.in_flight[cls] -= 1
 
         return end
-
-    def forget(self, model: str, version: str) -> None:
-        self._counts.pop((model, version), None)
