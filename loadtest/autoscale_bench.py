@@ -50,7 +50,6 @@ from typing import Any
 
 import aiohttp
 
-from llmserve.models.repository import Manifest
 from llmserve.replicas.backend import EndpointState
 from llmserve.replicas.local import LocalBackend
 from llmserve.replicas.spec import EngineSpec
@@ -64,7 +63,7 @@ from loadtest.overhead import free_port
 from loadtest.report import emit
 from loadtest.runner import Record, Target, send
 from loadtest.sim import SimEngineProgram
-from loadtest.simstack import sim_server
+from loadtest.simstack import sim_model_folder, sim_server
 from loadtest.workload import RequestSpec
 from router.store.sqlite import SQLiteStore
 
@@ -140,14 +139,6 @@ class Config:
         }
 
 
-def _make_version(models_dir: Path) -> None:
-    folder = models_dir / MODEL / "v1"
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(name=MODEL, version="v1", source="autoscale bench", source_sha256="0" * 64,
-                        weights_sha256={}, dtype="bfloat16", parameter_count=1, created_at="2026-01-01T00:00:00+00:00")
-    (folder / "manifest.json").write_text(manifest.to_json())
-
-
 @contextlib.asynccontextmanager
 async def _stack(tmp: Path, config: Config) -> AsyncIterator[str]:
     """A router with a SQLite store over simulated engines; every replica stopped when it ends."""
@@ -160,7 +151,7 @@ async def _stack(tmp: Path, config: Config) -> AsyncIterator[str]:
                                             "--slow-start-s", f"{config.compression.engine_start_s:.3f}",
                                             "--seed", str(config.seed)))
 
-    _make_version(tmp / "models")
+    sim_model_folder(tmp / "models", MODEL, "v1", "autoscale bench")
     port = free_port()
     settings = RouterSettings(port=port, retry_after_s=1, engine_metrics_interval_s=0.5, admission=config.admission(),
                               autoscale=AutoscaleSettings(

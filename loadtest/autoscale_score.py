@@ -26,7 +26,7 @@ from typing import Any
 
 from llmserve.stats import percentile
 from loadtest.autoscale_trace import Compression, Trace
-from loadtest.runner import Record
+from loadtest.runner import Record, late_sends
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def summarize(records: Sequence[Record], samples: Sequence[Sample], decisions: S
         # whether the machine, not the replicas, could be what limits: its CPU over the run
         "cpu_busy_mean": round(sum(cpu) / len(cpu), 3) if cpu else None,
         "cpu_busy_p90": round(percentile(cpu, 90), 3) if cpu else None,
-        "late_sends": sum(1 for r in records if r.generator_lag_s * 1000 > 10),
+        "late_sends": late_sends(list(records)),
         "scale_events": [{"t": round(d["t"], 2), "from": d["from"], "to": d["to"], "rule": d["rule"]}
                          for d in sorted(decisions, key=lambda d: d["t"])],
         "attainment_bins": bins,

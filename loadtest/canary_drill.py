@@ -29,28 +29,18 @@ from typing import Any
 
 import aiohttp
 
-from llmserve.models.repository import Manifest
 from llmserve.replicas.spec import EngineSpec
 from llmserve.settings import EngineSettings, RouterSettings
 from loadtest.inprocess import serve_router
 from loadtest.overhead import free_port
 from loadtest.runner import Record, Target, send
 from loadtest.sim import SimEngineProgram
-from loadtest.simstack import sim_server
+from loadtest.simstack import sim_model_folder, sim_server
 from loadtest.workload import RequestSpec
 from router.store.sqlite import SQLiteStore
 
 MODEL = "drill"
 STABLE_TTFT_MS = 30.0
-
-
-def _make_version(models_dir: Path, version: str) -> None:
-    folder = models_dir / MODEL / version
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(name=MODEL, version=version, source="canary drill", source_sha256="0" * 64,
-                        weights_sha256={}, dtype="bfloat16", parameter_count=1,
-                        created_at="2026-01-01T00:00:00+00:00")
-    (folder / "manifest.json").write_text(manifest.to_json())
 
 
 @contextlib.asynccontextmanager
@@ -153,7 +143,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(tmp_name)
         versions = [f"v{i + 2}" for i in range(args.repeat)]
         for version in ["v1", *versions]:
-            _make_version(tmp / "models", version)
+            sim_model_folder(tmp / "models", MODEL, version, "canary drill")
         async with _router(tmp, args.regression) as url, aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=60)) as session:
             async with session.post(f"{url}/api/v1/models", json={"model_name": MODEL}) as r:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from llmserve.models.repository import Manifest
 from llmserve.replicas.local import LocalBackend
 from llmserve.replicas.process import ReplicaProgram
 from llmserve.replicas.spec import EngineSpec
@@ -24,6 +25,17 @@ class StaticVersion:
     program: ReplicaProgram
     max_model_len: int = 2048
     replicas: int = 1
+
+
+def sim_model_folder(models_dir: Path, model: str, version: str, source: str = "simulated") -> Path:
+    """The folder a deploy of ``model:version`` checks for: a manifest only (a simulated engine loads no
+    weights). Returns it."""
+    folder = models_dir / model / version
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(name=model, version=version, source=source, source_sha256="0" * 64, weights_sha256={},
+                        dtype="bfloat16", parameter_count=1, created_at="2026-01-01T00:00:00+00:00")
+    (folder / "manifest.json").write_text(manifest.to_json())
+    return folder
 
 
 def open_unless_asked(router: RouterSettings) -> RouterSettings:

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmserve.models.repository import Manifest
 from llmserve.replicas.spec import EngineSpec
 from llmserve.settings import AdmissionSettings, RouterSettings
 from loadtest.sim import SimEngineProgram
+from loadtest.simstack import sim_model_folder
 from router.store import Store
 from router.store.redis_store import RedisStore
 from router.store.sqlite import SQLiteStore
@@ -30,11 +30,7 @@ def sim_factory(spec: EngineSpec) -> SimEngineProgram:
 
 
 def make_version(models_dir: Path, version: str, model: str = MODEL) -> None:
-    folder = models_dir / model / version
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(name=model, version=version, source="test", source_sha256="0" * 64, weights_sha256={},
-                        dtype="bfloat16", parameter_count=1, created_at="2026-11-29T00:00:00+00:00")
-    (folder / "manifest.json").write_text(manifest.to_json())
+    sim_model_folder(models_dir, model, version, "test")
 
 
 @asynccontextmanager

@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 
-from llmserve.models.repository import Manifest
 from loadtest.overhead import free_port
+from loadtest.simstack import sim_model_folder
 
 MODEL = "chat"
 
@@ -100,12 +100,7 @@ async def running(*routers: RouterProcess) -> AsyncIterator[None]:
 def prepare(models_dir: Path, *versions: str) -> None:
     """The model folders a deploy checks for (a manifest; the simulated engine needs no weights)."""
     for version in versions:
-        folder = models_dir / MODEL / version
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest = Manifest(name=MODEL, version=version, source="chaos", source_sha256="0" * 64,
-                            weights_sha256={}, dtype="bfloat16", parameter_count=1,
-                            created_at="2026-12-02T00:00:00+00:00")
-        (folder / "manifest.json").write_text(manifest.to_json())
+        sim_model_folder(models_dir, MODEL, version, "chaos")
 
 
 class Control:
