@@ -50,3 +50,8 @@ class EngineSettingsError(LLMServeError):
 
 class LaunchFailed(LLMServeError):
     """A version could not be started here; the message says why and how to fix it."""
+
+
+class BackendUnavailable(LLMServeError):
+    """The replica backend cannot work: a cluster that cannot be reached, credentials it rejects, or
+    permissions it does not grant (the message names which)."""

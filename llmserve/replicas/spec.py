@@ -68,6 +68,9 @@ class EngineSpec:
     speculation: Speculation = None
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    # accelerators a replica needs (the deployment's resources.gpu); the Kubernetes backend requests them
+    gpus: int = 0
+    gpu_type: str | None = None  # a node label value, e.g. NVIDIA-A100-SXM4-80GB
 
     @classmethod
     def from_settings(
