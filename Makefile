@@ -18,6 +18,7 @@ up: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 bash scripts/k8s_tests.sh $(PYTEST_ARGS)
 
 # The gates CI runs before the tests: lint and types (mypy with the pydantic plugin; see pyproject.toml).
 lint: $(STAMP)

@@ -28,6 +28,24 @@ from router.store import Store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+pytest_plugins = ["tests.kube.fixtures"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests marked ``kubernetes`` run in their own session inside a network namespace
+    (scripts/k8s_tests.sh, which ``make test`` runs after this one); that session runs only them."""
+    from tests.kube.fixtures import enabled
+
+    if enabled():
+        keep = [item for item in items if item.get_closest_marker("kubernetes")]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+        return
+    skip = pytest.mark.skip(reason="runs in scripts/k8s_tests.sh, inside a network namespace (make test runs it)")
+    for item in items:
+        if item.get_closest_marker("kubernetes"):
+            item.add_marker(skip)
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -26,6 +26,7 @@ To join the suite, a backend provides a ``Harness`` factory in ``HARNESSES``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import os
 import signal
@@ -65,16 +66,18 @@ class Harness:
     made: list[ReplicaBackend] = field(default_factory=list)
 
 
-def local_harness(tmp_path: Path) -> Harness:
-    def program(spec: EngineSpec) -> ReplicaProgram:
-        behaviour = Behaviour(spec.model_name)
-        if behaviour is Behaviour.NEVER_READY:
-            return ScriptProgram("import time; time.sleep(600)", spec.model_name, spec.version)
-        if behaviour is Behaviour.EXITS_AT_ONCE:
-            return ScriptProgram("import sys; print('CUDA out of memory, pretend'); sys.exit(3)",
-                                 spec.model_name, spec.version)
-        return fast_sim(spec)
+def program(spec: EngineSpec) -> ReplicaProgram:
+    """What a replica of each behaviour runs, on every backend."""
+    behaviour = Behaviour(spec.model_name)
+    if behaviour is Behaviour.NEVER_READY:
+        return ScriptProgram("import time; time.sleep(600)", spec.model_name, spec.version)
+    if behaviour is Behaviour.EXITS_AT_ONCE:
+        return ScriptProgram("import sys; print('CUDA out of memory, pretend'); sys.exit(3)",
+                             spec.model_name, spec.version)
+    return fast_sim(spec)
 
+
+def local_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     def make(**overrides: object) -> ReplicaBackend:
         backend = LocalBackend(fast_engine_settings(**overrides), tmp_path / f"logs-{len(harness.made)}",
                                program=program)
@@ -94,12 +97,43 @@ def local_harness(tmp_path: Path) -> Harness:
     return harness
 
 
-HARNESSES: dict[str, Callable[[Path], Harness]] = {"local": local_harness}
+def kubernetes_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+    """Deployments on the session's real control plane (``tests/kube``), each backend in a namespace of
+    its own; the test kubelet runs the same programs as the local backend, as the pods' processes."""
+    from llmserve.replicas.kubernetes import KubernetesBackend
+    from llmserve.settings import KubernetesSettings
+    from tests.kube.fixtures import IMAGE
+
+    cluster = request.getfixturevalue("cluster")
+    prefix = f"c{abs(hash(request.node.nodeid)) % 10**8}"
+
+    def make(**overrides: object) -> ReplicaBackend:
+        namespace = cluster.namespace(f"{prefix}-{len(harness.made)}")
+        settings = KubernetesSettings(namespace=namespace, image=IMAGE, prestop_s=1, shutdown_timeout_s=2,
+                                      cpus_per_replica=0.1)
+        backend = KubernetesBackend(settings, fast_engine_settings(**overrides), tmp_path, program=program,
+                                    api=cluster.api, retire_on_close=True)
+        harness.made.append(backend)
+        return backend
+
+    def spec(behaviour: Behaviour) -> EngineSpec:
+        return EngineSpec(model_dir=tmp_path, model_name=behaviour.value, version="v1")
+
+    def kill(endpoint: Endpoint) -> None:
+        [owner] = [b for b in harness.made if isinstance(b, KubernetesBackend) and endpoint in b.endpoints()]
+        cluster.kubelet.crash(owner.settings.namespace, endpoint.details["pod"])
+
+    harness = Harness(make, spec, kill)
+    return harness
 
 
-@pytest.fixture(params=list(HARNESSES))
+HARNESSES: dict[str, Callable[[pytest.FixtureRequest, Path], Harness]] = {
+    "local": local_harness, "kubernetes": kubernetes_harness}
+
+
+@pytest.fixture(params=[pytest.param("local"), pytest.param("kubernetes", marks=pytest.mark.kubernetes)])
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = HARNESSES[request.param](tmp_path)
+    harness = HARNESSES[request.param](request, tmp_path)
     try:
         yield harness
     finally:
@@ -165,23 +199,29 @@ async def test_scale_up_adds_starting_endpoints_that_become_ready(harness: Harne
     assert await backend.scale(replica_set, 3) == [] and len(held) == 3  # already there: nothing changes
 
 
-async def test_scale_down_drains_and_removes_the_oldest_endpoints_in_place(harness: Harness) -> None:
+async def test_scale_down_drains_and_removes_endpoints_in_place(harness: Harness) -> None:
+    """Which endpoints go is the backend's choice (locally the oldest; on Kubernetes the ReplicaSet's);
+    whichever they are, they take no new traffic and the scale-down waits for their requests."""
     backend = harness.make()
     replica_set = await backend.start(harness.spec(Behaviour.SERVES), 1)
     held = replica_set.endpoints
     await backend.scale(replica_set, 3)
     await asyncio.wait_for(backend.wait_ready(held), timeout=20)
-    oldest, second, newest = held
-    oldest.outstanding = 1  # a request in flight, as the router counts it
+    endpoints = list(held)
+    for endpoint in endpoints:
+        endpoint.outstanding = 1  # a request in flight on each, as the router counts it
     shrinking = asyncio.create_task(backend.scale(replica_set, 1))
+    await eventually(lambda: sum(e.state is DRAINING for e in endpoints) == 2, timeout=5)
+    [survivor] = [e for e in endpoints if e.state is not DRAINING]
+    victims = [e for e in endpoints if e is not survivor]
     await asyncio.sleep(0.3)
-    assert oldest.state is DRAINING and not oldest.routable and not shrinking.done()
-    assert newest.state is READY
-    oldest.outstanding = 0
-    assert await asyncio.wait_for(shrinking, timeout=10) == []
-    assert replica_set.endpoints is held and held == [newest]
-    assert oldest.state is STOPPED and second.state is STOPPED and newest.state is READY
-    assert backend.endpoints() == [newest]
+    assert survivor.state is READY and not any(e.routable for e in victims) and not shrinking.done()
+    for endpoint in endpoints:
+        endpoint.outstanding = 0
+    assert await asyncio.wait_for(shrinking, timeout=15) == []
+    assert replica_set.endpoints is held and held == [survivor]
+    assert [e.state for e in victims] == [STOPPED, STOPPED] and survivor.state is READY
+    assert backend.endpoints() == [survivor]
 
 
 async def test_retire_with_drain_waits_for_in_flight_requests_and_retiring_twice_is_harmless(
@@ -269,7 +309,8 @@ async def test_close_stops_every_endpoint_and_their_urls_refuse_connections(
 ) -> None:
     backend = harness.make()
     first = await backend.start(harness.spec(Behaviour.SERVES), 2)
-    second = await backend.start(harness.spec(Behaviour.SERVES), 1)
+    # another version (one version is one Deployment on Kubernetes: a second start would take it over)
+    second = await backend.start(dataclasses.replace(harness.spec(Behaviour.SERVES), version="v2"), 1)
     endpoints = [*first.endpoints, *second.endpoints]
     await asyncio.wait_for(backend.wait_ready(endpoints), timeout=20)
     urls = [e.url for e in endpoints]

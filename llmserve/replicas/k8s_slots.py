@@ -26,6 +26,7 @@ class Slot:
     since: float = field(default_factory=time.monotonic)  # when it last needed a pod: the schedule timeout
     lost: bool = False  # its pod went away: the next pod it takes is a restart
     failure: PodView | None = None  # the pod's start failure, while it has one
+    ejected: bool = False  # the router saw it refuse a connection: out until its /health answers
 
 
 @dataclass(eq=False)
@@ -132,7 +133,7 @@ class PodSlots:
         if endpoint.state is DRAINING:
             return
         if pod.ready:
-            if endpoint.state is not UNHEALTHY or endpoint.last_error is None:
+            if not slot.ejected:
                 endpoint.state = READY
                 endpoint.ever_ready = True
                 endpoint.last_error = None

@@ -141,6 +141,7 @@ class KubernetesBackend:
         if endpoint.state is READY:
             endpoint.last_error = reason
             endpoint.state = UNHEALTHY
+            self._book.slots[endpoint].ejected = True
             task = asyncio.get_running_loop().create_task(self._readmit(endpoint))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -206,13 +207,16 @@ class KubernetesBackend:
 
     async def _readmit(self, endpoint: Endpoint) -> None:
         """An endpoint the router saw refuse a connection comes back once its /health answers."""
-        while endpoint.state is UNHEALTHY:
+        slot = self._book.slots[endpoint]
+        while slot.ejected:
             await asyncio.sleep(self._engine.health_interval_s)
             with contextlib.suppress(httpx.HTTPError):
-                if (await self._http.get(f"{endpoint.url}/health")).status_code == 200 and \
-                        endpoint.state is UNHEALTHY:
-                    endpoint.state = READY
-                    endpoint.last_error = None
+                if (await self._http.get(f"{endpoint.url}/health")).status_code == 200 and slot.ejected:
+                    slot.ejected = False
+                    if endpoint.state is UNHEALTHY and slot.pod in self._version_of(endpoint).pods and \
+                            self._version_of(endpoint).pods[slot.pod].ready:
+                        endpoint.state = READY
+                        endpoint.last_error = None
 
     # -- the pod watch --------------------------------------------------------
 
@@ -287,6 +291,10 @@ class KubernetesBackend:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.5))
         return True
+
+    def _version_of(self, endpoint: Endpoint) -> Version:
+        [version] = [v for v in self._book.versions.values() if endpoint in v.replica_set.endpoints]
+        return version
 
     def _version(self, replica_set: ReplicaSet) -> Version:
         [version] = [v for v in self._book.versions.values() if v.replica_set is replica_set]
