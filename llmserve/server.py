@@ -65,7 +65,7 @@ def build(
     API keys' rate limits are kept in Redis when the store is (``redis_url``, or ``shared_limits_url``
     for a store passed in), so every router sharing it enforces one limit; in memory otherwise.
     """
-    backend = backend or LocalBackend(settings.engine, settings.logs_dir)
+    backend = backend or default_backend(settings, models_dir)
     chosen = open_store(settings) if store == "settings" else store
     limits_url = shared_limits_url or (settings.redis_url if store == "settings" else None)
     limiter = SharedLimiter(RedisLimiter(limits_url)) if limits_url else None
@@ -81,3 +81,13 @@ def uvicorn_config(app: FastAPI, router: RouterSettings, **overrides: Any) -> uv
     set up of its own (the router's logs go where the process sends them)."""
     return uvicorn.Config(app, host=router.host, port=router.port, http=http_protocol(router), log_config=None,
                           access_log=False, **overrides)
+
+
+def default_backend(settings: Settings, models_dir: Path | None = None) -> ReplicaBackend:
+    """The backend ``settings.backend`` names: local processes, or Deployments on Kubernetes (which
+    checks its cluster and permissions now, so a router that cannot work there says why at start)."""
+    if settings.backend == "kubernetes":
+        from llmserve.replicas.kubernetes import KubernetesBackend
+
+        return KubernetesBackend(settings.kubernetes, settings.engine, models_dir or settings.model_repository)
+    return LocalBackend(settings.engine, settings.logs_dir)

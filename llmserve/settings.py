@@ -328,6 +328,9 @@ class KubernetesSettings(BaseModel):
         120.0, gt=0, description="A pod the scheduler cannot place (no GPU of the kind, no room) fails its "
         "deployment after this long, with the scheduler's reason.")
     gpu_resource: str = Field("nvidia.com/gpu", description="The extended resource a GPU is requested as.")
+    gpu_type: str | None = Field(
+        None, description="The GPU kind a version with resources.gpu runs on: its pods select nodes whose "
+        "gpu_type_label is this (e.g. NVIDIA-A100-SXM4-80GB); unset: any node with the GPUs.")
     gpu_type_label: str = Field(
         "nvidia.com/gpu.product", description="The node label a version's resources.gpu_type selects on (the "
         "GPU Operator's feature discovery sets it, e.g. NVIDIA-A100-SXM4-80GB).")

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
@@ -40,7 +41,7 @@ def api_client(settings: KubernetesSettings) -> client.ApiClient:
             raise BackendUnavailable(f"kubernetes.kubeconfig: no kubeconfig file at {path}; set "
                                      "LLMSERVE_KUBERNETES__KUBECONFIG or run the router in a pod")
         return config.new_client_from_config(config_file=str(path), context=settings.context)
-    except (ConfigException, ValueError, OSError) as exc:
+    except (ConfigException, ValueError, OSError, yaml.YAMLError) as exc:
         raise BackendUnavailable(f"kubernetes.kubeconfig {settings.kubeconfig or '~/.kube/config'} does not "
                                  f"work: {exc}") from None
 

@@ -84,7 +84,8 @@ class KubernetesBackend:
         for _ in range(replicas):
             self._book.add_slot(version)
         memory = objects.memory_request_gib(spec)
-        body = objects.deployment(spec, program, self.settings, replicas, memory, spec.gpus, spec.gpu_type)
+        body = objects.deployment(spec, program, self.settings, replicas, memory, spec.gpus,
+                                       spec.gpu_type or (self.settings.gpu_type if spec.gpus else None))
         ns = self.settings.namespace
         doing = f"creating Deployment {version.name}"
         if await _call(self._apps.create_namespaced_deployment, ns, body, doing=doing, ok=(409,)) == 409:

@@ -9,6 +9,7 @@ and a store change can both ask).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +103,8 @@ class LocalVersions:
                                    f"--version {record.version} --source ...`") from None
             try:
                 spec = self._specs(record.model_name, record.version, folder, record.engine)
+                if record.gpu:  # the deployment's resources.gpu: what a Kubernetes pod requests
+                    spec = dataclasses.replace(spec, gpus=record.gpu)
             except ValueError as exc:  # pydantic's ValidationError is one: the overrides do not fit the settings
                 raise EngineSettingsError(f"the engine settings of {record.model_name}:{record.version} do not fit: "
                                    f"{exc}") from None
