@@ -26,10 +26,13 @@ from llmserve.server import build
 from llmserve.settings import AdmissionSettings, AutoscaleSettings, KubernetesSettings, RouterSettings, Settings
 from loadtest.inprocess import serve_router
 from loadtest.sim import SimEngineProgram
+from router.store import Store
+from router.store.redis_store import RedisStore
 from router.store.sqlite import SQLiteStore
 from tests.conftest import fast_engine_settings, free_port
 from tests.kube.control_plane import ADMIN_TOKEN, VIEWER_TOKEN
 from tests.kube.fixtures import IMAGE, Cluster
+from tests.redis_server import redis_server
 from tests.test_control_plane import MODEL, make_version
 
 pytestmark = pytest.mark.kubernetes
@@ -49,19 +52,22 @@ class K8sRouter:
 
 
 @contextlib.asynccontextmanager
-async def k8s_router(cluster: Cluster, tmp_path: Path, name: str, **kube: Any) -> AsyncIterator[K8sRouter]:
-    namespace = cluster.namespace(name)
+async def k8s_router(cluster: Cluster, tmp_path: Path, name: str, store: Store | None = None,
+                     new_namespace: bool = True, **kube: Any) -> AsyncIterator[K8sRouter]:
+    """A router on the Kubernetes backend; with ``store``, one of several sharing it (and the namespace),
+    which leaves its Deployments to the others when it stops."""
+    namespace = cluster.namespace(name) if new_namespace else name
     models = tmp_path / "models"
     make_version(models, "v1")
     make_version(models, "v2")
     settings = KubernetesSettings(namespace=namespace, image=IMAGE, prestop_s=2, shutdown_timeout_s=2,
                                   cpus_per_replica=0.1, **kube)
     backend = KubernetesBackend(settings, fast_engine_settings(ready_timeout_s=60), models, program=sim,
-                                api=cluster.api, retire_on_close=True)
+                                api=cluster.api, retire_on_close=store is None)
     router = RouterSettings(port=free_port(), admission=AdmissionSettings(enabled=False),
                             autoscale=AutoscaleSettings(interval_s=0.2, window_s=5))
     server = build(Settings(data_dir=tmp_path, router=router, auth="off"), backend=backend,
-                   store=SQLiteStore(tmp_path / "db.sqlite"), models_dir=models)
+                   store=store or SQLiteStore(tmp_path / "db.sqlite"), models_dir=models)
     async with serve_router(server.app, router.port, backend) as url:
         yield K8sRouter(url, backend, namespace, client.AppsV1Api(cluster.api), client.CoreV1Api(cluster.api))
 
@@ -238,3 +244,39 @@ async def test_bad_credentials_and_missing_permissions_are_named_at_start(cluste
     with pytest.raises(BackendUnavailable, match=refused):
         KubernetesBackend(base.model_copy(update={"kubeconfig": viewer}), engine, tmp_path)
     assert ADMIN_TOKEN not in str(viewer.read_text())
+
+
+async def test_two_routers_share_the_pods_and_one_keeps_serving_when_the_other_stops(cluster: Cluster,
+                                                                                      tmp_path: Path) -> None:
+    namespace = cluster.namespace("e2e-routers")
+    with redis_server() as url:
+        async with contextlib.AsyncExitStack() as stack, httpx.AsyncClient(timeout=30) as http:
+            a = await stack.enter_async_context(
+                k8s_router(cluster, tmp_path / "a", namespace, store=RedisStore(url, "k8s:"), new_namespace=False))
+            await deploy(http, a.url, "v1", replicas=2)
+            await until(lambda: _active(http, a.url, "v1"), "v1 active")
+            b_stack = contextlib.AsyncExitStack()
+            b = await b_stack.enter_async_context(
+                k8s_router(cluster, tmp_path / "b", namespace, store=RedisStore(url, "k8s:"), new_namespace=False))
+            # b adopts the Deployment a created: the same two pods, not two more
+            await until(lambda: sum(e.state is EndpointState.READY for e in b.backend.endpoints()) == 2,
+                        "b routes to the two pods")
+            assert len(deployments(b)) == 1 and ready_pods(b) == 2
+            assert {e.url for e in b.backend.endpoints()} == {e.url for e in a.backend.endpoints()}
+            results: list[int] = []
+            stop = asyncio.Event()
+
+            async def load(router_url: str) -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(httpx.TransportError):  # a's own clients lose a; b's must not
+                        results.append((await chat(http, router_url, "u")).status_code)
+
+            on_b = asyncio.create_task(load(b.url))
+            await until(lambda: len(results) > 30, "load on b")
+            await stack.aclose()  # router a stops; its Deployments stay for b
+            before = len(results)
+            await until(lambda: len(results) > before + 50, "b serving after a stopped")
+            stop.set()
+            await on_b
+            assert set(results) == {200} and ready_pods(b) == 2 and len(deployments(b)) == 1
+            await b_stack.aclose()
