@@ -112,7 +112,8 @@ def create_app(
                 state.cold_starts = ColdStarts(demand, scaling.max_held, scaling.hold_timeout_s, settings.retry_after_s,
                                                metrics.cold_start_held)
                 state.autoscaler = Autoscaler(state.control, SignalSource(demand, samples, scraper, scaling.window_s),
-                                              state.cold_starts, state.control.leases.router_id, scaling, metrics)
+                                              state.cold_starts, state.control.leases.router_id, scaling, metrics,
+                                              leading=backend.leading)
                 demand.on_cold_demand = state.autoscaler.wake
                 state.autoscaler.start()
                 log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)

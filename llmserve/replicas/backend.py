@@ -25,7 +25,10 @@ Contract, per method:
 - ``capacity(spec)`` how many replicas of the spec fit (the machine's cores and
   memory locally; a cluster's quota on Kubernetes), so that a policy asking
   for more is refused with what fits.
-- ``close()`` retires everything the backend started.
+- ``leading()`` whether this router runs the control loops that act on the replicas (locally always;
+  on Kubernetes, where several routers share the pods, the holder of a Lease).
+- ``close()`` retires everything the backend started (a Kubernetes backend of a router in a cluster
+  leaves its Deployments to the next router).
 """
 
 from __future__ import annotations
@@ -146,5 +149,7 @@ class ReplicaBackend(Protocol):
     def capacity(self, spec: EngineSpec) -> Capacity:
         """How many replicas of ``spec`` the backend can run at most, and what bounds it."""
         ...
+
+    def leading(self) -> bool: ...
 
     async def close(self) -> None: ...

@@ -26,6 +26,7 @@ NEEDED: tuple[tuple[str, str, str], ...] = (
     *(("apps", "deployments/scale", v) for v in ("get", "patch", "update")),
     *(("", "services", v) for v in ("get", "list", "create", "patch", "delete")),
     *(("", "pods", v) for v in ("get", "list", "watch", "delete")),
+    *(("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")),  # electing the leader
 )
 
 

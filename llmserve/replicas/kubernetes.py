@@ -21,6 +21,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -36,6 +38,7 @@ from llmserve.replicas import k8s_objects as objects
 from llmserve.replicas.backend import Endpoint, EndpointState, ReplicaSet
 from llmserve.replicas.capacity import Capacity
 from llmserve.replicas.k8s_client import api_client, check_access, describe
+from llmserve.replicas.k8s_leader import LeaseElector
 from llmserve.replicas.k8s_slots import PodSlots, Version
 from llmserve.replicas.process import ReplicaProgram
 from llmserve.replicas.spec import EngineSpec
@@ -62,6 +65,9 @@ class KubernetesBackend:
         self._core = client.CoreV1Api(self._api)
         self._retire_on_close = retire_on_close  # routers in a cluster leave their Deployments to the next
         self._book = PodSlots(settings.engine_port)
+        # in a pod the host name is the pod's name: the Lease says which router leads
+        self._elector = LeaseElector(self._api, settings.namespace, settings.leader_lease,
+                                     f"{socket.gethostname()}-{os.getpid()}", settings.leader_lease_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
         self._stop = threading.Event()
@@ -164,7 +170,13 @@ class KubernetesBackend:
         return Capacity(fits, f"{len(self._nodes)} node(s) at {cpu:g} CPU, {memory:.1f} GiB"
                         + (f", {spec.gpus} GPU" if spec.gpus else "") + " a replica")
 
+    def leading(self) -> bool:
+        """Whether this router holds the Lease that makes it the one to run the control loops."""
+        self._elector.start()
+        return self._elector.leader
+
     async def close(self) -> None:
+        await self._elector.close(release=True)
         if self._retire_on_close:
             await asyncio.gather(*(self.retire(v.replica_set, drain=True) for v in list(self._book.versions.values())
                                    if not v.retired), return_exceptions=True)

@@ -69,6 +69,10 @@ class LocalBackend:
         """How many replicas of ``spec`` this machine can run (``capacity``)."""
         return capacity(spec, self._program(spec))
 
+    def leading(self) -> bool:
+        """A local router leads its own replicas (several routers on one Redis each run their own)."""
+        return True
+
     def process(self, endpoint: Endpoint) -> LocalReplica:
         """The process behind an endpoint (pid, port, log file): for operators and tests."""
         return self._replicas[endpoint]

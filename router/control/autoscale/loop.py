@@ -72,7 +72,8 @@ class Latest:
 class Autoscaler:
     def __init__(self, control: Scaled, source: SignalSource, cold_starts: ColdStarts, router_id: str,
                  settings: AutoscaleSettings, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 leading: Callable[[], bool] = lambda: True) -> None:
         self._control = control
         self._source = source
         self._cold = cold_starts
@@ -81,6 +82,7 @@ class Autoscaler:
         self._metrics: Metrics = metrics or NoMetrics()
         self._clock = clock
         self._wall = wall
+        self._leading = leading  # on Kubernetes only the router holding the leader Lease decides
         self._cpu_budget = cpu_budget()
         self._memory: dict[str, Memory] = {}  # deployment id -> what its next decision needs of the past
         self._advised: dict[str, tuple[int, str]] = {}  # deployment id -> the advisory change last recorded
@@ -98,6 +100,8 @@ class Autoscaler:
         self._loop.wake()
 
     async def tick(self) -> None:
+        if not self._leading():
+            return
         for record in await self._control.store.list_deployments():
             if record.status is not DeploymentStatus.ACTIVE or not record.autoscaling:
                 if record.status is not DeploymentStatus.ACTIVE:
