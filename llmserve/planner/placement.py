@@ -2,7 +2,7 @@
 
 * ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``: the SM share the process may use, a *cap* (MPS lets the caps of
   co-located clients add up to more than 100; the packing's budget is what bounds the GPU's load). Sized
-  as the smaller slice that still serves the model within its SLA by the cost model (a slice p serves
+  as the smallest slice that both serves the model within its SLA by the cost model (a slice p serves
   requests in S/p, so the PS latency is S / (p - share): p >= share + S / SLA) and keeps its own load in
   the slice within the GPU's budget (p >= share / budget); rounded up to a whole percent.
 * ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT``: ``0=<MiB>M``, the memory the plan reserved for it (weights, KV

@@ -2,8 +2,8 @@
 
 Every model is strict (``extra="forbid"``): a misspelt field in a hand-written YAML file is an error that
 names it, not a silently ignored default. Sizes are GiB (2**30 bytes) throughout, as ``nvidia-smi`` reports
-memory; vendors' "80 GB" A100 has 80 GiB usable in this sense less the driver's reserve, which is why a GPU
-type's ``memory_gib`` is what *the models* may use, set by the operator.
+memory (an "80GB" A100 reports 81920 MiB = 80 GiB, of which the driver keeps a little): a GPU type's
+``memory_gib`` is what *the models* may use, set by the operator.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 Models are grouped by the GPU type they go on and each group is packed on its own (a model is not moved to
 another type to save a GPU: open, see the README). In a group, tensor-parallel models take whole GPUs and
-the rest are packed: first-fit decreasing always, then CP-SAT unless asked not to. ``auto`` skips CP-SAT
-when first-fit already meets the lower bound (nothing to improve), ``cpsat`` always runs it (so its
-optimality proof is reported even then). CP-SAT missing, timing out with nothing, or not beating first-fit
-leaves the first-fit plan, with a note saying why.
+the rest are packed: first-fit decreasing always, then CP-SAT unless asked not to (``ffd``). CP-SAT has
+nothing to search when first-fit already meets the lower bound (the plan is optimal by the bound), so
+``auto`` and ``cpsat`` differ only in that ``cpsat`` fails loudly in the notes when ortools is missing even
+then. CP-SAT missing, or timing out before an answer, leaves the first-fit plan, with a note saying why;
+when CP-SAT proves that first-fit's count is the optimum, the plan stays first-fit's (solver "ffd", proof
+"cpsat").
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def _pack_group(gpu: GpuType, shared: list[Demand], dedicated: list[Demand], sol
             notes.append(f"{gpu.name}: CP-SAT reached the time limit ({time_limit_s:.1f} s) having proven "
                          f"{found.proven_bound + whole} GPUs necessary; first-fit decreasing's plan kept")
         else:  # optimal: CP-SAT's plan, or first-fit's when CP-SAT proved nothing smaller fits
-            bins, status, proof = (found.bins or ffd_bins), "optimal", "cpsat"
+            proof = proof or "cpsat"  # first-fit on the bound needs no search to be optimal
+            bins, status = (found.bins or ffd_bins), "optimal"
             used_solver = "cpsat" if found.bins else "ffd"
     gpu_lists = [[shared[i] for i in members] for members in bins]
     gpu_lists += [[d] for d in dedicated for _ in range(d.model.tensor_parallel)]
