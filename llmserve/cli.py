@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys_cli.add_parser(sub)
 
+    from llmserve.planner import cli as planner_cli
+
+    planner_cli.add_parser(sub)
+
     loadtest = sub.add_parser("loadtest", help="load tests: run, sweep, bench (same as python -m loadtest)")
     loadtest.add_argument("loadtest_args", nargs=argparse.REMAINDER)
     loadtest.set_defaults(func=cmd_loadtest)
