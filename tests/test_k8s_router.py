@@ -280,3 +280,21 @@ async def test_two_routers_share_the_pods_and_one_keeps_serving_when_the_other_s
             await on_b
             assert set(results) == {200} and ready_pods(b) == 2 and len(deployments(b)) == 1
             await b_stack.aclose()
+
+
+async def test_a_canary_on_kubernetes_and_its_rollback_removes_its_deployment(cluster: Cluster,
+                                                                               tmp_path: Path) -> None:
+    async with k8s_router(cluster, tmp_path, "e2e-canary") as r, httpx.AsyncClient(timeout=30) as http:
+        await deploy(http, r.url, "v1")
+        await until(lambda: _active(http, r.url, "v1"), "v1 active")
+        [v1_deployment] = deployments(r)
+        await deploy(http, r.url, "v2", traffic=30)
+        await until(lambda: _active(http, r.url, "v2"), "v2 active")
+        assert len(deployments(r)) == 2
+        models = [(await chat(http, r.url, f"user-{i}")).json()["model"] for i in range(60)]
+        assert {f"{MODEL}:v1", f"{MODEL}:v2"} == set(models)  # split by user between the two Deployments
+        back = await http.post(f"{r.url}/api/v1/deployments/{MODEL}/rollback", json={"to": "v1"})
+        assert back.status_code in (200, 202), back.text
+        await until(lambda: deployments(r) == [v1_deployment], "v2's Deployment gone")
+        models = [(await chat(http, r.url, f"user-{i}")).json()["model"] for i in range(30)]
+        assert set(models) == {f"{MODEL}:v1"}
