@@ -331,6 +331,9 @@ class KubernetesSettings(BaseModel):
     gpu_type: str | None = Field(
         None, description="The GPU kind a version with resources.gpu runs on: its pods select nodes whose "
         "gpu_type_label is this (e.g. NVIDIA-A100-SXM4-80GB); unset: any node with the GPUs.")
+    placement_plan: Path | None = Field(
+        None, description="A plan from `llmserve plan --json`: a version of a model it places gets the plan's "
+        "node selector, co-location affinity and MPS limits on its pods.")
     gpu_type_label: str = Field(
         "nvidia.com/gpu.product", description="The node label a version's resources.gpu_type selects on (the "
         "GPU Operator's feature discovery sets it, e.g. NVIDIA-A100-SXM4-80GB).")

@@ -94,3 +94,20 @@ def test_failures_are_named_and_an_image_pull_is_fatal() -> None:
                       "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]
     assert view(pod([], conditions=unschedulable)).unschedulable == \
         "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+
+
+def test_the_packing_plans_placement_lands_on_the_pod() -> None:
+    from llmserve.planner import load_fleet, make_plan, placement_for
+
+    example = Path(objects.__file__).resolve().parent.parent / "planner" / "examples" / "a100-30-models.yaml"
+    plan = make_plan(load_fleet(example), solver="ffd")
+    shared = next(p for p in plan.placements if p.mps)  # a model sharing its GPU under MPS
+    placement = placement_for(plan, shared.model)
+    s = spec(shared.model)
+    body = objects.apply_placement(objects.deployment(s, s, KubernetesSettings(), 1, 4.0), placement)
+    pod = body["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == placement["kubernetes"]["spec"]["nodeSelector"]
+    assert placement["kubernetes"]["metadata"]["labels"].items() <= pod["metadata"]["labels"].items()
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert {k: str(v) for k, v in placement["mps"].items()}.items() <= env.items()
+    assert pod["metadata"]["labels"][objects.LABEL_INSTANCE] == objects.instance_label(s)  # the selector stays

@@ -147,3 +147,20 @@ def service(spec: EngineSpec, settings: KubernetesSettings) -> dict[str, Any]:
 
 def _quantity(cpus: float) -> str:
     return str(int(cpus)) if float(cpus).is_integer() else f"{int(cpus * 1000)}m"
+
+
+def apply_placement(body: dict[str, Any], placement: dict[str, Any]) -> dict[str, Any]:
+    """``body`` (a Deployment from ``deployment``) placed as the GPU packing plan says
+    (``llmserve.planner.placement_for``): its labels and node selector, the affinity that keeps
+    co-located models on one node, and the MPS limits in the engine's environment."""
+    template = body["spec"]["template"]
+    hints = placement.get("kubernetes") or {}
+    template["metadata"]["labels"].update((hints.get("metadata") or {}).get("labels") or {})
+    spec = hints.get("spec") or {}
+    if spec.get("nodeSelector"):
+        template["spec"]["nodeSelector"] = {**template["spec"].get("nodeSelector", {}), **spec["nodeSelector"]}
+    if spec.get("affinity"):
+        template["spec"]["affinity"] = spec["affinity"]
+    container = template["spec"]["containers"][0]
+    container["env"] += [{"name": k, "value": str(v)} for k, v in sorted((placement.get("mps") or {}).items())]
+    return body

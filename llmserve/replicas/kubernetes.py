@@ -90,8 +90,11 @@ class KubernetesBackend:
         for _ in range(replicas):
             self._book.add_slot(version)
         memory = objects.memory_request_gib(spec)
+        placement = self._placement(spec.model_name)
         body = objects.deployment(spec, program, self.settings, replicas, memory, spec.gpus,
                                        spec.gpu_type or (self.settings.gpu_type if spec.gpus else None))
+        if placement is not None:
+            body = objects.apply_placement(body, placement)
         ns = self.settings.namespace
         doing = f"creating Deployment {version.name}"
         if await _call(self._apps.create_namespaced_deployment, ns, body, doing=doing, ok=(409,)) == 409:
@@ -169,6 +172,22 @@ class KubernetesBackend:
             fits += int(each)
         return Capacity(fits, f"{len(self._nodes)} node(s) at {cpu:g} CPU, {memory:.1f} GiB"
                         + (f", {spec.gpus} GPU" if spec.gpus else "") + " a replica")
+
+    def _placement(self, model_name: str) -> dict[str, Any] | None:
+        """The packing plan's placement of ``model_name`` (settings.placement_plan), if it places it."""
+        if self.settings.placement_plan is None:
+            return None
+        from llmserve.planner import Plan, placement_for
+
+        try:
+            plan = Plan.model_validate_json(Path(self.settings.placement_plan).read_text())
+        except (OSError, ValueError) as exc:
+            raise BackendUnavailable(f"kubernetes.placement_plan {self.settings.placement_plan} cannot be read: "
+                                     f"{exc}; write one with `llmserve plan --models FILE --json OUT`") from None
+        try:
+            return placement_for(plan, model_name)
+        except KeyError:
+            return None
 
     def leading(self) -> bool:
         """Whether this router holds the Lease that makes it the one to run the control loops."""
