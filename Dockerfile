@@ -3,6 +3,12 @@
 #   docker build -t llmserve .                              # CPU build of vLLM
 #   docker build --build-arg VLLM=gpu -t llmserve:gpu .     # CUDA build (run with --gpus all)
 #   docker run -p 8000:8000 llmserve
+#
+# The CUDA variant needs no CUDA base image: PyPI's vllm wheel brings the CUDA runtime as nvidia-*
+# packages, and the NVIDIA container toolkit (the GPU Operator on Kubernetes) mounts the driver.
+# The same image runs the router and, on Kubernetes, the engine pods (deploy/helm/llmserve).
+# It cannot be built on the machines this project is developed on (no image pulls); what can be
+# checked without building is checked by tests/test_k8s_manifests.py (every COPY source exists).
 FROM python:3.11-slim
 
 ARG VLLM=cpu

@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys_cli.add_parser(sub)
 
+    from llmserve.k8s import cli as k8s_cli
+
+    k8s_cli.add_parser(sub)
     from llmserve.planner import cli as planner_cli
 
     planner_cli.add_parser(sub)
