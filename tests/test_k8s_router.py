@@ -22,6 +22,7 @@ from kubernetes import client
 from llmserve.errors import BackendUnavailable
 from llmserve.replicas.backend import EndpointState
 from llmserve.replicas.kubernetes import KubernetesBackend
+from llmserve.replicas.spec import EngineSpec
 from llmserve.server import build
 from llmserve.settings import AdmissionSettings, AutoscaleSettings, KubernetesSettings, RouterSettings, Settings
 from loadtest.inprocess import serve_router
@@ -298,3 +299,25 @@ async def test_a_canary_on_kubernetes_and_its_rollback_removes_its_deployment(cl
         await until(lambda: deployments(r) == [v1_deployment], "v2's Deployment gone")
         models = [(await chat(http, r.url, f"user-{i}")).json()["model"] for i in range(30)]
         assert set(models) == {f"{MODEL}:v1"}
+
+
+async def test_a_restarted_router_adopts_its_deployment_and_binds_the_running_pods(cluster: Cluster,
+                                                                                     tmp_path: Path) -> None:
+    namespace = cluster.namespace("e2e-adopt")
+    settings = KubernetesSettings(namespace=namespace, image=IMAGE, prestop_s=1, shutdown_timeout_s=1,
+                                  cpus_per_replica=0.1)
+    spec = EngineSpec(model_dir=tmp_path, model_name=MODEL, version="v1")
+    first = KubernetesBackend(settings, fast_engine_settings(), tmp_path, program=sim, api=cluster.api)
+    replica_set = await first.start(spec, 2)
+    await first.wait_ready(replica_set.endpoints)
+    pods = {e.details["pod"] for e in replica_set.endpoints}
+    await first.close()  # a router's backend leaves its Deployments
+    again = KubernetesBackend(settings, fast_engine_settings(), tmp_path, program=sim, api=cluster.api,
+                              retire_on_close=True)
+    began = time.monotonic()
+    adopted = await again.start(spec, 2)
+    await asyncio.wait_for(again.wait_ready(adopted.endpoints), timeout=10)
+    print(f"\nfigure: a restarted router's backend bound the running pods in {time.monotonic() - began:.2f} s")
+    assert {e.details["pod"] for e in adopted.endpoints} == pods  # the same pods: nothing restarted
+    assert all(e.restarts == 0 for e in adopted.endpoints)
+    await again.close()

@@ -48,6 +48,9 @@ class PodSlots:
         self._port = engine_port
         self.versions: dict[str, Version] = {}  # instance label -> version
         self.slots: dict[Endpoint, Slot] = {}
+        # every pod the watch has shown, by instance, owned here or not: a version started later (a
+        # Deployment a previous router left) binds the pods that exist already, which send no event
+        self.seen: dict[str, dict[str, PodView]] = {}
 
     def add_slot(self, version: Version) -> Endpoint:
         spec = version.replica_set.spec
@@ -78,10 +81,19 @@ class PodSlots:
             for instance, version in self.versions.items():
                 for name in [n for n in version.pods if (instance, n) not in present]:
                     self.on_pod(version, "DELETED", version.pods[name])
+            for instance, known in self.seen.items():
+                for name in [n for n in known if (instance, n) not in present]:
+                    del known[name]
         for pod in pods:
-            owner = self.versions.get((pod["metadata"].get("labels") or {}).get(objects.LABEL_INSTANCE, ""))
+            instance = (pod["metadata"].get("labels") or {}).get(objects.LABEL_INSTANCE, "")
+            seen = view(pod)
+            if kind == "DELETED":
+                self.seen.get(instance, {}).pop(seen.name, None)
+            else:
+                self.seen.setdefault(instance, {})[seen.name] = seen
+            owner = self.versions.get(instance)
             if owner is not None:
-                self.on_pod(owner, "DELETED" if kind == "DELETED" else "MODIFIED", view(pod))
+                self.on_pod(owner, "DELETED" if kind == "DELETED" else "MODIFIED", seen)
 
     def on_pod(self, version: Version, kind: str, pod: PodView) -> None:
         endpoint = version.bound.get(pod.name)
@@ -145,7 +157,7 @@ class PodSlots:
         elif endpoint.state is not RESTARTING or not pod.failure:
             endpoint.state = RESTARTING if pod.failure else STARTING
 
-    def resync(self, version: Version) -> None:
+    def resync(self, version: Version, instance: str) -> None:
         """Bind pods already seen (an adopted Deployment's) to the version's new slots."""
-        for pod in list(version.pods.values()):
+        for pod in list(self.seen.get(instance, {}).values()):
             self.on_pod(version, "MODIFIED", pod)

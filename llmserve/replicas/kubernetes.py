@@ -293,7 +293,7 @@ class KubernetesBackend:
 
     def _resync(self, version: Version) -> None:
         """Bind pods already seen (an adopted Deployment's) to the version's new slots."""
-        self._book.resync(version)
+        self._book.resync(version, objects.instance_label(version.replica_set.spec))
         self._pulse()
 
     def _watch_nodes(self) -> None:
