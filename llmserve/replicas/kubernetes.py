@@ -73,7 +73,7 @@ class KubernetesBackend:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._nodes: list[dict[str, float]] = []
-        self._nodes_error: str | None = None
+        self._nodes_error: str | None = "the cluster's nodes are not listed yet"  # until the first list
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0), trust_env=False)
         self._tasks: set[asyncio.Task[None]] = set()
 
