@@ -1,7 +1,7 @@
 """The Helm chart in deploy/helm/llmserve, written from the same builder as ``llmserve k8s manifests``.
 
-No helm binary can be installed here, so the chart is not hand-written Go templating that nothing
-could render: each template is the builder's object with Helm expressions in place of the values
+CI has no helm binary, so the chart is not hand-written Go templating that CI could not render:
+each template is the builder's object with Helm expressions in place of the values
 (``{{ .Values.router.replicas }}``, ``{{ .Release.Namespace }}``), and optional parts inside
 ``{{- if }}`` blocks. ``tests/test_k8s_manifests.py`` checks the committed chart is what this writes,
 and that putting the default values into those expressions gives back the manifests.
