@@ -308,7 +308,7 @@ class KubernetesSettings(BaseModel):
     context: str | None = Field(None, description="The kubeconfig context; unset: its current one.")
     image: str = Field("llmserve:latest", description="The image the engine pods run (the Dockerfile's).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    service_account: str | None = Field(None, description="The engine pods' service account (they need none).")
+    service_account: str | None = None  # the engine pods' (they need no API access)
     engine_port: int = Field(8000, ge=1, le=65535, description="The port the engine listens on in its pod.")
     models_path: str = Field(
         "/var/lib/llmserve/models", description="Where the model repository is inside an engine pod; a version's "
@@ -327,7 +327,7 @@ class KubernetesSettings(BaseModel):
     schedule_timeout_s: float = Field(
         120.0, gt=0, description="A pod the scheduler cannot place (no GPU of the kind, no room) fails its "
         "deployment after this long, with the scheduler's reason.")
-    gpu_resource: str = Field("nvidia.com/gpu", description="The extended resource a GPU is requested as.")
+    gpu_resource: str = "nvidia.com/gpu"  # the extended resource a GPU is requested as
     gpu_type: str | None = Field(
         None, description="The GPU kind a version with resources.gpu runs on: its pods select nodes whose "
         "gpu_type_label is this (e.g. NVIDIA-A100-SXM4-80GB); unset: any node with the GPUs.")
@@ -340,8 +340,7 @@ class KubernetesSettings(BaseModel):
     leader_lease: str = Field(
         "llmserve-router-leader", description="The coordination.k8s.io Lease the routers elect the leader of "
         "the control loops with.")
-    leader_lease_s: float = Field(10.0, gt=0, le=300, description="A leader that stops renewing is replaced "
-                                  "after this long.")
+    leader_lease_s: float = Field(10.0, gt=0, le=300, description="A silent leader is replaced after this.")
 
 
 class Settings(BaseSettings):
