@@ -316,8 +316,7 @@ class KubernetesSettings(BaseModel):
     models_pvc: str | None = Field(
         None, description="A PersistentVolumeClaim holding the model repository, mounted read-only at "
         "models_path; unset: the models baked into the image.")
-    cpus_per_replica: float = Field(2.0, gt=0, description="CPU request of an engine pod (its limit: none, "
-                                    "so an idle neighbour's cores are used).")
+    cpus_per_replica: float = Field(2.0, gt=0, description="CPU request of an engine pod (no CPU limit).")
     prestop_s: int = Field(
         10, ge=0, le=300, description="An engine pod being deleted keeps serving this long before SIGTERM, so "
         "every router has seen it terminating and stopped sending to it.")
