@@ -100,8 +100,6 @@ class Autoscaler:
         self._loop.wake()
 
     async def tick(self) -> None:
-        if not self._leading():
-            return
         for record in await self._control.store.list_deployments():
             if record.status is not DeploymentStatus.ACTIVE or not record.autoscaling:
                 if record.status is not DeploymentStatus.ACTIVE:
@@ -116,9 +114,9 @@ class Autoscaler:
     async def _decide(self, record: DeploymentRecord) -> None:
         key = (record.model_name, record.version)
         policy = AutoscalingPolicy.from_dict(record.autoscaling)
-        self._cold.allow(*key, policy.mode is Mode.ON and policy.min_replicas == 0)
+        self._cold.allow(*key, policy.mode is Mode.ON and policy.min_replicas == 0)  # every router holds
         served = self._control.versions.get(key)
-        if policy.mode is Mode.OFF or served is None or record.operation:
+        if policy.mode is Mode.OFF or served is None or record.operation or not self._leading():
             return
         now = self._wall()
         if not await self._control.store.claim_lease(f"autoscale:{record.id}", self._router_id,
