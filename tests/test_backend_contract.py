@@ -34,6 +34,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -77,6 +78,20 @@ def program(spec: EngineSpec) -> ReplicaProgram:
     return fast_sim(spec)
 
 
+def specs_in(model_dir: Path) -> Callable[[Behaviour], EngineSpec]:
+    """The spec of each behaviour: the same on every backend (``program`` maps it to what runs)."""
+    return lambda behaviour: EngineSpec(model_dir=model_dir, model_name=behaviour.value, version="v1")
+
+
+B = TypeVar("B")
+
+
+def owner_of(harness: Harness, endpoint: Endpoint, kind: type[B]) -> B:
+    """The backend (one the harness made) that runs ``endpoint``."""
+    [owner] = [b for b in harness.made if isinstance(b, kind) and endpoint in b.endpoints()]
+    return owner
+
+
 def local_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     def make(**overrides: object) -> ReplicaBackend:
         backend = LocalBackend(fast_engine_settings(**overrides), tmp_path / f"logs-{len(harness.made)}",
@@ -84,16 +99,13 @@ def local_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
         harness.made.append(backend)
         return backend
 
-    def spec(behaviour: Behaviour) -> EngineSpec:
-        return EngineSpec(model_dir=tmp_path, model_name=behaviour.value, version="v1")
-
     def kill(endpoint: Endpoint) -> None:
-        [owner] = [b for b in harness.made if isinstance(b, LocalBackend) and endpoint in b.endpoints()]
+        owner = owner_of(harness, endpoint, LocalBackend)
         pid = owner.process(endpoint).pid
         assert pid is not None
         os.killpg(pid, signal.SIGKILL)
 
-    harness = Harness(make, spec, kill)
+    harness = Harness(make, specs_in(tmp_path), kill)
     return harness
 
 
@@ -116,14 +128,11 @@ def kubernetes_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harnes
         harness.made.append(backend)
         return backend
 
-    def spec(behaviour: Behaviour) -> EngineSpec:
-        return EngineSpec(model_dir=tmp_path, model_name=behaviour.value, version="v1")
-
     def kill(endpoint: Endpoint) -> None:
-        [owner] = [b for b in harness.made if isinstance(b, KubernetesBackend) and endpoint in b.endpoints()]
+        owner = owner_of(harness, endpoint, KubernetesBackend)
         cluster.kubelet.crash(owner.settings.namespace, endpoint.details["pod"])
 
-    harness = Harness(make, spec, kill)
+    harness = Harness(make, specs_in(tmp_path), kill)
     return harness
 
 
