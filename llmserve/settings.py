@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llmserve.kubernetes_settings import KubernetesSettings
+
 
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "llmserve"
@@ -58,19 +60,26 @@ class SamplingDefaults(BaseModel):
 class EngineSettings(BaseModel):
     """Defaults for every vLLM engine replica the supervisor starts."""
 
-    dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(
-        "bfloat16", description="Weight and activation dtype passed to vLLM."
-    )
+    # None (the default) for these four: chosen for the hardware at start (llmserve.replicas.tuning; the
+    # replicas API says what and why), or what `llmserve tune` measured best on this machine.
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] | None = Field(
+        None, description="Weight and activation dtype passed to vLLM; unset: bf16 where the CPU or GPU has it, "
+        "else fp32 (fp16 on GPUs before compute capability 8.0).")
     max_model_len: int = Field(2048, ge=16, description="Context length (prompt + output) per sequence.")
-    kv_cache_gib: float = Field(
-        1.0, gt=0, description="Paged KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE on CPU)."
-    )
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="Paged KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE on CPU); unset: room for "
+        "max_num_seqs full-length sequences, at most 20% of the available memory.")
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="Fraction of GPU memory vLLM may take (GPU builds only)."
     )
     max_num_seqs: int = Field(64, ge=1, description="Sequences batched together per engine step.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
-    enforce_eager: bool = Field(True, description="Skip graph capture: faster start, required on CPU.")
+    enforce_eager: bool | None = Field(
+        None, description="Skip torch.compile and graph capture: a faster first start, slower decoding; unset: "
+        "compiled (its cache is warmed by `llmserve prepare`).")
+    cpu_threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU builds: cores (OpenMP threads) an engine replica binds; unset: the "
+        "free cores less the router's share, or the least-used one when other replicas hold them all.")
     ready_timeout_s: float = Field(600.0, gt=0, description="How long a replica may take to become ready.")
     health_interval_s: float = Field(2.0, gt=0, description="Seconds between health checks of a ready replica.")
     health_failures_to_eject: int = Field(
@@ -295,51 +304,6 @@ class ModelSettings(BaseModel):
     )
     dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="dtype of the prepared safetensors.")
     replicas: int = Field(1, ge=1, description="Engine replicas started by `llmserve up`.")
-
-
-class KubernetesSettings(BaseModel):
-    """Where and how the Kubernetes replica backend (``LLMSERVE_BACKEND=kubernetes``) runs engines:
-    one Deployment and one Service per model version in ``namespace``."""
-
-    namespace: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63,
-                           description="Namespace of the engines' Deployments and Services.")
-    kubeconfig: Path | None = Field(
-        None, description="A kubeconfig file; unset: in-cluster credentials inside a pod, else ~/.kube/config.")
-    context: str | None = Field(None, description="The kubeconfig context; unset: its current one.")
-    image: str = Field("llmserve:latest", description="The image the engine pods run (the Dockerfile's).")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    service_account: str | None = None  # the engine pods' (they need no API access)
-    engine_port: int = Field(8000, ge=1, le=65535, description="The port the engine listens on in its pod.")
-    models_path: str = Field(
-        "/var/lib/llmserve/models", description="Where the model repository is inside an engine pod; a version's "
-        "folder is found there by the same relative path as in the router's models_dir.")
-    models_pvc: str | None = Field(
-        None, description="A PersistentVolumeClaim holding the model repository, mounted read-only at "
-        "models_path; unset: the models baked into the image.")
-    cpus_per_replica: float = Field(2.0, gt=0, description="CPU request of an engine pod (no CPU limit).")
-    prestop_s: int = Field(
-        10, ge=0, le=300, description="An engine pod being deleted keeps serving this long before SIGTERM, so "
-        "every router has seen it terminating and stopped sending to it.")
-    shutdown_timeout_s: int = Field(
-        30, ge=0, le=3600, description="After SIGTERM, vLLM finishes in-flight requests for up to this long "
-        "(--shutdown-timeout); the pod's termination grace period is prestop_s + this + 5.")
-    schedule_timeout_s: float = Field(
-        120.0, gt=0, description="A pod the scheduler cannot place (no GPU of the kind, no room) fails its "
-        "deployment after this long, with the scheduler's reason.")
-    gpu_resource: str = "nvidia.com/gpu"  # the extended resource a GPU is requested as
-    gpu_type: str | None = Field(
-        None, description="The GPU kind a version with resources.gpu runs on: its pods select nodes whose "
-        "gpu_type_label is this (e.g. NVIDIA-A100-SXM4-80GB); unset: any node with the GPUs.")
-    placement_plan: Path | None = Field(
-        None, description="A plan from `llmserve plan --json`: a version of a model it places gets the plan's "
-        "node selector, co-location affinity and MPS limits on its pods.")
-    gpu_type_label: str = Field(
-        "nvidia.com/gpu.product", description="The node label a version's resources.gpu_type selects on (the "
-        "GPU Operator's feature discovery sets it, e.g. NVIDIA-A100-SXM4-80GB).")
-    leader_lease: str = Field(
-        "llmserve-router-leader", description="The coordination.k8s.io Lease the routers elect the leader of "
-        "the control loops with.")
-    leader_lease_s: float = Field(10.0, gt=0, le=300, description="A silent leader is replaced after this.")
 
 
 class Settings(BaseSettings):

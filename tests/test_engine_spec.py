@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from llmserve.replicas.hardware import Hardware
 from llmserve.replicas.spec import DraftModelSpeculation, EngineSpec, NgramSpeculation
 from llmserve.settings import EngineSettings
 from router.api.control import EngineOverrides
@@ -17,8 +18,11 @@ def arg_after(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
+AVX512_BF16 = Hardware("Intel Xeon", frozenset({"avx2", "avx512f", "avx512_bf16"}), (0, 1), memory_gib=16)
+
+
 def test_defaults_become_a_vllm_command_line() -> None:
-    spec = EngineSpec.from_settings(Path("/m/v1"), "chat", "v1", EngineSettings())
+    spec = EngineSpec.from_settings(Path("/m/v1"), "chat", "v1", EngineSettings(), hardware=AVX512_BF16)
     argv = spec.command("127.0.0.1", 8100, python="py")
     assert argv[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
     assert arg_after(argv, "--model") == "/m/v1"
@@ -26,7 +30,7 @@ def test_defaults_become_a_vllm_command_line() -> None:
     assert names == ["chat:v1", "chat"]  # the first is what responses carry
     assert arg_after(argv, "--host") == "127.0.0.1" and arg_after(argv, "--port") == "8100"
     assert arg_after(argv, "--dtype") == "bfloat16"
-    assert "--enable-prefix-caching" in argv and "--enforce-eager" in argv
+    assert "--enable-prefix-caching" in argv and "--enforce-eager" not in argv  # compiled
     assert "--speculative-config" not in argv
     env = spec.environment()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["HF_HUB_OFFLINE"] == "1"
@@ -34,12 +38,12 @@ def test_defaults_become_a_vllm_command_line() -> None:
 
 def test_knobs_reach_the_command_line() -> None:
     settings = EngineSettings(max_model_len=1024, kv_cache_gib=2.5, max_num_seqs=8,
-                              enable_prefix_caching=False, enforce_eager=False)
+                              enable_prefix_caching=False, enforce_eager=True)
     spec = EngineSpec.from_settings(Path("/m"), "chat", "v2", settings, speculation=NgramSpeculation(5, 1, 3))
     argv = spec.command("127.0.0.1", 9000)
     assert arg_after(argv, "--max-model-len") == "1024"
     assert arg_after(argv, "--max-num-seqs") == "8"
-    assert "--no-enable-prefix-caching" in argv and "--enforce-eager" not in argv
+    assert "--no-enable-prefix-caching" in argv and "--enforce-eager" in argv
     assert json.loads(arg_after(argv, "--speculative-config")) == {
         "method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
     assert spec.environment()["VLLM_CPU_KVCACHE_SPACE"] == "3"

@@ -114,3 +114,37 @@ def test_port_allocator_skips_busy_ports() -> None:
         first = allocator.allocate()
         second = allocator.allocate()
     assert first != port and second != first
+
+
+async def test_engine_threads_get_every_free_core_then_the_least_used_and_the_log_says_why(tmp_path: Path) -> None:
+    from llmserve.replicas.tuning import assign_cores, cpu_list
+
+    cpus = sorted(os.sched_getaffinity(0))
+    prints_binding = ("import os, time; "
+                      "print('BIND' + '=' + os.environ.get('VLLM_CPU_OMP_THREADS_BIND', '-'), flush=True); ")
+    program = ScriptProgram(prints_binding + "time.sleep(30)")
+    supervisor = Supervisor(fast_engine_settings(), tmp_path)
+    try:
+        first = supervisor.start(program, 0)
+        for _ in range(200):  # launched in the background
+            if "cpus" in first.endpoint.details:
+                break
+            await asyncio.sleep(0.02)
+        second = supervisor.start(program, 1)
+        for _ in range(200):
+            if "cpus" in second.endpoint.details:
+                break
+            await asyncio.sleep(0.02)
+        sole, _ = assign_cores(cpus, [], None)
+        then, _ = assign_cores(cpus, [sole], None)
+        assert first.endpoint.details["cpus"]["cores"] == cpu_list(sole)
+        assert second.endpoint.details["cpus"]["cores"] == cpu_list(then)
+        assert first.log_path is not None
+        for _ in range(200):
+            if "BIND=" in first.log_path.read_text():
+                break
+            await asyncio.sleep(0.05)
+        log = first.log_path.read_text()
+        assert f"BIND={cpu_list(sole)}" in log and f"cores = {cpu_list(sole)} (" in log
+    finally:
+        await supervisor.shutdown()

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from llmserve.generation import GenerationDefaults
+from llmserve.replicas.hardware import Hardware
+from llmserve.replicas.tuning import TUNING_KEY, ModelShape, choose
 from llmserve.settings import EngineSettings
 
 
@@ -71,6 +73,9 @@ class EngineSpec:
     # accelerators a replica needs (the deployment's resources.gpu); the Kubernetes backend requests them
     gpus: int = 0
     gpu_type: str | None = None  # a node label value, e.g. NVIDIA-A100-SXM4-80GB
+    cpu_threads: int | None = None  # cores a CPU engine binds; None: the supervisor's layout decides
+    # what was chosen for the hardware and why (tuning.EngineChoices.describe()), for the replicas API and log
+    choices: dict[str, dict[str, object]] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_settings(
@@ -80,20 +85,31 @@ class EngineSpec:
         version: str,
         engine: EngineSettings,
         speculation: Speculation = None,
+        hardware: Hardware | None = None,
     ) -> "EngineSpec":
+        """The spec of a version: settings left unset are chosen for ``hardware`` (this machine when
+        None), or taken from what ``llmserve tune`` recorded in the version's manifest for it."""
+        hw = hardware if hardware is not None else Hardware.detect()
+        chosen = choose(
+            hw, dtype=engine.dtype, enforce_eager=engine.enforce_eager, kv_cache_gib=engine.kv_cache_gib,
+            cpu_threads=engine.cpu_threads, max_num_seqs=engine.max_num_seqs, max_model_len=engine.max_model_len,
+            model=ModelShape.read(model_dir), tuned=_recorded_tuning(Path(model_dir)),
+        )
         return cls(
             model_dir=Path(model_dir),
             model_name=model_name,
             version=version,
-            dtype=engine.dtype,
+            dtype=chosen.dtype.value,
             max_model_len=engine.max_model_len,
-            kv_cache_gib=engine.kv_cache_gib,
+            kv_cache_gib=float(chosen.kv_cache_gib.value),
             gpu_memory_utilization=engine.gpu_memory_utilization,
             max_num_seqs=engine.max_num_seqs,
             enable_prefix_caching=engine.enable_prefix_caching,
-            enforce_eager=engine.enforce_eager,
+            enforce_eager=bool(chosen.enforce_eager.value),
             speculation=speculation,
             generation=GenerationDefaults.from_settings(engine),
+            cpu_threads=chosen.cpu_threads.value,
+            choices=chosen.describe(),
         )
 
     @property
@@ -149,6 +165,16 @@ class EngineSpec:
             "DO_NOT_TRACK": "1",
             "PYTHONUNBUFFERED": "1",
         }
+
+
+def _recorded_tuning(model_dir: Path) -> dict[str, object] | None:
+    """What ``llmserve tune`` recorded in the version's manifest (``extra.engine_tuning``), if anything."""
+    try:
+        extra = json.loads((model_dir / "manifest.json").read_text()).get("extra") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    tuning = extra.get(TUNING_KEY) if isinstance(extra, dict) else None
+    return tuning if isinstance(tuning, dict) else None
 
 
 def _gib_string(gib: float) -> str:

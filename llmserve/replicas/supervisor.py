@@ -24,6 +24,7 @@ import httpx
 from llmserve.errors import ReplicaStartError
 from llmserve.replicas.backend import EndpointState
 from llmserve.replicas.process import LocalReplica, ReplicaProgram
+from llmserve.replicas.tuning import assign_cores, cpu_list
 from llmserve.settings import EngineSettings
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class Supervisor:
         self._first_start_failed: dict[LocalReplica, asyncio.Event] = {}
         self._stopping: set[LocalReplica] = set()
         self._stop_tasks: dict[LocalReplica, asyncio.Future[None]] = {}
-        self._cores: dict[LocalReplica, int] = {}  # replica -> the CPU core its engine threads are pinned to
+        self._cores: dict[LocalReplica, tuple[int, ...]] = {}  # replica -> the cores its engine threads bind
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0), trust_env=False)
         self.replicas: list[LocalReplica] = []
 
@@ -178,6 +179,8 @@ class Supervisor:
                 await self._wait_until_ready(replica)
                 self._set_state(replica, EndpointState.READY)
                 replica.ready_at = time.monotonic()
+                if replica.started_at is not None:  # with compilation on, the first start includes compiling
+                    replica.endpoint.details["start_s"] = round(replica.ready_at - replica.started_at, 1)
                 replica.last_error = None
                 self._ready_events[replica].set()
                 logger.info("replica %s ready on %s (pid %s)", replica.id, replica.base_url, replica.pid)
@@ -212,10 +215,15 @@ class Supervisor:
         replica.endpoint.url = replica.base_url
         command = replica.program.command(self._host, replica.port)
         env = {**os.environ, **replica.program.environment()}
-        core = self._pick_core(replica)
-        if core is not None and "VLLM_CPU_OMP_THREADS_BIND" not in replica.program.environment():
-            env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
-        with _replica_log(replica, command) as log:
+        if "VLLM_CPU_OMP_THREADS_BIND" not in replica.program.environment():
+            cores = self._pick_cores(replica)
+            if cores:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(cores)
+        choices = getattr(replica.program, "choices", None)
+        if choices:
+            replica.endpoint.details["engine_settings"] = choices
+        notes = _choice_notes(replica)
+        with _replica_log(replica, command, notes) as log:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -240,24 +248,24 @@ class Supervisor:
         replica.ready_at = None  # last_error stays until it is ready: a crash loop keeps saying why
         self._set_state(replica, EndpointState.STARTING)
 
-    def _pick_core(self, replica: LocalReplica) -> int | None:
-        """The core this replica's engine threads run on: the one with the fewest live replicas.
+    def _pick_cores(self, replica: LocalReplica) -> tuple[int, ...]:
+        """The cores this replica's engine threads bind to (``tuning.assign_cores``), kept across restarts.
 
         vLLM's CPU backend binds its threads to the first core by default; two engines on the
         same machine would then share core 0 and the second one's requests would queue behind
         the first one's compute (seen: a canary 14x slower than stable on two cores).
         """
         if not self._settings.spread_cpus:
-            return None
+            return ()
         if replica in self._cores:
             return self._cores[replica]
         cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            return None
-        used = [self._cores[r] for r in self._cores if r.state not in (EndpointState.STOPPED,)]
-        core = min(cpus, key=lambda c: (used.count(c), c))
-        self._cores[replica] = core
-        return core
+        held = [cores for r, cores in self._cores.items() if r.state is not EndpointState.STOPPED]
+        cores, reason = assign_cores(cpus, held, getattr(replica.program, "cpu_threads", None))
+        self._cores[replica] = cores
+        replica.endpoint.details["cpus"] = {"cores": cpu_list(cores), "reason": reason}
+        logger.info("replica %s binds its engine threads to cores %s: %s", replica.id, cpu_list(cores), reason)
+        return cores
 
     async def _wait_until_ready(self, replica: LocalReplica) -> None:
         process = self._processes[replica]
@@ -354,8 +362,18 @@ class Supervisor:
         return lines[-1] if lines else ""
 
 
+def _choice_notes(replica: LocalReplica) -> str:
+    """The engine settings chosen for the hardware and why (``EngineSpec.choices``), for the replica's log."""
+    choices = getattr(replica.program, "choices", None) or {}
+    lines = [f"  {name} = {c.get('value')} ({c.get('source')}: {c.get('reason')})" for name, c in choices.items()]
+    cpus = replica.endpoint.details.get("cpus")
+    if cpus:
+        lines.append(f"  cores = {cpus['cores']} ({cpus['reason']})")
+    return "".join(f"{line}\n" for line in lines)
+
+
 @contextlib.contextmanager
-def _replica_log(replica: LocalReplica, command: list[str]) -> Iterator[BinaryIO | None]:
+def _replica_log(replica: LocalReplica, command: list[str], notes: str = "") -> Iterator[BinaryIO | None]:
     """The replica's log file; None (its output goes to the router's own) when the disk cannot take it:
     read-only or full, a replica that cannot log must still start."""
     assert replica.log_path is not None
@@ -364,7 +382,7 @@ def _replica_log(replica: LocalReplica, command: list[str]) -> Iterator[BinaryIO
         replica.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = replica.log_path.open("ab")
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        log.write(f"\n=== {stamp} starting {replica.id}: {' '.join(command)}\n".encode())
+        log.write(f"\n=== {stamp} starting {replica.id}: {' '.join(command)}\n{notes}".encode())
         log.flush()
     except OSError as exc:
         logger.warning("cannot write the log of %s at %s (%s); its output goes to the router's", replica.id,
