@@ -41,7 +41,57 @@ def _prepare(settings: Settings, source: str | None, force: bool = False) -> Pat
 
 
 def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
-    _prepare(settings, args.source, force=args.force)
+    folder = _prepare(settings, args.source, force=args.force)
+    if args.warm:
+        _warm(settings, folder)
+    return 0
+
+
+def _warm(settings: Settings, folder: Path) -> None:
+    """Start the version's engine once as the router will, so its compile cache is warm for `llmserve up`."""
+    from llmserve.replicas.spec import EngineSpec
+    from llmserve.replicas.warmup import warm_sync
+
+    model = settings.model
+    spec = EngineSpec.from_settings(folder, model.name, model.version, settings.engine)
+    if spec.enforce_eager:
+        return
+    print(f"compiling the engine for this machine ({spec.dtype}; once: vLLM caches it in ~/.cache/vllm) ...",
+          flush=True)
+    done = warm_sync(spec, settings.engine, settings.logs_dir / "warmup")
+    print(f"engine compiled and started in {done.start_s:.0f} s; `llmserve up` reuses the cache", flush=True)
+
+
+def cmd_tune(args: argparse.Namespace, settings: Settings) -> int:
+    """Measure the candidate engine settings here and record the winner in the version's manifest."""
+    from llmserve.models.repository import ModelRepository
+    from llmserve.replicas.hardware import Hardware
+    from llmserve.replicas.tuning import TUNING_KEY
+    from loadtest import engine_bench
+
+    repo = ModelRepository(settings.model_repository)
+    name, version = settings.model.name, settings.model.version
+    folder = repo.version_dir(name, version)
+    repo.get(name, version)  # a PrepareError (exit 1) names a version that is not prepared
+    hardware = Hardware.detect()
+    levels = engine_bench.TINY if args.tiny else engine_bench.FULL
+    result = asyncio.run(engine_bench.run(folder, engine_bench.candidates_for(hardware, args.tiny), levels,
+                                          args.out / "logs", hardware))
+    engine_bench.write_report(result, args.out)
+    print(engine_bench.table(result))
+    winner = next((r for r in result["candidates"] if r["candidate"] == result["winner"]), None)
+    if winner is None:
+        print("llmserve tune: every candidate failed a request; nothing recorded", file=sys.stderr)
+        return 1
+    figures = winner["levels"][result["deciding_level"]]
+    repo.record_extra(name, version, TUNING_KEY, {
+        "fingerprint": hardware.fingerprint(), "measured_at": result["measured_at"],
+        "settings": {"dtype": winner["settings"]["dtype"], "enforce_eager": winner["settings"]["enforce_eager"]},
+        "summary": f"{winner['candidate']}: {figures['output_tokens_per_s']:.1f} output tokens/s at "
+                   f"{result['deciding_level']}, {figures['vs_baseline']}x the baseline",
+        "report": str(args.out / "result.json"),
+    })
+    print(f"recorded in {folder / 'manifest.json'}: {winner['candidate']}", flush=True)
     return 0
 
 
@@ -221,7 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--version", dest="model_version", help="version label (default v1)")
     prepare.add_argument("--dtype", choices=["bfloat16", "float32"], help="dtype of the saved weights")
     prepare.add_argument("--force", action="store_true", help="rebuild even if the version exists")
+    prepare.add_argument("--no-warm", dest="warm", action="store_false",
+                         help="skip starting the engine once to warm its compile cache")
     prepare.set_defaults(func=cmd_prepare)
+
+    tune = sub.add_parser("tune", help="measure engine settings on this machine; record the best in the manifest")
+    tune.add_argument("--name", help="model name (default smollm2-135m-instruct)")
+    tune.add_argument("--version", dest="model_version", help="version label (default v1)")
+    tune.add_argument("--tiny", action="store_true", help="two eager candidates and a few tokens (CI)")
+    tune.add_argument("--out", type=Path, default=Path("loadtest-results/tune"), help="report folder")
+    tune.set_defaults(func=cmd_tune)
 
     up = sub.add_parser("up", help="prepare the model if needed, start engines and the router, serve")
     up.add_argument("--source", help="model source, as for prepare")

@@ -132,6 +132,16 @@ class ModelRepository:
     def get(self, name: str, version: str) -> Manifest:
         return Manifest.read(self.version_dir(name, version))
 
+    def record_extra(self, name: str, version: str, key: str, value: object) -> Manifest:
+        """Set ``extra[key]`` in a version's manifest (what ``llmserve tune`` measured), written atomically."""
+        folder = self.version_dir(name, version)
+        manifest = Manifest.read(folder)
+        updated = Manifest(**{**asdict(manifest), "extra": {**manifest.extra, key: value}})
+        tmp = folder / f"{_TMP_PREFIX}{MANIFEST_NAME}-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(updated.to_json())
+        os.replace(tmp, folder / MANIFEST_NAME)
+        return updated
+
     def verify(self, name: str, version: str) -> Manifest:
         """Check the weights against the manifest; raise PrepareError naming a bad file."""
         folder = self.version_dir(name, version)

@@ -35,6 +35,21 @@ def client(stack: Stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key, max_retries=0, timeout=120)
 
 
+def test_the_replicas_api_and_the_engine_log_say_which_settings_the_hardware_chose(stack: Stack) -> None:
+    from llmserve.replicas.hardware import Hardware
+    from llmserve.replicas.tuning import choose
+
+    replica = stack.replica()
+    chosen = replica["engine_settings"]
+    assert isinstance(chosen, dict) and set(chosen) == {"dtype", "enforce_eager", "kv_cache_gib", "cpu_threads"}
+    expected = choose(Hardware.detect())
+    assert chosen["dtype"] == {"value": expected.dtype.value, "reason": expected.dtype.reason, "source": "hardware"}
+    assert chosen["kv_cache_gib"]["source"] == "set"  # the test stack sets LLMSERVE_ENGINE__KV_CACHE_GIB
+    assert replica["cpus"]["cores"] and float(replica["start_s"]) > 0  # type: ignore[index, arg-type]
+    log = next((stack.data_dir / "logs" / "replicas").glob("*.log")).read_text(errors="replace")
+    assert f"dtype = {expected.dtype.value} (hardware: " in log and f"--dtype {expected.dtype.value}" in log
+
+
 def test_openai_client_streams_a_chat_completion_token_by_token(stack: Stack) -> None:
     stream = client(stack).chat.completions.create(
         model=MODEL, messages=QUESTION, temperature=0, max_tokens=32, stream=True,

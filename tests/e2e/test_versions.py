@@ -30,7 +30,7 @@ def prepare(version: str) -> None:
     v1 = repository / MODEL / "v1"
     subprocess.run(
         [sys.executable, "-m", "llmserve.cli", "--models-dir", str(repository), "prepare",
-         "--name", MODEL, "--version", version, "--source", str(v1)],
+         "--name", MODEL, "--version", version, "--source", str(v1), "--no-warm"],
         check=True, capture_output=True, timeout=300,
     )
 
