@@ -52,7 +52,8 @@ class EngineOverrides(BaseModel):
     enforce_eager: bool | None = None
     speculation: Literal["none", "ngram", "draft"] | None = None
     # float32 where outputs must be the same with and without speculation (bf16 verification can flip near-ties)
-    dtype: Literal["bfloat16", "float32"] | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    cpu_threads: int | None = Field(None, ge=1, le=1024, description="cores the version's CPU engines bind")
     # what the version does when a request leaves things out (llmserve.generation)
     max_tokens_default: int | None = Field(None, ge=1)
     max_tokens_limit: int | None = Field(None, ge=1)
