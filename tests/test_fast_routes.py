@@ -177,4 +177,11 @@ async def test_the_fast_path_asks_for_a_key_and_its_scope(tmp_path: Path, exampl
         assert scope.status_code == 403 and scope.json()["error"]["code"] == "insufficient_scope"
         ok = await client.post(f"/v2/models/{XGB}/versions/v1/infer", json=v2, headers=bearer(app_key))
         assert ok.status_code == 200, ok.text
-        assert fast_routes_of(router.app).taken == {PREDICT_PATH: 2, V2_INFER_PATH: 1, V2_VERSION_INFER_PATH: 1}
+        # the key's requests per minute: the second of two is refused, with the OpenAI headers
+        small = (await create_key(client, name="small", scopes=["inference"], rpm=1))["key"]
+        first = await client.post(f"/api/v1/models/{XGB}/predict", json=body, headers=bearer(small))
+        second = await client.post(f"/api/v1/models/{XGB}/predict", json=body, headers=bearer(small))
+        assert first.status_code == 200 and first.headers["x-ratelimit-limit-requests"] == "1"
+        assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(second.headers["retry-after"]) >= 1 and second.headers["x-ratelimit-remaining-requests"] == "0"
+        assert fast_routes_of(router.app).taken == {PREDICT_PATH: 4, V2_INFER_PATH: 1, V2_VERSION_INFER_PATH: 1}
