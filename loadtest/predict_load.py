@@ -65,7 +65,7 @@ async def closed_loop(target: Target | str, payload: Payload, concurrency: int, 
     the server's CPU (and model time) per request when the target says where to read them.
 
     ``client``: ``raw`` (``loadtest.rawhttp``: a connection a worker, the request encoded once) or
-    ``aiohttp`` (what this benchmark used before; on this machine it is the bottleneck near 1,000 req/s)."""
+    ``aiohttp`` (what this benchmark used before; on this machine it was the bottleneck near 1,000 req/s)."""
     target = target if isinstance(target, Target) else Target(target)
     cpu_before, model_before = cpu_seconds(target.pid), model_seconds(target)
     latencies: list[float] = []
