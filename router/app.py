@@ -34,6 +34,7 @@ from router.control.plane import ControlPlane
 from router.control.versions import SpecBuilder
 from router.errors import install_error_handlers
 from router.gateway.access_log import AccessLogMiddleware
+from router.gateway.fast_routes import FastRoutes
 from router.gateway.request_id import RequestIdMiddleware
 from router.observe.engine_metrics import EngineMetricsScraper
 from router.observe.inference_log import InferenceLogWriter
@@ -154,6 +155,8 @@ def create_app(
     app.include_router(autoscaling_api.router)
     app.include_router(keys_api.router)
     app.include_router(predict_api.router)
+    # innermost: the predict routes answered without FastAPI's routing, inside the access log and request id
+    app.add_middleware(FastRoutes, routes=predict_api.FAST_ROUTES)
     app.add_middleware(AccessLogMiddleware, enabled=settings.access_log)
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so the access log has the id
     return app

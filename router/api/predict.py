@@ -21,8 +21,9 @@ from router.access.auth import Caller
 from router.admission.shedding import parse_deadline_ms, resolve_priority
 from router.errors import InvalidRequest, ModelNotFound, PayloadTooLarge, PredictorOverloaded, QueueFull
 from router.gateway.authorize import inference_or_read
+from router.gateway.fast_routes import FastRoute
 from router.gateway.openapi import json_body
-from router.gateway.pipeline import InferenceCall, inference
+from router.gateway.pipeline import InferenceCall, begin_call, inference
 from router.observe.request_record import user_key
 from router.predict.codec import (
     NPY_TYPES,
@@ -57,6 +58,9 @@ V2_INFER_BODY = {"type": "object", "required": ["inputs"], "properties": {
     "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
                                            "properties": {"name": {"type": "string"}}}},
     "parameters": {"type": "object"}}}
+PREDICT_PATH = "/api/v1/models/{model_name}/predict"
+V2_INFER_PATH = "/v2/models/{model_name}/infer"
+V2_VERSION_INFER_PATH = "/v2/models/{model_name}/versions/{version}/infer"
 PredictCall = Annotated[InferenceCall, Depends(inference("predict"))]
 V2InferCall = Annotated[InferenceCall, Depends(inference("v2_infer"))]
 
@@ -138,9 +142,14 @@ def _predictions(outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return result
 
 
-@router.post("/api/v1/models/{model_name}/predict", openapi_extra=json_body(PREDICT_BODY))
+@router.post(PREDICT_PATH, openapi_extra=json_body(PREDICT_BODY))
 async def predict(model_name: str, call: PredictCall) -> Response:
     """``{"inputs": [{"features": [...]}, ...], "params": {"version": "v3"}}`` or an ``.npy`` body."""
+    return await answer_predict(call, model_name)
+
+
+async def answer_predict(call: InferenceCall, model_name: str) -> Response:
+    """The design's predict call, after authentication (the FastAPI route and the fast route)."""
     state, record, request = call.state, call.record, call.request
     with call.failures():
         raw = await call.read(state.settings.max_predict_body_bytes)
@@ -233,9 +242,14 @@ async def v2_model_ready(model_name: str, request: Request, caller: Annotated[Ca
     return JSONResponse({"name": model_name, "ready": served.can_answer})
 
 
-@router.post("/v2/models/{model_name}/infer", openapi_extra=json_body(V2_INFER_BODY))
-@router.post("/v2/models/{model_name}/versions/{version}/infer", openapi_extra=json_body(V2_INFER_BODY))
+@router.post(V2_INFER_PATH, openapi_extra=json_body(V2_INFER_BODY))
+@router.post(V2_VERSION_INFER_PATH, openapi_extra=json_body(V2_INFER_BODY))
 async def v2_infer(model_name: str, call: V2InferCall, version: str | None = None) -> Response:
+    return await answer_v2_infer(call, model_name, version)
+
+
+async def answer_v2_infer(call: InferenceCall, model_name: str, version: str | None) -> Response:
+    """The Open Inference Protocol's infer call, after authentication (the FastAPI routes and the fast routes)."""
     state, record, request = call.state, call.record, call.request
     with call.failures():  # the error handler answers in the /v2 shape
         raw = await call.read(state.settings.max_predict_body_bytes)
@@ -255,3 +269,18 @@ async def v2_infer(model_name: str, call: V2InferCall, version: str | None = Non
                               parsed.binary_outputs)
     record.finish(200)
     return Response(body, headers={**headers, **call.answer_headers(served, "router")})
+
+
+# -- the same calls without FastAPI's routing and dependency injection (router.gateway.fast_routes) --------
+
+
+async def _fast_predict(request: Request, params: dict[str, str]) -> Response:
+    return await answer_predict(begin_call(request, "predict"), params["model_name"])
+
+
+async def _fast_v2_infer(request: Request, params: dict[str, str]) -> Response:
+    return await answer_v2_infer(begin_call(request, "v2_infer"), params["model_name"], params.get("version"))
+
+
+FAST_ROUTES = (FastRoute("POST", PREDICT_PATH, _fast_predict), FastRoute("POST", V2_INFER_PATH, _fast_v2_infer),
+               FastRoute("POST", V2_VERSION_INFER_PATH, _fast_v2_infer))

@@ -188,14 +188,22 @@ class InferenceCall:
         return {**served_headers(self.request_id, served.version, replica_id), **self.headers}
 
 
+def begin_call(request: Request, route: str) -> InferenceCall:
+    """A call through the pipeline for ``route`` (its log and metric name), authenticated (step 0).
+
+    On the event loop (its clock sets the deadline); the FastAPI dependency below and the routes
+    answered without FastAPI (``router.gateway.fast_routes``) both start their calls here."""
+    call = InferenceCall(request, request.app.state.router, route)
+    with call.failures():  # a refused key is a request like any other: counted, logged, answered
+        call.authenticate()
+    return call
+
+
 def inference(route: str) -> Callable[[Request], Awaitable[InferenceCall]]:
-    """The FastAPI dependency that starts a call through the pipeline for ``route`` (its log and metric name)."""
+    """The FastAPI dependency that starts a call through the pipeline for ``route``."""
 
     async def start(request: Request) -> InferenceCall:  # async: on the event loop, whose clock sets the deadline
-        call = InferenceCall(request, request.app.state.router, route)
-        with call.failures():  # a refused key is a request like any other: counted, logged, answered
-            call.authenticate()
-        return call
+        return begin_call(request, route)
 
     return start
 
