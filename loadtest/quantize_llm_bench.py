@@ -204,16 +204,12 @@ async def run(baseline: Path, quantized: Path, args: argparse.Namespace, logs: P
     reference: list[list[int]] | None = None
     for round_index in range(args.rounds):
         order = ["float32", "int8"] if round_index % 2 == 0 else ["int8", "float32"]
-        for label in order:
-            if label == "int8" and reference is None:  # the float32 answers are the reference: take them first
-                continue
+        for label in order:  # round 1 starts with float32: its answers are the reference
             print(f"round {round_index + 1}: {label} ...", file=sys.stderr, flush=True)
             result = await measure(label, folders[label], engine, logs, prompts, reference, args)
             if reference is None:
                 reference = [a["token_ids"] for a in result["answers"]]
             runs[label].append(result)
-    if not runs["int8"]:  # the first round started with the reference, so int8 runs once more at the end
-        runs["int8"].append(await measure("int8", quantized, engine, logs, prompts, reference, args))
     return summarize(runs, folders, held, args)
 
 
