@@ -95,6 +95,19 @@ def cmd_tune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
+    from llmserve.models.quantize import quantize_version
+    from llmserve.models.repository import ModelRepository
+
+    result = quantize_version(ModelRepository(settings.model_repository), settings.model.name, args.source_version,
+                              args.target_version, args.scheme, force=args.force)
+    q = result.manifest.extra["quantization"]
+    assert isinstance(q, dict)
+    print(f"{result.manifest.name}/{result.manifest.version} quantized ({q['scheme']}) from {args.source_version}: "
+          f"{result.folder} ({q['quantized_tensors']} tensors int8)", flush=True)
+    return 0
+
+
 def _banner(host: str, port: int, model: str, auth: str | None) -> str:
     """What ``llmserve up`` prints once it serves. ``auth``: how the examples get their API key (a new key
     itself, said once, or the file that holds it); None with authentication off."""
@@ -281,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--tiny", action="store_true", help="two eager candidates and a few tokens (CI)")
     tune.add_argument("--out", type=Path, default=Path("loadtest-results/tune"), help="report folder")
     tune.set_defaults(func=cmd_tune)
+
+    quantize = sub.add_parser("quantize", help="an INT8 (W8A8) version of a prepared version, served by vLLM")
+    quantize.add_argument("--version", dest="target_version", required=True, help="label of the new version")
+    quantize.add_argument("--from", dest="source_version", default="v1", help="the version to quantize (v1)")
+    quantize.add_argument("--name", help="model name (default smollm2-135m-instruct)")
+    quantize.add_argument("--scheme", default="w8a8", choices=["w8a8"], help="int8 weights and activations")
+    quantize.add_argument("--force", action="store_true", help="replace the version if it exists")
+    quantize.set_defaults(func=cmd_quantize)
 
     up = sub.add_parser("up", help="prepare the model if needed, start engines and the router, serve")
     up.add_argument("--source", help="model source, as for prepare")
