@@ -137,3 +137,24 @@ def test_the_command_line_exits_2_with_the_message(quantized: Path, capsys: pyte
     assert main(["--models-dir", str(quantized), "quantize-onnx", "--model", ONNX, "--version", "v1-int8-cli",
                  "--mode", "dynamic"]) == 0
     assert '"int8_ops": 6' in capsys.readouterr().out
+
+
+def test_the_quantize_benchmark_runs_on_a_tiny_configuration(example_models: Path, tmp_path: Path) -> None:
+    import json
+
+    from loadtest.quantize_bench import main as bench
+
+    for name in ("fraud-onnx", "fraud-sklearn", "fraud-xgboost"):
+        shutil.copytree(example_models / name, tmp_path / name)
+    output = tmp_path / "report.json"
+    assert bench(["--quick", "--models-dir", str(tmp_path), "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    runtime, agree = report["runtime"], report["agreement"]
+    assert runtime["MLP dynamic INT8"]["int8_ops"] > 0 and runtime["MLP static INT8"]["int8_ops"] > 0
+    assert agree["MLP static INT8"]["label_agreement"] >= MIN_LABEL_AGREEMENT
+    # the quantizer leaves a tree ensemble as it was: no INT8 operator, the very same predictions
+    trees = [label for label in runtime if "quantizer" in label]
+    assert trees and all(runtime[t]["int8_ops"] == 0 and agree[t]["max_abs_probability_diff"] == 0 for t in trees)
+    assert "XGBoost (ONNX) fp32" in runtime or "XGBoost as ONNX" in report["skipped"]
+    for version, loads in report["router"].items():
+        assert all(f["errors"] == 0 and f["rows_per_s"] > 0 for f in loads.values()), version
