@@ -334,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     examples = sub.add_parser("examples", help="build the example traditional models (fraud classifiers)")
     examples.set_defaults(func=cmd_examples)
+    from llmserve.models import onnx_quantize
+
+    onnx_quantize.add_parser(sub)
 
     from llmserve import keys_cli
 
