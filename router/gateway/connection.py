@@ -26,6 +26,12 @@ uvicorn (httptools) bounds none of what a client may hold; the chaos scenarios o
 
 One read timer (headers, then body) and one write timer per connection; each is
 checked lazily, so a body's pieces do not re-arm a timer apiece.
+
+A response's status line and headers are written together with its first body
+bytes when those follow within the same turn of the event loop (a relayed
+stream's first event, a JSON body): one write and one TCP segment instead of
+two, so the client wakes once. Measured on the router's stream start: the
+separate header write cost about 0.4 ms of added TTFT on a shared 2-core VM.
 """
 
 from __future__ import annotations
@@ -113,6 +119,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._body_deadline = self._body_seen_at + self.request_timeout_s
         self._arm_read(self.limits.body_timeout_s, self._body_late)
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.transport = _HeadFirstWrite(self.transport)  # type: ignore[assignment]  # its write only
 
     def _headers_late(self) -> None:
         self._read_timer = None
@@ -213,6 +221,40 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+
+class _HeadFirstWrite:
+    """A response's transport that holds its first write (uvicorn writes the status line and headers alone)
+    until the next write or the end of this loop turn, whichever comes first, then writes both at once."""
+
+    __slots__ = ("_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            if data:
+                self._held = data
+                asyncio.get_running_loop().call_soon(self._flush)
+            return
+        if self._held:
+            data, self._held = self._held + data, b""
+        self._transport.write(data)
+
+    def _flush(self) -> None:
+        if self._held:
+            held, self._held = self._held, b""
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def _peer(client: tuple[str, int] | None) -> str:
