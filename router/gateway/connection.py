@@ -24,6 +24,9 @@ uvicorn (httptools) bounds none of what a client may hold; the chaos scenarios o
   buffers): the connection is aborted, the handler sees its client leave, and a
   stream's engine request is closed.
 
+When the server stops, a response being streamed is cut (its connection is
+closed, its engine request with it) instead of holding the shutdown.
+
 One read timer (headers, then body) and one write timer per connection; each is
 checked lazily, so a body's pieces do not re-arm a timer apiece.
 
@@ -193,6 +196,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.abort()
 
     # both ------------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """The server is stopping: a response still being written (a stream, which may run for minutes)
+        is cut, its connection closed, so its handler sees the client leave and closes its engine request;
+        uvicorn's own shutdown would wait for it. A request not answered yet is still answered."""
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()
+            return
+        super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_read()
