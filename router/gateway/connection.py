@@ -33,8 +33,8 @@ checked lazily, so a body's pieces do not re-arm a timer apiece.
 A response's status line and headers are written together with its first body
 bytes when those follow within the same turn of the event loop (a relayed
 stream's first event, a JSON body): one write and one TCP segment instead of
-two, so the client wakes once. Measured on the router's stream start: the
-separate header write cost about 0.4 ms of added TTFT on a shared 2-core VM.
+two, so the client wakes once (a loopback write that wakes its reader was the
+dearest step of a stream's start in a profile on two shared cores).
 """
 
 from __future__ import annotations
