@@ -3,6 +3,7 @@
     python -m loadtest.overhead                 # starts `llmserve up` itself, then stops it
     python -m loadtest.overhead --router URL    # measures a running stack
     python -m loadtest.overhead --quick         # the tiny configuration CI runs
+    python -m loadtest.overhead --scenario ttft --router-cpus 1   # the router on core 1, its engine on the rest
 
 The direct address is the router's first ready replica (from
 ``/api/v1/replicas``). Each scenario interleaves the two targets in rounds
@@ -10,12 +11,18 @@ The direct address is the router's first ready replica (from
 added TTFT (p50, p99), added ITL p50 and the router's output throughput as a
 fraction of direct; single-stream and 32-concurrent tokens/s come from the
 same runs.
+
+``--router-cpus`` pins the router it started (every thread of ``llmserve up``)
+and this load generator to those CPUs, and every process of each engine
+replica to the others (``--engine-cpus``), once the stack is ready: the
+router's cost with a core of its own, against the shared default.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -52,6 +59,58 @@ FULL = (
     Scenario("32-concurrent", 32, 128, 128, 4),
 )
 QUICK = (Scenario("single-stream", 1, 4, 8, 2), Scenario("4-concurrent", 4, 8, 8, 2))
+
+
+def scenario_key(scenario: Scenario) -> str:
+    """What ``--scenario`` calls it: the first word of its name (ttft, single-stream, 32-concurrent)."""
+    return scenario.name.split(" ")[0]
+
+
+def parse_cpus(text: str) -> set[int]:
+    """``0,2-3`` -> {0, 2, 3} (taskset's list syntax)."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def process_group(pgid: int) -> list[int]:
+    """The live processes of a process group (an engine replica runs in its own), from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            members.append(int(entry))
+    return members
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` onto ``cpus`` (a process's affinity is per thread; threads started later
+    inherit their creator's)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def pin_stack(router_pid: int, router_url: str, router_cpus: set[int], engine_cpus: set[int]) -> dict[str, Any]:
+    """The router process and this process onto ``router_cpus``, each ready replica's processes onto
+    ``engine_cpus``; returns the layout, for the report."""
+    headers = Target("router", router_url).headers()
+    replicas = httpx.get(f"{router_url}/api/v1/replicas", timeout=5, headers=headers).json()["replicas"]
+    engines = [pid for r in replicas if r["state"] == "ready" and r.get("pid") for pid in process_group(r["pid"])]
+    for pid in engines:
+        pin(pid, engine_cpus)
+    pin(router_pid, router_cpus)
+    pin(os.getpid(), router_cpus)
+    return {"router_and_load_generator": sorted(router_cpus), "engines": sorted(engine_cpus),
+            "engine_processes": len(engines)}
 
 
 def free_port() -> int:
@@ -136,14 +195,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--quick", action="store_true", help="tiny configuration, seconds instead of minutes")
     parser.add_argument("--output", help="write the JSON here too")
+    parser.add_argument("--scenario", action="append", choices=[scenario_key(s) for s in FULL],
+                        help="run only this scenario (repeatable; default: all)")
+    parser.add_argument("--router-cpus", type=parse_cpus, default=None,
+                        help="pin the router it starts and the load generator to these CPUs (taskset syntax: 1, 0,2-3)")
+    parser.add_argument("--engine-cpus", type=parse_cpus, default=None,
+                        help="with --router-cpus: the engines' CPUs (default: every other CPU this process may use)")
     args = parser.parse_args(argv)
+    if args.router_cpus is not None and args.router is not None:
+        parser.error("--router-cpus pins a router this command starts; leave out --router")
+    scenarios = QUICK if args.quick else tuple(s for s in FULL if not args.scenario or scenario_key(s) in args.scenario)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     process = None
     router_url = args.router
     if router_url is None:
         process, router_url = _start_stack()
     try:
-        result = measure(router_url.rstrip("/"), QUICK if args.quick else FULL, args.model)
+        layout = None
+        if args.router_cpus is not None:
+            assert process is not None
+            engine_cpus = args.engine_cpus or (os.sched_getaffinity(0) - args.router_cpus)
+            if not engine_cpus:
+                parser.error("--router-cpus leaves no CPU for the engines")
+            layout = pin_stack(process.pid, router_url, args.router_cpus, engine_cpus)
+        result = measure(router_url.rstrip("/"), scenarios, args.model)
+        if layout is not None:
+            result["cpus"] = layout
     finally:
         if process is not None:
             process.send_signal(signal.SIGINT)

@@ -17,6 +17,7 @@ from loadtest.chaos import misbehave as raw
 from loadtest.overhead import free_port
 from loadtest.sim import SimEngineProgram
 from loadtest.simstack import StaticVersion
+from router.gateway.connection import _HeadFirstWrite
 from router.relay.relay import Upstream, sse_data
 from tests.conftest import RunningRouter, run_router
 
@@ -202,3 +203,50 @@ async def test_an_idle_kept_alive_connection_is_left_to_uvicorns_keep_alive(tmp_
                 await asyncio.sleep(1.0)  # twice the header time-out
         finally:
             sock.close()
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+async def test_a_responses_headers_go_out_with_its_first_body_bytes_in_one_write() -> None:
+    """Headers then a body in the same loop turn: one write (one segment, one wake-up of the client); headers
+    alone (a stream whose first event is not there yet) go out at the end of the turn, never later."""
+    transport = RecordingTransport()
+    writer = _HeadFirstWrite(cast(asyncio.Transport, transport))
+    writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    writer.write(b"5\r\nhello\r\n")
+    writer.write(b"0\r\n\r\n")
+    assert transport.writes == [b"HTTP/1.1 200 OK\r\n\r\n5\r\nhello\r\n", b"0\r\n\r\n"]
+    await asyncio.sleep(0)
+    assert len(transport.writes) == 2  # nothing held back to flush
+
+    transport = RecordingTransport()
+    writer = _HeadFirstWrite(cast(asyncio.Transport, transport))
+    writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert transport.writes == []
+    await asyncio.sleep(0)
+    assert transport.writes == [b"HTTP/1.1 200 OK\r\n\r\n"]
+    writer.write(b"5\r\nhello\r\n")
+    assert transport.writes[1:] == [b"5\r\nhello\r\n"]
+
+    transport = RecordingTransport()
+    writer = _HeadFirstWrite(cast(asyncio.Transport, transport))
+    writer.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+    writer.close()  # uvicorn closes a connection that is not kept alive: what was held goes first
+    assert transport.writes == [b"HTTP/1.1 408 Request Timeout\r\n\r\n"] and transport.closed
+    assert writer.get_extra_info("peername") == "info:peername"  # the rest is the transport's

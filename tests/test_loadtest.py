@@ -83,3 +83,29 @@ async def test_metrics_overhead_benchmark_runs() -> None:
     comparison = report["comparison"]["metrics_on_vs_metrics_off"]
     assert report["targets"]["metrics_on"]["failed"] == 0 and report["targets"]["metrics_off"]["failed"] == 0
     assert 0.5 < comparison["output_throughput_ratio"] < 2.0
+
+
+def test_overhead_pins_a_process_group_thread_by_thread() -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from loadtest.overhead import FULL, parse_cpus, pin, process_group, scenario_key
+
+    assert parse_cpus("1") == {1} and parse_cpus("0,2-3") == {0, 2, 3}
+    assert [scenario_key(s) for s in FULL] == ["ttft", "single-stream", "32-concurrent"]
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)  # its own group, as a replica's
+    try:
+        cpu = min(os.sched_getaffinity(0))
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{child.pid}/task")) < 2:  # the second thread has started
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert process_group(child.pid) == [child.pid]
+        pin(child.pid, {cpu})
+        assert all(os.sched_getaffinity(int(tid)) == {cpu} for tid in os.listdir(f"/proc/{child.pid}/task"))
+    finally:
+        child.kill()
+        child.wait()

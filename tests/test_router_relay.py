@@ -202,3 +202,27 @@ async def test_the_only_replica_dying_gives_503_with_retry_after_then_recovers(t
         await router.backend.supervisor.wait_ready(replica, timeout=20)
         again = await client.post(f"{router.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2})
         assert again.status_code == 200
+
+
+async def test_a_stream_in_flight_when_the_router_stops_is_cut_and_its_engine_request_closed(tmp_path: Path) -> None:
+    """A router that stops ends its open streams rather than waiting for them (a stream may run for
+    minutes): their connections close, each relay closes its engine request, as a client leaving does."""
+    async with httpx.AsyncClient() as client:
+        async with run_router(sim(itl_ms=50), tmp_path) as router:
+            replica = router.backend.supervisor.replicas[0]
+            body = {**CHAT, "stream": True, "max_tokens": 2000}  # 100 s of tokens
+            response = await client.send(client.build_request("POST", f"{router.url}/v1/chat/completions",
+                                                              json=body), stream=True)
+            lines = response.aiter_lines()
+            assert (await anext(lines)).startswith("data: ")
+            assert replica.outstanding == 1
+        rest: list[str] = []
+        try:
+            async for line in lines:
+                rest.append(line)
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            pass  # the connection closed in the middle of the chunked body: the client knows it is cut short
+        finally:
+            await response.aclose()
+        assert "data: [DONE]" not in rest
+        assert replica.outstanding == 0

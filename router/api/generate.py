@@ -20,7 +20,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
 
 from router.api.held import HeldStream
 from router.errors import APIError, RequestTimedOut, UpstreamFailed
@@ -28,6 +27,7 @@ from router.gateway.openapi import json_body
 from router.gateway.pipeline import InferenceCall, inference
 from router.gateway.protocol import GenerateRequest, check_output_limit
 from router.observe.request_record import RequestRecord
+from router.relay.event_stream import EventStream
 from router.relay.failures import StreamFailure, error_event
 from router.relay.relay import (
     Upstream,
@@ -66,8 +66,8 @@ async def generate(model_name: str, call: GenerateCall) -> Response:
             held = HeldStream(call, hold, lambda: state.relay.open(served, path, payload, request_id, call.deadline),
                               lambda upstream: _stream(upstream, record, {**summary, "replica": upstream.replica.id}),
                               _error_events)
-            return EventSourceResponse(held.events(), headers=call.answer_headers(served, "pending"), sep="\n",
-                                       ping=state.sse_ping_s, client_close_handler_callable=held.on_client_gone)
+            return EventStream(held.events(), call.answer_headers(served, "pending"), state.sse_ping_s,
+                               held.on_client_gone)
         if hold is not None:
             await hold.wait_quietly()  # 503 with Retry-After past the bound
         upstream = await state.relay.open(served, path, payload, request_id, call.deadline)
@@ -78,8 +78,7 @@ async def generate(model_name: str, call: GenerateCall) -> Response:
 
     summary = {**summary, "replica": upstream.replica.id}
     if parsed.stream:
-        return EventSourceResponse(_stream(upstream, record, summary), headers=headers, sep="\n", ping=state.sse_ping_s,
-                                   client_close_handler_callable=upstream.on_client_gone)
+        return EventStream(_stream(upstream, record, summary), headers, state.sse_ping_s, upstream.on_client_gone)
 
     outcome = _Outcome()
     try:

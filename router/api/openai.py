@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
-from sse_starlette import EventSourceResponse
 
 from router.access.auth import Caller
 from router.api.held import HeldStream
@@ -17,6 +16,7 @@ from router.gateway.openapi import json_body
 from router.gateway.pipeline import InferenceCall, State, inference
 from router.gateway.protocol import ChatCompletionRequest, CompletionRequest, check_output_limit, drop_tools
 from router.observe.request_record import RequestRecord
+from router.relay.event_stream import EventStream
 from router.relay.failures import StreamFailure, error_event
 from router.relay.relay import (
     Upstream,
@@ -107,8 +107,7 @@ async def _relay_openai(
     headers = call.answer_headers(served, upstream.replica.id)
     if upstream.status_code != 200 or not parsed.stream:
         return await buffered_response(upstream, call.record, headers)
-    return EventSourceResponse(_relay_stream(upstream, call.record), headers=headers, sep="\n",
-                               ping=call.state.sse_ping_s, client_close_handler_callable=upstream.on_client_gone)
+    return EventStream(_relay_stream(upstream, call.record), headers, call.state.sse_ping_s, upstream.on_client_gone)
 
 
 def _held(call: InferenceCall, hold: Hold, served: ServedVersion, path: str, payload: dict[str, Any]) -> Response:
@@ -120,8 +119,8 @@ def _held(call: InferenceCall, hold: Hold, served: ServedVersion, path: str, pay
     held = HeldStream(call, hold,
                       lambda: call.state.relay.open(served, path, payload, call.request_id, call.deadline),
                       lambda upstream: _relay_stream(upstream, call.record), error_events)
-    return EventSourceResponse(held.events(), headers=call.answer_headers(served, "pending"), sep="\n",
-                               ping=call.state.sse_ping_s, client_close_handler_callable=held.on_client_gone)
+    return EventStream(held.events(), call.answer_headers(served, "pending"), call.state.sse_ping_s,
+                       held.on_client_gone)
 
 
 async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncIterator[bytes]:

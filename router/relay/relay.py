@@ -137,10 +137,10 @@ class Upstream:
             raise UpstreamTimedOut(self.budget_s)
 
     async def on_client_gone(self, message: object = None) -> None:
-        """The client left a stream (sse-starlette calls this once ``connection_lost`` wakes it): close the
+        """The client left a stream (``EventStream`` calls this once ``connection_lost`` wakes it): close the
         engine's connection now, so the engine aborts, and the relay's next read or event (``sse_data``)
-        ends it. Cancelling the relay task is not enough: anyio cancels a task only when it finds it
-        waiting, and a relay with a backlog (a reader that stopped, then reset) always has a chunk ready."""
+        ends it. Cancelling the relay task is not enough: a task is cancelled only where it waits, and a
+        relay with a backlog (a reader that stopped, then reset) always has a chunk ready."""
         self.client_gone = True
         self.response.close()
 
