@@ -208,8 +208,8 @@ async def measure_router(models_dir: Path, x: np.ndarray, rounds: int, slice_s: 
     loads = {"single_row_v2_json": (payloads(x[:1], "fraud-onnx")["v2_json"], 8),
              f"batch_{batch_rows}_v2_binary": (payloads(x[:batch_rows], "fraud-onnx")["v2_binary"], 4)}
     results: dict[str, dict[str, list[dict[str, Any]]]] = {v: {k: [] for k in loads} for v in MLP_VERSIONS}
-    with router_process(models_dir, batching=True) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    with router_process(models_dir, batching=True) as url:  # a predict_load.Target (its URL, its pid)
+        async with httpx.AsyncClient(base_url=url.url, timeout=60) as client:
             for version in MLP_VERSIONS[1:]:
                 created = await client.post("/api/v1/deployments", json={
                     "model_name": "fraud-onnx", "version": version, "traffic_percent": 0})

@@ -19,8 +19,9 @@ def row(name: str, tokens: dict[str, float], failed: int = 0) -> dict[str, Any]:
 
 def test_the_baseline_comes_first_then_each_dtype_and_mode_on_the_engine_cores() -> None:
     names = [c.name for c in candidates_for(TWO)]
-    assert names[0].startswith("baseline") and len(names) == 5
+    assert names[0].startswith("baseline") and len(names) == 4  # bf16 emulated here: not compiled
     assert "fp32, compiled, 2 cores" in names and "bf16, eager, 2 cores" in names
+    assert "bf16, compiled, 7 cores" in [c.name for c in candidates_for(EIGHT)]
     assert all(c.cpu_threads == 7 for c in candidates_for(EIGHT)[1:])  # one core left to the router
     tiny = candidates_for(TWO, tiny=True)
     assert len(tiny) == 2 and all(c.enforce_eager and c.dtype == "float32" for c in tiny)
