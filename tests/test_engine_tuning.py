@@ -97,13 +97,13 @@ def test_the_router_keeps_a_core_only_where_that_does_not_halve_the_engine() -> 
     assert [router_reserved_cores(n) for n in (1, 2, 4, 15, 16, 64)] == [0, 0, 1, 1, 2, 2]
 
 
-def test_a_sole_replica_gets_every_engine_core_and_later_ones_the_least_used() -> None:
-    assert assign_cores([0, 1], [], None)[0] == (0, 1)
-    cores, reason = assign_cores([0, 1], [(0, 1)], None)
-    assert cores == (0,) and "held by another replica" in reason
-    assert assign_cores(list(range(8)), [], None)[0] == tuple(range(1, 8))  # core 0 left to the router
-    assert assign_cores(list(range(8)), [(1, 2, 3)], None)[0] == (4, 5, 6, 7)
-    assert assign_cores([0, 1], [(0,)], None)[0] == (1,)  # today's spreading: one engine per core
+def test_by_default_each_replica_gets_the_least_used_core() -> None:
+    assert assign_cores([0, 1], [], None)[0] == (0,)
+    assert assign_cores([0, 1], [(0,)], None)[0] == (1,)  # a scale-up or a canary gets the free core
+    cores, reason = assign_cores([0, 1], [(0,), (1,)], None)
+    assert cores == (0,) and "shares it with 1" in reason
+    assert assign_cores(list(range(8)), [], None)[0] == (1,)  # core 0 left to the router
+    assert assign_cores(list(range(8)), [(1, 2, 3)], None)[0] == (4,)
 
 
 def test_a_set_thread_count_takes_the_least_used_cores_and_says_what_it_shares() -> None:

@@ -116,7 +116,7 @@ def test_port_allocator_skips_busy_ports() -> None:
     assert first != port and second != first
 
 
-async def test_engine_threads_get_every_free_core_then_the_least_used_and_the_log_says_why(tmp_path: Path) -> None:
+async def test_engine_threads_get_the_least_used_core_and_the_log_says_why(tmp_path: Path) -> None:
     from llmserve.replicas.tuning import assign_cores, cpu_list
 
     cpus = sorted(os.sched_getaffinity(0))

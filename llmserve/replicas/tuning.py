@@ -159,8 +159,9 @@ def _threads(hw: Hardware, value: int | None, tuning: dict[str, Any] | None) -> 
     if (tuned := _tuned(tuning, "cpu_threads")) is not None:
         return tuned
     reserved = router_reserved_cores(hw.cores)
-    return Choice(None, f"all free cores of {hw.cores}, less {reserved} kept for the router; one core "
-                  "(the least used) when other engines hold them all", "hardware")
+    return Choice(None, f"one core per replica (the least used of {hw.cores}, {reserved} kept for the router): a "
+                  "replica started later never shares a core with spinning threads; set cpu_threads for more",
+                  "hardware")
 
 
 def _kv_cache(hw: Hardware, value: float | None, dtype: str, max_num_seqs: int, max_model_len: int,
@@ -183,25 +184,25 @@ def assign_cores(cpus: Sequence[int], held: Sequence[Sequence[int]],
                  threads: int | None) -> tuple[tuple[int, ...], str]:
     """The cores a new CPU engine replica binds its threads to, and why.
 
-    ``held``: the cores of the live replicas. ``threads`` None: every engine core no replica holds
-    (a sole replica gets the machine less the router's share), or the least-used core when all are
-    held, since OpenMP threads spin: two engines on one core each slow the other by far more than half
-    (a canary 14x slower than stable was seen). A number: that many of the least-used engine cores.
+    ``held``: the cores of the live replicas. ``threads`` None: the least-used engine core (one
+    replica per core). A sole replica could decode faster on every core, but a replica started
+    later (a scale-up, a canary) would then share a core with it, and OpenMP threads spin: on 2
+    cores such a second replica did not get ready within 600 s while the first served load. A
+    number (``cpu_threads``, e.g. for a version that is never scaled): that many least-used cores.
     """
     reserved = router_reserved_cores(len(cpus))
     engine_cpus = list(cpus)[reserved:] or list(cpus)
     use = Counter(c for cores in held for c in cores)
     ranked = sorted(engine_cpus, key=lambda c: (use[c], c))
+    kept = f", {reserved} kept for the router" if reserved else ""
     if threads is None:
-        free = [c for c in engine_cpus if use[c] == 0]
-        if free:
-            return tuple(free), (f"{len(free)} free core(s) of {len(cpus)}"
-                                 + (f", {reserved} kept for the router" if reserved else ""))
-        return (ranked[0],), f"every engine core is held by another replica: shares the least used, {ranked[0]}"
+        core = ranked[0]
+        shared = f"; shares it with {use[core]} other replica(s)" if use[core] else ""
+        return (core,), f"one core per replica, the least used of {len(cpus)}{kept}{shared}"
     chosen = tuple(sorted(ranked[:threads]))
-    shared = [c for c in chosen if use[c]]
-    note = f"; shares {','.join(map(str, shared))} with other replicas" if shared else ""
-    return chosen, f"{len(chosen)} core(s) as set (cpu_threads={threads}){note}"
+    shared_cores = [c for c in chosen if use[c]]
+    note = f"; shares {','.join(map(str, shared_cores))} with other replicas" if shared_cores else ""
+    return chosen, f"{len(chosen)} core(s) as set (cpu_threads={threads}){kept}{note}"
 
 
 def cpu_list(cores: Sequence[int]) -> str:
