@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from llmserve.models.repository import (
     Manifest,
     ModelRepository,
     PrepareResult,
+    move_into_place,
     sha256_source,
     weights_checksums,
 )
@@ -155,13 +155,7 @@ def quantize_version(repository: ModelRepository, name: str, source_version: str
             }},
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-        if target.exists():  # --force: swap the old version out only now
-            old = target.parent / f"{_TMP_PREFIX}old-{target_version}-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
+        move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -91,6 +91,17 @@ def bundled_gguf() -> Path:
     return candidates[0]
 
 
+def move_into_place(tmp: Path, target: Path) -> None:
+    """A finished version folder renamed to ``target``; an existing one (``--force``) is swapped out only now."""
+    if target.exists():
+        old = target.parent / f"{_TMP_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -207,13 +218,7 @@ class ModelRepository:
                 max_position_embeddings=int(info.get("max_position_embeddings", 0)),
             )
             (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-            if target.exists():  # --force: swap the old version out only now
-                old = target.parent / f"{_TMP_PREFIX}old-{version}-{uuid.uuid4().hex[:8]}"
-                os.rename(target, old)
-                os.rename(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, target)
+            move_into_place(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
