@@ -138,8 +138,10 @@ async def _slow_reader(stack: Stack, stop: asyncio.Event, read_bytes: int) -> bo
 async def _slow_readers(stack: Stack) -> tuple[str, dict[str, Any]]:
     count = 2 * stack.load.users
     # On loopback the kernel takes about 3 MB of a stream before the router's writes block (its send
-    # buffer autotunes to tcp_wmem's maximum): relaying that much takes the router seconds first.
-    hold_s = max(8.0, stack.load.duration_s / 2)
+    # buffer autotunes to tcp_wmem's maximum): relaying that much takes the router seconds first, 3.6 s
+    # on an idle AVX-512 EPYC and over 10 s on a slower or busier CI machine. The wait ends as soon as
+    # every stream is released, so the bound costs only a router that never releases them.
+    hold_s = max(30.0, stack.load.duration_s / 2)
     stop = asyncio.Event()
     rss_before = raw.rss_mb()
     started = time.monotonic()
