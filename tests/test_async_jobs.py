@@ -239,13 +239,25 @@ async def test_results_expire_after_the_retention_then_are_forgotten(tmp_path: P
                                      json={"inputs": [{"features": features(1)[0]}]})
         job = await settled(client, accepted, key)
         assert job["status"] == "succeeded" and job["result"] is not None
-        await asyncio.sleep(0.7)
-        expired = (await client.get(job["status_url"], headers=bearer(key))).json()
-        assert expired["status"] == "expired" and expired["result"] is None and expired["error"] is None
-        assert jobs_of(router)._jobs[job["id"]].outcome is None  # the sweep dropped the result itself
-        await asyncio.sleep(0.6)
-        assert (await client.get(job["status_url"], headers=bearer(key))).status_code == 404
-        assert len(jobs_of(router)) == 0
+        store = jobs_of(router)
+        stored = await store.get(job["id"])
+        assert stored is not None
+        seen: list[tuple[int, str | None]] = []
+        deadline = time.monotonic() + 15
+        while (answer := await client.get(job["status_url"], headers=bearer(key))).status_code == 200:
+            view = answer.json()
+            seen.append((200, view["status"]))
+            if view["status"] == "expired":
+                assert view["result"] is None and view["error"] is None
+                assert time.time() >= job["finished_at"] + 0.5
+            assert time.monotonic() < deadline, view
+            await asyncio.sleep(0.02)
+        assert answer.json()["error"]["code"] == "job_not_found"
+        assert time.time() >= job["finished_at"] + 1.0  # forgotten only after as long again
+        statuses = [status for _, status in seen]
+        assert "expired" in statuses and statuses == sorted(statuses, key=("succeeded", "expired").index)
+        assert stored.status == "expired" and stored.outcome is None  # the sweep dropped the result itself
+        assert len(store) == 0
 
 
 async def test_an_engine_failure_fails_the_job_with_the_sync_error(tmp_path: Path, example_models: Path) -> None:
@@ -284,11 +296,10 @@ def gated(gate: asyncio.Event, outcome: Outcome) -> Callable[[], Awaitable[Outco
 
 
 async def until(condition: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if condition():
-            return
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
         await asyncio.sleep(0.002)
-    raise AssertionError("condition never held")
 
 
 async def test_the_runner_bounds_concurrency_and_pending_jobs_and_keeps_results_for_the_retention() -> None:
