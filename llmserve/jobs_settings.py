@@ -15,7 +15,12 @@ class JobsSettings(BaseModel):
     retention_s: float = Field(
         3600.0, gt=0, description="A finished job's result is kept this long; then the sweep drops it (the job "
         "answers status expired for as long again, then 404).")
-    sweep_interval_s: float = Field(30.0, gt=0, le=3600, description="How often expired results are dropped.")
+    sweep_interval_s: float = Field(
+        30.0, gt=0, le=3600, description="How often expired results are dropped and jobs orphaned by a stopped "
+        "router are failed.")
+    lease_s: float = Field(
+        30.0, gt=0, le=3600, description="A router renews its lease on the jobs it runs every third of this; "
+        "a job whose lease lapsed (its router stopped) is failed by the next sweep of any router on the store.")
     max_concurrent: int = Field(
         4, ge=1, le=1024, description="Jobs running at once on this router; the rest wait, status queued. They "
         "run in the batch priority band, so they never take room from online requests.")

@@ -37,6 +37,7 @@ from router.errors import install_error_handlers
 from router.gateway.access_log import AccessLogMiddleware
 from router.gateway.fast_routes import FastRoutes
 from router.gateway.request_id import RequestIdMiddleware
+from router.jobs.durable import StoreJobStore
 from router.jobs.runner import JobRunner
 from router.observe.engine_metrics import EngineMetricsScraper
 from router.observe.inference_log import InferenceLogWriter
@@ -94,7 +95,8 @@ def create_app(
             state.keys.add_static(configured_admin(settings.auth.admin_key.get_secret_value()))
         if limiter is not None:
             state.limiter = limiter
-        jobs = state.jobs = JobRunner(settings.jobs)  # in memory: see router.jobs.store
+        # in the store when there is one (durable, shared by the routers on it), else in memory
+        jobs = state.jobs = JobRunner(settings.jobs, StoreJobStore(store) if store is not None else None)
         jobs.start()
         log_writer: InferenceLogWriter | None = None
         try:  # a start that fails part way still stops what it started

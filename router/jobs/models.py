@@ -40,7 +40,9 @@ class Outcome:
 
 @dataclass
 class Job:
-    """One async request; times are Unix seconds. ``owner``: the API key that made it (None: auth off)."""
+    """One async request; times are Unix seconds. ``owner``: the API key that made it (None: auth off).
+    ``runner``: the router running it, whose lease on it lasts until ``lease_until`` unless renewed (a
+    router that stops stops renewing, and another router's sweep fails the job); kept by a shared store."""
 
     kind: Literal["predict", "generate"]
     model: str
@@ -54,6 +56,8 @@ class Job:
     finished_at: float | None = None
     outcome: Outcome | None = None
     callback_status: CallbackStatus | None = None
+    runner: str = ""
+    lease_until: float = 0.0
 
     @property
     def finished(self) -> bool:

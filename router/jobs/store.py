@@ -1,16 +1,17 @@
-"""Where async jobs live: the ``JobStore`` interface and its one implementation, in this router's memory.
+"""Where async jobs live: the ``JobStore`` interface and its two implementations.
 
-Not durable: a router that restarts forgets its jobs (queued and running ones never finish, finished
-results are gone: their ids answer 404), and with several routers a job is visible only on the router
-that took it. A store-backed implementation (SQLite or Redis, as ``router.store``) would implement the
-same interface.
+``StoreJobStore`` (``router.jobs.durable``) keeps them in the router's store (SQLite or Redis): they
+survive a restart and every router sharing the store sees them; the router uses it whenever it has a
+store. ``MemoryJobStore`` keeps them in this process (a router without a store: tests, the load tests):
+a restart forgets them, and only the router that took a job knows it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Protocol
 
-from router.jobs.models import Job
+from router.jobs.models import Job, Outcome
 
 
 class JobStore(Protocol):
@@ -18,8 +19,18 @@ class JobStore(Protocol):
 
     async def get(self, job_id: str) -> Job | None: ...
 
-    async def save(self, job: Job) -> None:
-        """Record the job's new status (and outcome)."""
+    async def save(self, job: Job) -> bool:
+        """Record the job's new status (and outcome); False when it is no longer ``job.runner``'s to write
+        (another router settled it as orphaned, or it expired): nothing was written."""
+        ...
+
+    async def renew(self, runner: str, job_ids: Collection[str], until: float) -> None:
+        """Extend ``runner``'s lease on those of ``job_ids`` it still runs."""
+        ...
+
+    async def fail_orphans(self, now: float, settled_by: str, outcome: Outcome) -> list[Job]:
+        """Fail the queued and running jobs whose runner's lease ended before ``now`` (it stopped) with
+        ``outcome``; each is settled once, whichever router sweeps. Returns them."""
         ...
 
     async def expire(self, now: float, retention_s: float) -> tuple[int, int]:
@@ -29,7 +40,8 @@ class JobStore(Protocol):
 
 
 class MemoryJobStore:
-    """Jobs in a dict of this process: see the module's docstring for what that does not survive."""
+    """Jobs in a dict of this process: see the module's docstring for what that does not survive. Nobody
+    else runs them, so none is ever orphaned (a process that stops takes the dict with it)."""
 
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
@@ -43,8 +55,17 @@ class MemoryJobStore:
     async def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
-    async def save(self, job: Job) -> None:
+    async def save(self, job: Job) -> bool:
         self._jobs[job.id] = job
+        return True
+
+    async def renew(self, runner: str, job_ids: Collection[str], until: float) -> None:
+        for job_id in job_ids:
+            if (job := self._jobs.get(job_id)) is not None and job.runner == runner and not job.finished:
+                job.lease_until = until
+
+    async def fail_orphans(self, now: float, settled_by: str, outcome: Outcome) -> list[Job]:
+        return []
 
     async def expire(self, now: float, retention_s: float) -> tuple[int, int]:
         expired = forgotten = 0
