@@ -127,7 +127,9 @@ async def test_the_jobs_of_a_stopped_router_fail_once_and_its_late_writes_do_not
                                                                                        ) -> None:
     clock = Clock()
     calls = Callbacks()
-    a, stopped = runner(open_store(), clock, "router-a"), runner(open_store(), clock, "router-stopped")
+    a = runner(open_store(), clock, "router-a")
+    stopped = JobRunner(JobsSettings(lease_s=30, max_concurrent=1), StoreJobStore(open_store()), clock=clock,
+                        runner="router-stopped", callbacks=Callbacks())  # one slot: its second job stays queued
     b = runner(open_store(), clock, "router-b", callbacks=calls)
     gate = asyncio.Event()
     kept = a_job()
@@ -136,8 +138,13 @@ async def test_the_jobs_of_a_stopped_router_fail_once_and_its_late_writes_do_not
     await a.submit(kept, gated(gate, Outcome(200, {"ok": "a"})))
     await stopped.submit(orphan, gated(gate, Outcome(200, {"ok": "stopped"})))
     await eventually(lambda: _is(b, orphan.id, "running"))
-    stopped._slots = asyncio.Semaphore(0)  # its next job waits for a slot: it stays queued
-    await stopped.submit(queued, gated(gate, Outcome(200, {})))
+    ran: list[str] = []
+
+    async def work_of_queued() -> Outcome:
+        ran.append(queued.id)
+        return Outcome(200, {})
+
+    await stopped.submit(queued, work_of_queued)
     clock.now += 30  # the leases end now: not yet lapsed
     assert await b.settle_orphans() == []
     clock.now += 1
@@ -156,10 +163,12 @@ async def test_the_jobs_of_a_stopped_router_fail_once_and_its_late_writes_do_not
     await eventually(lambda: _is_true(len(calls.sent) == 1))
     assert calls.sent[0]["id"] == orphan.id and calls.sent[0]["status"] == "failed"
     await eventually(lambda: _callback_of(b, orphan.id, "delivered"))
-    # the stopped router was only cut off: its job finishes, but its write is refused; so is its shutdown's
+    # the stopped router was only cut off: its job finishes and its queued one starts, but their writes are
+    # refused (and it runs nothing for a job it may no longer write)
     gate.set()
     await eventually(lambda: _is(b, kept.id, "succeeded"))
-    await eventually(lambda: _is_true(stopped.pending == 1))  # only the queued job, which never got a slot
+    await eventually(lambda: _is_true(stopped.pending == 0))
+    assert ran == []
     await stopped.close()
     assert (await b.get(orphan.id)).outcome.body["error"]["message"] == ORPHANED  # type: ignore[union-attr]
     assert (await b.get(queued.id)).outcome.body["error"]["message"] == ORPHANED  # type: ignore[union-attr]
@@ -258,3 +267,24 @@ async def _answers(client: httpx.AsyncClient, url: str, key: str, status: str) -
     response = await client.get(url, headers=bearer(key))
     assert response.status_code == 200, response.text
     return bool(response.json()["status"] == status)
+
+
+async def test_a_router_shut_down_cleanly_fails_its_running_and_queued_jobs_at_once(open_store: StoreFactory
+                                                                                     ) -> None:
+    clock = Clock()
+    closing = JobRunner(JobsSettings(max_concurrent=1), StoreJobStore(open_store()), clock=clock, runner="router-a",
+                        callbacks=Callbacks())
+    reader = runner(open_store(), clock, "router-b")
+    gate = asyncio.Event()
+    running, queued = a_job(), a_job()
+    await closing.submit(running, gated(gate, Outcome(200, {})))
+    await closing.submit(queued, gated(gate, Outcome(200, {})))
+    await eventually(lambda: _is(reader, running.id, "running"))
+    assert await status_of(reader, queued.id) == "queued"
+    await closing.close()
+    for job_id in (running.id, queued.id):
+        job = await reader.get(job_id)
+        assert job is not None and job.status == "failed" and job.outcome is not None
+        assert job.outcome.body["error"]["code"] == "job_interrupted"
+        assert "shut down" in job.outcome.body["error"]["message"]
+    await reader.close()

@@ -49,6 +49,11 @@ ORPHANED = ("the router running this job stopped before it finished (its lease o
             "submit it again")
 
 
+def _interrupted() -> Outcome:
+    return Outcome(503, APIError("the router shut down before the job finished; submit it again",
+                                 code="job_interrupted").body())
+
+
 def runner_id() -> str:
     """Who runs a job: unique to this process (a restarted router is a new runner)."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -144,21 +149,26 @@ class JobRunner:
 
     async def _run(self, job: Job, work: Work) -> None:
         try:
-            async with self._slots:
+            try:
+                await self._slots.acquire()
+            except asyncio.CancelledError:  # shut down while queued: say so now, not when the lease lapses
+                await self._finish(job, _interrupted())
+                raise
+            try:
                 job.status, job.started_at = "running", self._clock()
                 if not await self._save(job):
                     return
                 try:
                     outcome = await work()
                 except asyncio.CancelledError:
-                    outcome = Outcome(503, APIError("the router shut down before the job finished; submit it "
-                                                    "again", code="job_interrupted").body())
-                    await self._finish(job, outcome)
+                    await self._finish(job, _interrupted())
                     raise
                 except Exception:
                     logger.exception("async job %s (request %s) failed unexpectedly", job.id, job.request_id)
                     outcome = Outcome(500, APIError(f"internal error; quote request id {job.request_id} when "
                                                     "reporting it").body())
+            finally:
+                self._slots.release()
             if not await self._finish(job, outcome):
                 return
         finally:
