@@ -32,6 +32,8 @@ ROUTER_LAYERS: dict[str, tuple[str, ...]] = {
     "router.state": ("router.control", *ROUTER_CORE),
     "router.control": ROUTER_CORE,
     "router.errors": ("router.store.base", "router.predict.errors", "router.traffic.split", "router.jobs.errors"),
+    # the bottom: the store knows its records, not who uses them (router.jobs maps its jobs onto it)
+    "router.store": (),
 }
 for _core in ROUTER_CORE[1:]:
     ROUTER_LAYERS.setdefault(_core, ROUTER_CORE)
