@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llmserve.jobs_settings import JobsSettings
 from llmserve.kubernetes_settings import KubernetesSettings
 
 
@@ -285,6 +286,7 @@ class RouterSettings(BaseModel):
     connections: ConnectionSettings = Field(default_factory=ConnectionSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
 
     @model_validator(mode="after")
     def _no_open_router_off_loopback(self) -> RouterSettings:

@@ -24,6 +24,7 @@ from router.api import autoscaling as autoscaling_api
 from router.api import control as control_api
 from router.api import generate as generate_api
 from router.api import health as health_api
+from router.api import jobs as jobs_api
 from router.api import keys as keys_api
 from router.api import openai as openai_api
 from router.api import predict as predict_api
@@ -36,6 +37,8 @@ from router.errors import install_error_handlers
 from router.gateway.access_log import AccessLogMiddleware
 from router.gateway.fast_routes import FastRoutes
 from router.gateway.request_id import RequestIdMiddleware
+from router.jobs.durable import StoreJobStore
+from router.jobs.runner import JobRunner
 from router.observe.engine_metrics import EngineMetricsScraper
 from router.observe.inference_log import InferenceLogWriter
 from router.observe.metrics import Metrics, NoMetrics, RouterMetrics
@@ -92,6 +95,9 @@ def create_app(
             state.keys.add_static(configured_admin(settings.auth.admin_key.get_secret_value()))
         if limiter is not None:
             state.limiter = limiter
+        # in the store when there is one (durable, shared by the routers on it), else in memory
+        jobs = state.jobs = JobRunner(settings.jobs, StoreJobStore(store) if store is not None else None)
+        jobs.start()
         log_writer: InferenceLogWriter | None = None
         try:  # a start that fails part way still stops what it started
             for spec, replicas in static:
@@ -127,6 +133,7 @@ def create_app(
             logger.info("router shutting down: stopping engine replicas")
             if state.autoscaler is not None:
                 await state.autoscaler.close()
+            await jobs.close()  # before the engines and predictors its jobs use
             if state.control is not None:
                 await state.control.stop()
             if log_writer is not None:
@@ -155,6 +162,7 @@ def create_app(
     app.include_router(autoscaling_api.router)
     app.include_router(keys_api.router)
     app.include_router(predict_api.router)
+    app.include_router(jobs_api.router)
     # innermost: the predict routes answered without FastAPI's routing, inside the access log and request id
     app.add_middleware(FastRoutes, routes=predict_api.FAST_ROUTES)
     app.add_middleware(AccessLogMiddleware, enabled=settings.access_log)

@@ -15,6 +15,7 @@ The tree (status, ``code``)::
     ├── ModelNotFound              404 model_not_found
     ├── VersionNotFound            404 version_not_found
     ├── KeyNotFound                404 key_not_found
+    ├── JobNotFound                404 job_not_found         unknown, forgotten, or another key's async job
     ├── RouteNotFound              404 not_found
     ├── MethodNotAllowed           405 method_not_allowed
     ├── ConflictError              409 conflict              a live duplicate, a stale If-Match, a state that forbids it
@@ -23,6 +24,7 @@ The tree (status, ``code``)::
     ├── ShedLoad                   429 overloaded            saturated; Retry-After
     ├── RateLimitExceeded          429 rate_limit_exceeded   the key's RPM or TPM; Retry-After, x-ratelimit-*
     ├── QueueFull                  429 queue_full            a predictor's queue is full; Retry-After
+    ├── TooManyJobsPending         429 too_many_jobs         the router's async jobs are at their limit; Retry-After
     ├── UpstreamFailed             502 replica_failed        the engine failed while answering
     ├── NoReplicaReady             503 no_replica_ready      starting, restarting or ejected; Retry-After
     ├── DeadlineExceeded           503 deadline_exceeded     saturated past the request's deadline; Retry-After
@@ -40,6 +42,8 @@ handlers and for the request record alike:
     router.predict.errors.InvalidInput    -> InvalidRequest(param=the field)
     router.predict.errors.Overloaded      -> QueueFull | PredictorOverloaded, with Retry-After
     router.store.Unavailable              -> StoreUnavailable, with Retry-After
+    router.jobs.errors.CallbackNotAllowed -> InvalidRequest(param="callback_url", code="callback_not_allowed")
+    router.jobs.errors.TooManyJobs        -> TooManyJobsPending, with Retry-After
     starlette's ClientDisconnect          -> ClientClosedRequest (the body was cut: nobody reads the answer)
 """
 
@@ -54,6 +58,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from router.jobs.errors import CallbackNotAllowed, TooManyJobs
 from router.predict.errors import InvalidInput, Overloaded
 from router.store.base import Conflict, NotFound, Unavailable
 from router.traffic.split import InvalidSplit
@@ -157,6 +162,12 @@ class KeyNotFound(APIError):
     code = "key_not_found"
 
 
+class JobNotFound(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "job_not_found"
+
+
 class RouteNotFound(APIError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -224,6 +235,12 @@ class QueueFull(_RetryLater):
     status_code = 429
     error_type = "rate_limit_error"
     code = "queue_full"
+
+
+class TooManyJobsPending(_RetryLater):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "too_many_jobs"
 
 
 class PredictorOverloaded(_RetryLater):
@@ -304,12 +321,17 @@ def as_api_error(exc: BaseException) -> APIError | None:
     if isinstance(exc, Unavailable):
         return StoreUnavailable(f"{exc}; inference still serves, control-plane changes are refused until "
                                 "the store is back", STORE_RETRY_AFTER_S)
+    if isinstance(exc, CallbackNotAllowed):
+        return InvalidRequest(str(exc), param="callback_url", code="callback_not_allowed")
+    if isinstance(exc, TooManyJobs):
+        return TooManyJobsPending(str(exc), exc.retry_after_s)
     if isinstance(exc, ClientDisconnect):
         return ClientClosedRequest("the client closed the connection before sending its whole request body")
     return None
 
 
-_DOMAIN_ERRORS = (Conflict, NotFound, InvalidSplit, InvalidInput, Overloaded, Unavailable, ClientDisconnect)
+_DOMAIN_ERRORS = (Conflict, NotFound, InvalidSplit, InvalidInput, Overloaded, Unavailable, ClientDisconnect,
+                  CallbackNotAllowed, TooManyJobs)
 
 
 def _respond(request: Request, error: APIError) -> JSONResponse:

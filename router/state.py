@@ -21,6 +21,7 @@ from router.access.ratelimit import Limiter, LocalLimiter
 from router.admission.shedding import Admission
 from router.control.autoscale.loop import Autoscaler
 from router.control.plane import ControlPlane
+from router.jobs.runner import JobRunner
 from router.observe.metrics import Metrics, NoMetrics
 from router.observe.samples import SampleWindows
 from router.relay.relay import Relay
@@ -54,3 +55,4 @@ class RouterState:
     demand: Demand = field(default_factory=Demand)  # requests per version and class: the autoscaler's signal
     cold_starts: ColdStarts | None = None  # holds requests for versions scaled to zero (with a control plane)
     autoscaler: Autoscaler | None = None
+    jobs: JobRunner | None = None  # async requests (started by the lifespan)

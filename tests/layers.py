@@ -24,14 +24,16 @@ ROUTER_LEAVES_FOR_TOOLS = ("router.relay.sse", "router.predict.runtimes", "route
                            "router.traffic", "router.store", "router.observe.engine_samples", "router.access")
 # Inside the router, each layer may import only the layers listed (besides itself and llmserve).
 ROUTER_CORE = ("router.errors", "router.traffic", "router.relay", "router.admission", "router.predict",
-               "router.observe", "router.store", "router.access")
+               "router.observe", "router.store", "router.access", "router.jobs")
 ROUTER_LAYERS: dict[str, tuple[str, ...]] = {
     "router.app": ("router",),
     "router.api": ("router.gateway", "router.control", "router.state", *ROUTER_CORE),
     "router.gateway": ("router.state", *ROUTER_CORE),
     "router.state": ("router.control", *ROUTER_CORE),
     "router.control": ROUTER_CORE,
-    "router.errors": ("router.store.base", "router.predict.errors", "router.traffic.split"),
+    "router.errors": ("router.store.base", "router.predict.errors", "router.traffic.split", "router.jobs.errors"),
+    # the bottom: the store knows its records, not who uses them (router.jobs maps its jobs onto it)
+    "router.store": (),
 }
 for _core in ROUTER_CORE[1:]:
     ROUTER_LAYERS.setdefault(_core, ROUTER_CORE)

@@ -29,6 +29,10 @@ def test_the_checker_reports_a_forbidden_import_added_to_a_copy_of_the_code(tmp_
     found = {(v.importer, v.imported) for v in violations(import_graph(tmp_path))}
     assert ("llmserve.settings", "router.app") in found  # a lazy import inside a function counts
     assert ("router.traffic.split", "router.api.openai") in found
+    sqlite = tmp_path / "router" / "store" / "sqlite.py"
+    sqlite.write_text(sqlite.read_text() + "\nimport router.jobs.models\n")
+    found = {(v.importer, v.imported) for v in violations(import_graph(tmp_path))}
+    assert ("router.store.sqlite", "router.jobs.models") in found  # jobs -> store, one way
 
 
 def test_the_checker_finds_a_cycle_and_the_modules_in_it() -> None:

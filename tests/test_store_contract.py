@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from router.store import (
     DeploymentStatus,
     HistoryEntry,
     InferenceLog,
+    JobRecord,
     ModelRecord,
     NotFound,
     Store,
@@ -238,3 +240,75 @@ async def test_a_named_lease_has_one_holder_until_it_expires(store: Store) -> No
     assert not await store.claim_lease("autoscale:d1", "router-a", until=400.0, now=200.0)
     results = await asyncio.gather(*(store.claim_lease("race", f"r{i}", until=10.0, now=0.0) for i in range(8)))
     assert sum(results) == 1
+
+
+# -- async jobs -------------------------------------------------------------------------------------------
+
+
+def job_record(job_id: str, runner: str = "router-a", lease_until: float = 130.0, **fields: object) -> JobRecord:
+    detail = {"kind": "generate", "model": "chat", "owner": "key_a", "request_id": f"req-{job_id}",
+              "callback_url": None}
+    return JobRecord(id=job_id, status="queued", runner=runner, lease_until=lease_until, created_at=100.0,
+                     detail=detail, **fields)  # type: ignore[arg-type]
+
+
+async def test_a_job_round_trips_and_only_its_runner_writes_it_until_it_expires(store: Store) -> None:
+    queued = job_record("job_1", callback_status="pending")
+    await store.add_job(queued)
+    assert await store.get_job("job_1") == queued
+    assert await store.get_job("job_nope") is None
+    with pytest.raises(Conflict):
+        await store.add_job(queued)
+    running = replace(queued, status="running", started_at=101.5)
+    assert await store.save_job(running)
+    assert not await store.save_job(replace(running, runner="router-b", status="failed"))  # not b's
+    outcome = {"status_code": 200, "body": {"text": "hi", "usage": {"completion_tokens": 2}, "n": 2**40 + 0.5}}
+    done = replace(running, status="succeeded", finished_at=102.25, outcome=outcome)
+    assert await store.save_job(done)
+    assert await store.save_job(replace(done, callback_status="delivered"))
+    assert await store.get_job("job_1") == replace(done, callback_status="delivered")
+    assert not await store.save_job(job_record("job_never_added"))
+
+
+async def test_finished_jobs_expire_after_the_retention_then_are_deleted(store: Store) -> None:
+    outcome = {"status_code": 500, "body": {"error": {"message": "boom"}}}
+    await store.add_job(job_record("job_old"))
+    await store.save_job(replace(job_record("job_old"), status="failed", finished_at=100.0, outcome=outcome))
+    await store.add_job(job_record("job_new"))
+    await store.save_job(replace(job_record("job_new"), status="succeeded", finished_at=150.0, outcome=outcome))
+    await store.add_job(job_record("job_live"))  # unfinished: never expires
+    assert await store.expire_jobs(now=159.0, retention_s=60) == (0, 0)
+    assert await store.expire_jobs(now=160.0, retention_s=60) == (1, 0)
+    old = await store.get_job("job_old")
+    assert old is not None and (old.status, old.outcome, old.finished_at) == ("expired", None, 100.0)
+    assert not await store.save_job(replace(old, status="succeeded", outcome=outcome))  # a late write: refused
+    assert await store.expire_jobs(now=215.0, retention_s=60) == (1, 0)
+    assert await store.expire_jobs(now=220.0, retention_s=60) == (0, 1)
+    assert await store.get_job("job_old") is None
+    assert (await store.get_job("job_new")) is not None and (await store.get_job("job_live")) is not None
+    assert await store.expire_jobs(now=270.0, retention_s=60) == (0, 1)
+    assert await store.get_job("job_new") is None
+
+
+async def test_orphaned_jobs_fail_once_and_renewed_ones_do_not(store: Store) -> None:
+    for job_id in ("job_a1", "job_a2"):
+        await store.add_job(job_record(job_id, runner="router-a", lease_until=130.0))
+    await store.add_job(job_record("job_b", runner="router-b", lease_until=130.0))
+    await store.save_job(replace(job_record("job_a2", lease_until=130.0), status="running", started_at=101.0))
+    assert await store.renew_jobs("router-b", ["job_b", "job_a1"], until=200.0) == 1  # only its own
+    assert (await store.get_job("job_b")).lease_until == 200.0  # type: ignore[union-attr]
+    assert await store.fail_orphaned_jobs(now=130.0, settled_by="router-b", outcome={}) == []  # not before its end
+    error = {"status_code": 503, "body": {"error": {"message": "the router running this job stopped"}}}
+    results = await asyncio.gather(*(store.fail_orphaned_jobs(now=131.0, settled_by=f"router-{i}", outcome=error)
+                                     for i in range(4)))
+    settled = [job for batch in results for job in batch]
+    assert sorted(job.id for job in settled) == ["job_a1", "job_a2"]  # each once, whoever raced
+    for job in settled:
+        stored = await store.get_job(job.id)
+        assert stored == job and (stored.status, stored.finished_at, stored.outcome) == ("failed", 131.0, error)
+    assert (await store.get_job("job_a2")).started_at == 101.0  # type: ignore[union-attr]
+    # the stopped runner comes back to life: its writes and renewals no longer count
+    assert not await store.save_job(replace(job_record("job_a1"), status="succeeded", finished_at=140.0))
+    assert await store.renew_jobs("router-a", ["job_a1", "job_a2"], until=300.0) == 0
+    assert (await store.get_job("job_b")).status == "queued"  # type: ignore[union-attr]
+    assert await store.fail_orphaned_jobs(now=199.0, settled_by="router-c", outcome=error) == []

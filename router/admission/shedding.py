@@ -257,11 +257,13 @@ def deadline_s(headers: Mapping[str, str]) -> float | None:
 
 
 async def admit_request(admission: Admission | None, headers: Mapping[str, str], served: ServedVersion,
-                        user: str | None, policy: PriorityPolicy) -> tuple[ServedVersion, dict[str, str]]:
-    """The version that answers (the chosen one or its fallback) and the headers that say so."""
+                        user: str | None, policy: PriorityPolicy,
+                        priority: str | None = None) -> tuple[ServedVersion, dict[str, str]]:
+    """The version that answers (the chosen one or its fallback) and the headers that say so; ``priority``:
+    a class the router chose for the request (an async job's ``batch``), instead of X-Priority's."""
     if admission is None:
         return served, {}
-    priority = resolve_priority(headers, policy)
+    priority = priority or resolve_priority(headers, policy)
     admitted = await admission.admit(served, priority, user, deadline_s(headers), policy.may_use)
     extra = {"x-priority": priority}
     if admitted.fallback_from is not None:

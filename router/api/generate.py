@@ -9,6 +9,9 @@ user turn through the model's chat template, or as plain text with
 - ``event: token`` with ``{"text": "<delta>"}`` for each piece of output;
 - ``event: done`` with ``{"finish_reason", "usage", "model", "version", "replica", "request_id"}``;
 - ``event: error`` with ``{"error": {...}}`` if the replica fails mid-stream.
+
+With ``Prefer: respond-async`` or ``params.async`` the call is an async job (``router.api.jobs``): 202 at
+once, the non-streaming answer later at its status URL.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from router.api.held import HeldStream
-from router.errors import APIError, RequestTimedOut, UpstreamFailed
+from router.api.jobs import accept, async_requested, callback_of, patiently
+from router.errors import APIError, InvalidRequest, RequestTimedOut, UpstreamFailed
 from router.gateway.openapi import json_body
 from router.gateway.pipeline import InferenceCall, inference
 from router.gateway.protocol import GenerateRequest, check_output_limit
@@ -54,9 +58,20 @@ async def generate(model_name: str, call: GenerateCall) -> Response:
     state, record, request_id = call.state, call.record, call.request_id
     with call.failures():
         parsed = call.parse(GenerateRequest, await call.read_json())
+        asynchronous = async_requested(call.request.headers, parsed.params.async_)
+        callback_url = callback_of(call, parsed.params.callback_url, asynchronous)
+        if asynchronous:
+            if parsed.stream:
+                raise InvalidRequest("an async request cannot stream: leave out stream, or 'Prefer: "
+                                     "respond-async' and params.async", param="stream")
+            call.priority = "batch"
         call.identify(parsed.user)
         await call.limit_generation(parsed.max_tokens)
-        served = await call.admit(call.resolve(model_name, parsed.params.version))
+        resolved = call.resolve(model_name, parsed.params.version)
+        if asynchronous:
+            check_output_limit(parsed.max_tokens, resolved)  # refused now, not as a failed job
+            return await accept(call, "generate", model_name, callback_url, lambda: _job(call, parsed, resolved))
+        served = await call.admit(resolved)
         check_output_limit(parsed.max_tokens, served)
         path, payload = _engine_request(parsed, served)
         record.begin(served.model_name, served.version, parsed.stream)
@@ -71,13 +86,37 @@ async def generate(model_name: str, call: GenerateCall) -> Response:
         if hold is not None:
             await hold.wait_quietly()  # 503 with Retry-After past the bound
         upstream = await state.relay.open(served, path, payload, request_id, call.deadline)
+    return await _answer(call, served, upstream, parsed.stream)
+
+
+async def _job(call: InferenceCall, parsed: GenerateRequest, resolved: ServedVersion) -> Response:
+    """An async request's work, in the background: the synchronous call's steps from admission on (the
+    batch band; a refusal with Retry-After is tried again), answered without streaming."""
+    state = call.state
+    with call.failures():
+        served = await patiently(call, lambda: call.admit(resolved))
+        check_output_limit(parsed.max_tokens, served)
+        path, payload = _engine_request(parsed, served)
+        call.record.begin(served.model_name, served.version, False)
+        hold = call.cold_start(served)
+        if hold is not None:
+            await hold.wait_quietly()
+        upstream = await patiently(
+            call, lambda: state.relay.open(served, path, payload, call.request_id, call.deadline))
+    return await _answer(call, served, upstream, False)
+
+
+async def _answer(call: InferenceCall, served: ServedVersion, upstream: Upstream, stream: bool) -> Response:
+    """The answer from an opened upstream: relayed as SSE events, or collected into one JSON body."""
+    state, record, request_id = call.state, call.record, call.request_id
     record.replica = upstream.replica.id
     headers = call.answer_headers(served, upstream.replica.id)
     if upstream.status_code != 200:
         return await buffered_response(upstream, record, headers)
 
-    summary = {**summary, "replica": upstream.replica.id}
-    if parsed.stream:
+    summary = {"model": served.model_name, "version": served.version, "request_id": request_id,
+               "replica": upstream.replica.id}
+    if stream:
         return EventStream(_stream(upstream, record, summary), headers, state.sse_ping_s, upstream.on_client_gone)
 
     outcome = _Outcome()
@@ -109,7 +148,7 @@ def _error_events(error: APIError) -> list[bytes]:
 
 def _engine_request(parsed: GenerateRequest, served: ServedVersion) -> tuple[str, dict[str, Any]]:
     """The engine path and body: one chat user turn, or a plain completion with ``params.raw``."""
-    sampling = parsed.params.model_dump(exclude_unset=True, exclude={"version", "raw"})
+    sampling = parsed.params.model_dump(exclude_unset=True, exclude=set(parsed.params.ROUTER_FIELDS))
     payload: dict[str, Any] = {
         "model": served.versioned_name,
         "stream": True,

@@ -5,7 +5,8 @@ Both resolve the version like the LLM APIs (traffic split by user, or a pinned
 version), validate the tensors against the version's schema (400 naming the
 field), and queue them on the version's dynamic batcher. A full queue is a 429
 and a deadline the queue cannot meet a 503, both with Retry-After, at once.
-Priority: ``X-Priority: critical|standard|batch``; deadline: ``X-Deadline-Ms``.
+Priority: ``X-Priority: critical|standard|batch``; deadline: ``X-Deadline-Ms``. The design's call can
+be an async job (``Prefer: respond-async`` or ``params.async``: ``router.api.jobs``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 
 from router.access.auth import Caller
 from router.admission.shedding import parse_deadline_ms, resolve_priority
+from router.api.jobs import accept, async_requested, callback_of, patiently
 from router.errors import InvalidRequest, ModelNotFound, PayloadTooLarge, PredictorOverloaded, QueueFull
 from router.gateway.authorize import inference_or_read
 from router.gateway.fast_routes import FastRoute
@@ -46,7 +48,8 @@ _ROW = {"type": "object", "description": "input name -> value (a number, or a li
 PREDICT_BODY = {"type": "object", "required": ["inputs"], "properties": {
     "inputs": {"type": "array", "minItems": 1, "items": _ROW},
     "params": {"type": "object", "properties": {"version": {"type": "string"},
-                                                "deadline_ms": {"type": "number", "exclusiveMinimum": 0}}},
+                                                "deadline_ms": {"type": "number", "exclusiveMinimum": 0},
+                                                "async": {"type": "boolean"}, "callback_url": {"type": "string"}}},
     "user": {"type": "string"}}}
 V2_INFER_BODY = {"type": "object", "required": ["inputs"], "properties": {
     "id": {"type": "string"},
@@ -82,18 +85,32 @@ async def _run(call: InferenceCall, served: ServedVersion, inputs: dict[str, np.
     Admission for a predictor is its batcher's queue (bounded rows, deadlines), so this is the
     pipeline's admit step for traditional models; returns the version that answered and the outputs.
     """
-    state, record = call.state, call.record
-    priority = resolve_priority(call.request.headers, call.who)
+    priority, rows = await _check(call, served, inputs)
+    _begin(call, served, rows)
+    return await _submit(call, served, inputs, priority, deadline_ms)
+
+
+async def _check(call: InferenceCall, served: ServedVersion, inputs: dict[str, np.ndarray]) -> tuple[str, int]:
+    """The request's class, its rows checked against the model and the row limit, and its key's limits."""
+    priority = call.priority or resolve_priority(call.request.headers, call.who)
     call.headers["x-priority"] = priority
-    predictor = _predictor(served)
-    rows = predictor.check(inputs)
-    limit = state.settings.predict.max_request_rows
+    rows = _predictor(served).check(inputs)
+    limit = call.state.settings.predict.max_request_rows
     if rows > limit:
         raise PayloadTooLarge(f"the request has {rows} rows; the limit is {limit} "
                               "(LLMSERVE_ROUTER__PREDICT__MAX_REQUEST_ROWS); split it")
     await call.limit(rows, counts_rows=True)  # a prediction's tokens are its rows
-    record.begin(served.model_name, served.version, False)
-    record.output_tokens = rows
+    return priority, rows
+
+
+def _begin(call: InferenceCall, served: ServedVersion, rows: int) -> None:
+    call.record.begin(served.model_name, served.version, False)
+    call.record.output_tokens = rows
+
+
+async def _submit(call: InferenceCall, served: ServedVersion, inputs: dict[str, np.ndarray], priority: str,
+                  deadline_ms: float | None) -> tuple[ServedVersion, dict[str, np.ndarray]]:
+    state, record, predictor = call.state, call.record, _predictor(served)
     try:
         return served, await predictor.batcher.submit(inputs, priority, deadline_ms)
     except Overloaded as exc:
@@ -150,7 +167,7 @@ async def predict(model_name: str, call: PredictCall) -> Response:
 
 async def answer_predict(call: InferenceCall, model_name: str) -> Response:
     """The design's predict call, after authentication (the FastAPI route and the fast route)."""
-    state, record, request = call.state, call.record, call.request
+    state, request = call.state, call.request
     with call.failures():
         raw = await call.read(state.settings.max_predict_body_bytes)
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
@@ -168,10 +185,33 @@ async def answer_predict(call: InferenceCall, model_name: str) -> Response:
         version = params.get("version") or request.query_params.get("version") or \
             request.headers.get("x-model-version")
         call.identify(body.get("user") if isinstance(body.get("user"), str) else None)
+        asynchronous = async_requested(request.headers, params.get("async"))
+        callback_url = callback_of(call, params.get("callback_url"), asynchronous)
+        if asynchronous:
+            call.priority = "batch"
         served = call.resolve(model_name, version, predict=True)
         manifest = _predictor(served).manifest
         inputs = decode_npy(raw, manifest) if npy else decode_rows(body, manifest, may_hold_booleans(raw))
-        served, outputs = await _run(call, served, inputs, _deadline_ms(request, params))
+        deadline_ms = _deadline_ms(request, params)
+        if asynchronous:
+            priority, rows = await _check(call, served, inputs)
+            chosen = served
+
+            async def work() -> Response:
+                with call.failures():
+                    call.record.priority = priority  # batch: a job's samples never count as online traffic
+                    _begin(call, chosen, rows)
+                    answering, outputs = await patiently(
+                        call, lambda: _submit(call, chosen, inputs, priority, deadline_ms))
+                return _answer(call, answering, outputs, npy)
+
+            return await accept(call, "predict", model_name, callback_url, work)
+        served, outputs = await _run(call, served, inputs, deadline_ms)
+    return _answer(call, served, outputs, npy)
+
+
+def _answer(call: InferenceCall, served: ServedVersion, outputs: dict[str, np.ndarray], npy: bool) -> Response:
+    record = call.record
     headers = call.answer_headers(served, "router")
     record.finish(200)
     answer: dict[str, Any] = {"model_name": served.model_name, "version": served.version, "id": record.request_id}

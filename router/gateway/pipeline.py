@@ -67,6 +67,7 @@ class InferenceCall:
         self.headers: dict[str, str] = {}  # what the answer carries, error answers included
         self.caller: Caller | None = None
         self.body_bytes = 0
+        self.priority: str | None = None  # a class forced on the call (an async job's: batch), else X-Priority's
 
     # 0. authenticate
     def authenticate(self) -> Caller:
@@ -168,7 +169,7 @@ class InferenceCall:
     # 5. admit
     async def admit(self, served: ServedVersion) -> ServedVersion:
         answering, extra = await admit_request(self.state.admission, self.request.headers, served, self.record.user,
-                                               self.who)
+                                               self.who, self.priority)
         self.record.admitted_at = time.perf_counter()
         self.headers.update(extra)
         self.record.priority = extra.get("x-priority", "standard")
@@ -182,6 +183,14 @@ class InferenceCall:
         if cold is None or not cold.needs_hold(served):
             return None
         return cold.reserve(served)
+
+    # 5c. an async job: the call goes on in the background after its 202
+    def run_as_job(self) -> None:
+        """From here on the call is an async job's: admitted in the batch band, with a fresh time budget and
+        its latency (TTFT included) timed from when the job starts, not from its wait in the job queue."""
+        self.priority = "batch"
+        self.deadline = self.state.relay.deadline()
+        self.record.started = time.perf_counter()
 
     # 6. what a successful answer carries
     def answer_headers(self, served: ServedVersion, replica_id: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ is for OpenAI.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -80,6 +80,10 @@ class GenerateParams(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     raw: bool = Field(False, description="Send the prompt as plain text instead of as a chat user turn.")
+    async_: bool | None = Field(None, alias="async", description="Answer 202 with an async job (router.api.jobs).")
+    callback_url: str | None = Field(None, description="An async job's callback (on the allow-list).")
+
+    ROUTER_FIELDS: ClassVar[frozenset[str]] = frozenset({"version", "raw", "async_", "callback_url"})  # not for vLLM
 
 
 class GenerateRequest(BaseModel):

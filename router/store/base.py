@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -155,6 +155,42 @@ class InferenceLog:
         return time.strftime("%Y%m%d", time.gmtime(self.timestamp))
 
 
+UNFINISHED_JOB_STATUSES = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """An async job as the store keeps it (``router.jobs`` maps its ``Job`` to and from this).
+
+    The store reads only ``status``, ``runner``, ``lease_until`` and ``finished_at``; the rest round-trips.
+    ``runner``: the router running it, which renews ``lease_until`` while it is queued or running (the
+    router that settles an orphan takes its place). ``outcome``: ``{"status_code", "body"}`` once finished,
+    None again once expired. ``detail``: kind, model, owner (API key id), request id, callback URL.
+    """
+
+    id: str
+    status: str  # queued, running, succeeded, failed, expired
+    runner: str
+    lease_until: float
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    outcome: dict[str, Any] | None = None
+    callback_status: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unfinished(self) -> bool:
+        return self.status in UNFINISHED_JOB_STATUSES
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobRecord":
+        return cls(**data)
+
+
 class Store(Protocol):
     async def close(self) -> None: ...
 
@@ -200,6 +236,20 @@ class Store(Protocol):
     async def write_inference_logs(self, logs: list[InferenceLog]) -> None: ...
     async def inference_logs(self, day: str, model_name: str | None = None) -> list[InferenceLog]: ...
     async def drop_inference_logs_before(self, day: str) -> list[str]: ...
+
+    # async jobs, seen by every router sharing the store. ``save_job`` writes only while the stored record is
+    # still ``job.runner``'s and not expired (False otherwise: another router settled it, or it expired).
+    async def add_job(self, job: JobRecord) -> None: ...
+    async def get_job(self, job_id: str) -> JobRecord | None: ...
+    async def save_job(self, job: JobRecord) -> bool: ...
+    # extend the lease of ``runner``'s unfinished jobs among ``job_ids``; how many were extended
+    async def renew_jobs(self, runner: str, job_ids: Collection[str], until: float) -> int: ...
+    # every unfinished job whose lease ended before ``now``: failed with ``outcome``, finished at ``now``,
+    # runner ``settled_by``; each is settled by one caller only, however many race. Returns them as stored.
+    async def fail_orphaned_jobs(self, now: float, settled_by: str, outcome: dict[str, Any]) -> list[JobRecord]: ...
+    # drop the outcome of jobs finished ``retention_s`` or more before ``now`` (status expired), and delete
+    # expired jobs after as long again; (expired now, deleted)
+    async def expire_jobs(self, now: float, retention_s: float) -> tuple[int, int]: ...
 
     # change notifications: model names whose control-plane state changed (from any router); RESYNC
     # ("") whenever the feed (re)starts, for what it may have missed: reconcile every model

@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import redis.asyncio as redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from router.store.base import (
@@ -48,25 +45,8 @@ from router.store.base import (
     TrafficRecord,
     Unavailable,
 )
-
-P = ParamSpec("P")
-T = TypeVar("T")
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
-
-
-def _reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Redis down or unreachable becomes the store's ``Unavailable``, whatever the call."""
-
-    @functools.wraps(method)
-    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await method(*args, **kwargs)
-        except _UNREACHABLE as exc:
-            raise Unavailable(f"Redis cannot be reached ({type(exc).__name__}: {exc}); nothing was changed, "
-                              "retry when it is back") from exc
-
-    return call
-
+from router.store.redis_errors import UNREACHABLE, reachable
+from router.store.redis_jobs import RedisJobs
 
 # KEYS[1] the lease; ARGV holder, until, now. Taken when absent, expired or the holder's own.
 _CLAIM = """
@@ -76,7 +56,7 @@ redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'until', ARGV[2])
 return 1
 """
 
-class RedisStore:
+class RedisStore(RedisJobs):
     def __init__(self, url: str, prefix: str = "llmserve:", timeout_s: float = 1.0) -> None:
         # Short socket time-outs: a control-plane write against a dead Redis fails in about a second
         # instead of hanging the API call; the change feed's own health check notices a silent peer.
@@ -101,7 +81,7 @@ class RedisStore:
             async for message in pubsub.listen():
                 if message.get("type") == "message":
                     yield str(message["data"])
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             raise Unavailable(f"the Redis change feed broke ({type(exc).__name__}: {exc})") from exc
         finally:
             # A listener cancelled mid-read can leave the connection waiting for a reply that
@@ -113,7 +93,7 @@ class RedisStore:
 
     # -- models ---------------------------------------------------------------
 
-    @_reachable
+    @reachable
     async def create_model(self, model: ModelRecord) -> None:
         created = await self._redis.set(self._key("model", model.name), json.dumps(model.__dict__), nx=True)
         if not created:
@@ -121,12 +101,12 @@ class RedisStore:
         await self._redis.sadd(self._key("models"), model.name)
         await self._publish(model.name)
 
-    @_reachable
+    @reachable
     async def get_model(self, name: str) -> ModelRecord | None:
         raw = await self._redis.get(self._key("model", name))
         return ModelRecord(**json.loads(raw)) if raw else None
 
-    @_reachable
+    @reachable
     async def list_models(self) -> list[ModelRecord]:
         names = sorted(_text(await self._redis.smembers(self._key("models"))))
         models = [await self.get_model(n) for n in names]
@@ -134,7 +114,7 @@ class RedisStore:
 
     # -- deployments ----------------------------------------------------------
 
-    @_reachable
+    @reachable
     async def create_deployment(self, deployment: DeploymentRecord) -> None:
         if await self.get_model(deployment.model_name) is None:
             raise NotFound(f"model {deployment.model_name!r} is not registered")
@@ -186,7 +166,7 @@ class RedisStore:
         await self._publish(str(data["model_name"]))
         return True
 
-    @_reachable
+    @reachable
     async def update_deployment(self, deployment_id: str, status: DeploymentStatus, reason: str | None = None) -> None:
         def change(data: dict[str, Any]) -> bool:
             data.update(status=status.value, updated_at=time.time())
@@ -198,7 +178,7 @@ class RedisStore:
 
         await self._change_deployment(deployment_id, change)
 
-    @_reachable
+    @reachable
     async def set_driver(
         self, deployment_id: str, operation: str, driver: str, lease_until: float,
         expected: tuple[str, float] | None = None,
@@ -211,7 +191,7 @@ class RedisStore:
 
         return await self._change_deployment(deployment_id, change)
 
-    @_reachable
+    @reachable
     async def set_scaling(self, deployment_id: str, replicas: int | None = None,
                           autoscaling: dict[str, Any] | None = None) -> None:
         def change(data: dict[str, Any]) -> bool:
@@ -223,13 +203,13 @@ class RedisStore:
 
         await self._change_deployment(deployment_id, change)
 
-    @_reachable
+    @reachable
     async def claim_lease(self, name: str, holder: str, until: float, now: float) -> bool:
         # one script: the read and the write of a claim are atomic however many routers race for it
         taken = await self._redis.eval(_CLAIM, 1, self._key("lease", name), holder, repr(until), repr(now))
         return bool(taken)
 
-    @_reachable
+    @reachable
     async def list_deployments(self, model_name: str | None = None) -> list[DeploymentRecord]:
         names = [model_name] if model_name else sorted(_text(await self._redis.smembers(self._key("models"))))
         records: list[DeploymentRecord] = []
@@ -242,7 +222,7 @@ class RedisStore:
 
     # -- traffic and history --------------------------------------------------
 
-    @_reachable
+    @reachable
     async def get_traffic(self, model_name: str) -> TrafficRecord:
         raw = await self._redis.get(self._key("traffic", model_name))
         if raw is None:
@@ -250,7 +230,7 @@ class RedisStore:
         data = json.loads(raw)
         return TrafficRecord(model_name, data["split"], data["revision"], data["updated_at"], data["updated_by"])
 
-    @_reachable
+    @reachable
     async def set_traffic(
         self, model_name: str, split: dict[str, int], expected_revision: int, entry: HistoryEntry
     ) -> TrafficRecord:
@@ -276,19 +256,19 @@ class RedisStore:
         await self._publish(model_name)
         return record
 
-    @_reachable
+    @reachable
     async def append_history(self, entry: HistoryEntry) -> None:
         await self._redis.rpush(self._key("history", entry.model_name), json.dumps(entry.__dict__))
         await self._publish(entry.model_name)
 
-    @_reachable
+    @reachable
     async def history(self, model_name: str, limit: int = 100) -> list[HistoryEntry]:
         raws = await self._redis.lrange(self._key("history", model_name), -limit, -1)
         return [HistoryEntry(**json.loads(raw)) for raw in raws]
 
     # -- API keys -------------------------------------------------------------
 
-    @_reachable
+    @reachable
     async def create_key(self, key: ApiKeyRecord) -> None:
         names = self._key("key_names")  # live name -> key id
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -307,13 +287,13 @@ class RedisStore:
                 raise Conflict(f"API keys changed meanwhile; retry creating {key.name!r}") from None
         await self._publish(KEYS_CHANGED)
 
-    @_reachable
+    @reachable
     async def list_keys(self) -> list[ApiKeyRecord]:
         ids = _text(await self._redis.lrange(self._key("api_keys"), 0, -1))
         raws = await self._redis.mget([self._key("api_key", i) for i in ids]) if ids else []
         return [ApiKeyRecord.from_dict(json.loads(raw)) for raw in raws if raw]
 
-    @_reachable
+    @reachable
     async def revoke_key(self, key_id: str, at: float) -> ApiKeyRecord:
         key = self._key("api_key", key_id)
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -340,7 +320,7 @@ class RedisStore:
 
     # -- inference logs -------------------------------------------------------
 
-    @_reachable
+    @reachable
     async def write_inference_logs(self, logs: list[InferenceLog]) -> None:
         if not logs:
             return
@@ -350,14 +330,14 @@ class RedisStore:
                 pipe.sadd(self._key("log_days"), log.day)
             await pipe.execute()
 
-    @_reachable
+    @reachable
     async def inference_logs(self, day: str, model_name: str | None = None) -> list[InferenceLog]:
         if not (len(day) == 8 and day.isdigit()):
             raise ValueError(f"day must be YYYYMMDD, got {day!r}")
         logs = [InferenceLog(**json.loads(r)) for r in await self._redis.lrange(self._key("logs", day), 0, -1)]
         return [log for log in logs if model_name is None or log.model_name == model_name]
 
-    @_reachable
+    @reachable
     async def drop_inference_logs_before(self, day: str) -> list[str]:
         days = sorted(d for d in _text(await self._redis.smembers(self._key("log_days"))) if d < day)
         if days:

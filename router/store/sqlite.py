@@ -3,7 +3,8 @@
 Calls run in a worker thread (the event loop never blocks on the disk) on
 one connection guarded by a lock; every write is one transaction.
 Inference logs live in one table per UTC day (``inference_logs_YYYYMMDD``),
-so retention drops whole tables instead of deleting rows.
+so retention drops whole tables instead of deleting rows; async jobs in
+``jobs`` (``sqlite_jobs``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from router.store.base import (
     TrafficRecord,
     Unavailable,
 )
+from router.store.sqlite_jobs import SQLiteJobs
 from router.store.sqlite_schema import DAY, MIGRATIONS, connect_read_only
 
 T = TypeVar("T")
@@ -46,7 +48,7 @@ _DEPLOYMENT_COLUMNS = ("id, model_name, version, status, model_dir, replicas, gp
                        "engine, operation, driver, lease_until, autoscaling")
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteJobs):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE deployments ADD COLUMN autoscaling TEXT NOT NULL DEFAULT '{}';
     CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until REAL NOT NULL);
     """,
+    # 6: async jobs (what the sweeps select by as columns; the rest of the record as JSON)
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY, status TEXT NOT NULL, runner TEXT NOT NULL, lease_until REAL NOT NULL,
+        finished_at REAL, data TEXT NOT NULL
+    );
+    CREATE INDEX jobs_by_status ON jobs(status, lease_until);
+    CREATE INDEX jobs_by_finish ON jobs(finished_at);
+    """,
 )
 
 LOG_COLUMNS = {"request_id": "TEXT", "model_name": "TEXT", "version": "TEXT", "replica": "TEXT",
