@@ -28,6 +28,7 @@ from router.api import jobs as jobs_api
 from router.api import keys as keys_api
 from router.api import openai as openai_api
 from router.api import predict as predict_api
+from router.api import shadow as shadow_api
 from router.control.autoscale.loop import Autoscaler
 from router.control.autoscale.signals import SignalSource
 from router.control.leases import driver_id
@@ -98,6 +99,7 @@ def create_app(
         # in the store when there is one (durable, shared by the routers on it), else in memory
         jobs = state.jobs = JobRunner(settings.jobs, StoreJobStore(store) if store is not None else None)
         jobs.start()
+        state.shadows.start(relay, state.admission, catalog)
         log_writer: InferenceLogWriter | None = None
         try:  # a start that fails part way still stops what it started
             for spec, replicas in static:
@@ -107,7 +109,7 @@ def create_app(
                 state.control = ControlPlane(store, backend, catalog, models_dir or Path("."), specs, samples,
                                              predictors=predictors, canary_interval_s=settings.canary_interval_s,
                                              lease_s=settings.rollout_lease_s,
-                                             router_id=driver_id(settings.port or None))
+                                             router_id=driver_id(settings.port or None), shadows=state.shadows)
 
                 async def reload_keys() -> None:
                     state.keys.replace(await store.list_keys())
@@ -134,6 +136,7 @@ def create_app(
             if state.autoscaler is not None:
                 await state.autoscaler.close()
             await jobs.close()  # before the engines and predictors its jobs use
+            await state.shadows.close()
             if state.control is not None:
                 await state.control.stop()
             if log_writer is not None:
@@ -159,6 +162,7 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(generate_api.router)
     app.include_router(control_api.router)
+    app.include_router(shadow_api.router)
     app.include_router(autoscaling_api.router)
     app.include_router(keys_api.router)
     app.include_router(predict_api.router)
