@@ -187,10 +187,6 @@ async def create_deployment(request: Request) -> JSONResponse:
     batching = body.batching.model_dump(exclude_none=True)
     model = await control.require_model(body.model_name)
     if model.framework != "vllm":
-        if body.strategy.type == "shadow":
-            raise InvalidRequest("shadows replay OpenAI requests (/v1/chat/completions, /v1/completions): a "
-                                 "traditional model's version cannot be a shadow yet; use canary",
-                                 param="strategy.type")
         if body.strategy.type == "rolling":
             raise InvalidRequest("rolling replaces engine replicas; a traditional model's version loads in the "
                                  "router: use direct, canary or blue_green", param="strategy.type")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from router.errors import APIError
+from router.predict.errors import Overloaded
 from router.relay.relay import sse_data
 from router.relay.sse import has_text
 from router.traffic.shadow_report import Outcome, Pair, ShadowReport
@@ -66,6 +67,9 @@ class Replay:
     tap: list[bytes] = field(default_factory=list)  # the primary's answer: a body, or a stream's event data
     primary: Outcome | None = None
     primary_version: str = ""
+    inputs: dict[str, Any] | None = None  # a prediction's input columns (arrays), replayed as they are
+    outputs: dict[str, Any] | None = None  # the primary's output columns
+    predict_ms: float = 0.0  # how long the primary's prediction took (its checks and batcher)
 
 
 def answer_text(data: list[bytes]) -> str:
@@ -90,6 +94,19 @@ def greedy(payload: dict[str, Any]) -> bool:
     """Temperature 0 asked for: the only answers that must match exactly."""
     temperature = payload.get("temperature")
     return isinstance(temperature, int | float) and temperature == 0
+
+
+def labels_and_scores(outputs: dict[str, Any]) -> tuple[list[Any], list[float]]:
+    """A prediction's labels and one score a row: the positive class's probability of a binary classifier,
+    the top probability of a multi-class one, a regressor's ``score``."""
+    labels = outputs["label"].tolist() if "label" in outputs else []
+    if "probabilities" in outputs:
+        probabilities = outputs["probabilities"]
+        column = probabilities[:, 1] if probabilities.shape[1] == 2 else probabilities.max(axis=1)
+        return labels, [float(v) for v in column]
+    if "score" in outputs:
+        return labels, [float(v) for v in outputs["score"].reshape(-1)]
+    return labels, []
 
 
 def primary_outcome(record: RequestRecord, text: str) -> Outcome:
@@ -148,6 +165,19 @@ class Shadows:
         record.on_finish.append(lambda finished: self._finished(replay, finished))
         return replay
 
+    def sample_predict(self, record: RequestRecord, inputs: dict[str, Any], outputs: dict[str, Any],
+                       latency_ms: float) -> None:
+        """A prediction answered (``predict``): replayed to the model's shadow when the draw picks it, queued
+        when its record finishes (the arrays are kept by reference, read only by the worker)."""
+        target = self._targets.get(record.model)
+        if target is None or record.version == target.version or not self._tasks \
+                or self._rng.random() * 100 >= target.sample_percent:
+            return
+        target.report.count("sampled")
+        replay = Replay(target, record.request_id, "predict", {}, False, record.user,
+                        primary_version=record.version, inputs=inputs, outputs=outputs, predict_ms=latency_ms)
+        record.on_finish.append(lambda finished: self._finished(replay, finished))
+
     def _finished(self, replay: Replay, record: RequestRecord) -> None:
         if record.status_code == 499:  # the client went away: nothing whole to compare
             return
@@ -193,6 +223,9 @@ class Shadows:
         if served is None or not served.can_answer or self._targets.get(target.model_name) is not target:
             report.count("unavailable")
             return
+        if replay.inputs is not None:  # a prediction: the batcher's batch band is its admission
+            await self._predict(served, replay)
+            return
         # 2. the batch band: a saturated shadow refuses it
         if self._admission is not None:
             try:
@@ -208,6 +241,27 @@ class Shadows:
                           primary.output_tokens, error=primary.error)
         # 4. the pair
         report.add(Pair(replay.request_id, replay.primary_version, primary, shadow, greedy(replay.payload)))
+
+    async def _predict(self, served: Any, replay: Replay) -> None:
+        assert replay.inputs is not None and replay.outputs is not None and replay.primary is not None
+        report = replay.target.report
+        started = time.perf_counter()
+        try:
+            outputs = await served.predictor.batcher.submit(replay.inputs, "batch", None)
+        except Overloaded:  # the batcher refuses batch work it has no room or time for
+            report.count("shed")
+            return
+        except Exception as exc:  # the shadow's own failure: counted in its error rate
+            logger.warning("shadow prediction of request %s failed: %r", replay.request_id, exc,
+                           extra={"request_id": replay.request_id})
+            shadow = Outcome(False, (time.perf_counter() - started) * 1000, error=type(exc).__name__)
+        else:
+            labels, scores = labels_and_scores(outputs)
+            shadow = Outcome(True, (time.perf_counter() - started) * 1000, labels=labels, scores=scores)
+        labels, scores = labels_and_scores(replay.outputs)
+        primary = Outcome(replay.primary.ok, replay.predict_ms, labels=labels, scores=scores,
+                          error=replay.primary.error)
+        report.add(Pair(replay.request_id, replay.primary_version, primary, shadow))
 
     async def _send(self, served: Any, replay: Replay, payload: dict[str, Any]) -> Outcome:
         assert self._relay is not None
