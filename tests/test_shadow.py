@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -212,6 +213,9 @@ async def test_a_shadow_with_other_answers_is_found_then_promoted_to_a_canary_an
         await deploy_shadow(client, r.url, "v2", sample_percent=100)
         again = await client.post(url, json={"model_name": MODEL, "version": "v3", "strategy": {"type": "shadow"}})
         assert again.status_code == 409 and "already the shadow" in again.json()["error"]["message"]
+        as_canary = await client.post(url, json={"model_name": MODEL, "version": "v2", "traffic_percent": 0,
+                                                 "strategy": {"type": "canary"}})
+        assert as_canary.status_code == 409, as_canary.text  # one version: a shadow, or a canary, never both
         for n in range(25):
             response = await chat(client, r.url, n=n)
             assert response.status_code == 200 and response.headers["x-model-version"] == "v1"
@@ -236,3 +240,30 @@ async def test_a_shadow_with_other_answers_is_found_then_promoted_to_a_canary_an
         assert both.status_code == 409 and "canary" in both.json()["error"]["message"]
         history = [h["action"] for h in (await client.get(f"{url}/{MODEL}")).json()["history"]]
         assert "shadow" in history and "shadow_promote" in history
+
+
+async def test_a_predict_shadow_reports_label_agreement_and_score_differences(tmp_path: Path,
+                                                                              example_models: Path) -> None:
+    from tests.test_predict_api import XGB, features, predict_router
+    from tests.test_predict_api import deploy as deploy_predict
+
+    async with predict_router(tmp_path, example_models) as (router, client):
+        repo = tmp_path / "models" / XGB
+        shutil.copytree(repo / "v1", repo / "v2")
+        await deploy_predict(client, XGB, "v2", 0, strategy={"type": "shadow", "sample_percent": 100})
+        deadline = time.monotonic() + 10
+        while (await client.get(f"/api/v1/deployments/{XGB}/shadow")).status_code != 200:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        rows = features(3)
+        for n in range(10):
+            response = await client.post(f"/api/v1/models/{XGB}/predict",
+                                         json={"inputs": [{"features": row} for row in rows]},
+                                         headers={"x-user-id": f"u{n}"})
+            assert response.status_code == 200 and response.json()["version"] == "v1"
+        await router.app.state.router.shadows.drain()
+        report = (await client.get(f"/api/v1/deployments/{XGB}/shadow")).json()
+    assert report["kind"] == "predict" and report["counts"]["compared"] == 10
+    assert report["label_agreement"]["n"] == 30 and report["label_agreement"]["rate"] == 1.0  # the same model
+    assert report["score_abs_diff"]["max"] == 0.0 and report["latency_ratio"]["n"] == 10
+    assert report["examples"][0]["shadow"]["labels"] == report["examples"][0]["primary"]["labels"]
