@@ -267,3 +267,45 @@ async def test_a_predict_shadow_reports_label_agreement_and_score_differences(tm
     assert report["label_agreement"]["n"] == 30 and report["label_agreement"]["rate"] == 1.0  # the same model
     assert report["score_abs_diff"]["max"] == 0.0 and report["latency_ratio"]["n"] == 10
     assert report["examples"][0]["shadow"]["labels"] == report["examples"][0]["primary"]["labels"]
+
+
+class HangingRelay:
+    """A relay whose upstream never answers: a shadow that hangs."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    def deadline(self) -> float:
+        return time.monotonic() + 60
+
+    async def open(self, *args: Any, **kwargs: Any) -> Any:
+        self.opened += 1
+        await asyncio.Event().wait()
+
+
+async def test_a_hanging_shadow_never_delays_the_request_and_a_full_queue_drops_and_counts() -> None:
+    import random
+    from types import SimpleNamespace
+
+    from router.observe.request_record import RequestRecord
+    from router.traffic.shadow import Shadows
+
+    served = SimpleNamespace(can_answer=True, versioned_name=f"{MODEL}:v2")
+    catalog = SimpleNamespace(find=lambda _name: SimpleNamespace(versions={"v2": served}))
+    relay = HangingRelay()
+    shadows = Shadows(queue_size=2, workers=1, rng=random.Random(0))
+    shadows.start(relay, None, catalog)  # type: ignore[arg-type]
+    target = shadows.add(MODEL, "v2", 100)
+    try:
+        for n in range(5):
+            record = RequestRecord(f"r{n}", "/v1/chat/completions", model=MODEL, version="v1")
+            assert shadows.sample(record, "/v1/chat/completions", {"model": MODEL}, stream=True) is not None
+            started = time.perf_counter()
+            record.finish(200)  # the client's answer is complete: the replay is queued, never awaited
+            assert time.perf_counter() - started < 0.05
+            await asyncio.sleep(0.01)  # the worker takes the first and hangs in it
+        counts = target.report.to_dict()["counts"]
+        assert relay.opened == 1 and counts["sampled"] == 5
+        assert counts["dropped_queue_full"] == 2  # one replaying, two queued, two dropped
+    finally:
+        await shadows.close()
