@@ -44,6 +44,7 @@ from router.observe.engine_metrics import EngineMetricsScraper
 from router.observe.inference_log import InferenceLogWriter
 from router.observe.metrics import Metrics, NoMetrics, RouterMetrics
 from router.observe.samples import SampleWindows
+from router.observe.shadow_metrics import ShadowCollector
 from router.predict.batcher import BatchingConfig
 from router.predict.host import PredictorHost
 from router.relay.relay import Relay
@@ -92,6 +93,8 @@ def create_app(
                             admission=Admission(settings.admission, catalog, samples, scraper, metrics, demand=demand),
                             metrics=metrics, demand=demand)
         app.state.router = state
+        if isinstance(metrics, RouterMetrics):
+            metrics.registry.register(ShadowCollector(state.shadows))  # replays, apart from the requests'
         if settings.auth.admin_key is not None:
             state.keys.add_static(configured_admin(settings.auth.admin_key.get_secret_value()))
         if limiter is not None:

@@ -185,7 +185,13 @@ async def test_a_slower_shadow_never_answers_a_client_costs_no_quota_and_its_rep
         pinned = await client.post(f"{r.url}/v1/chat/completions", headers={"x-model-version": "v2"},
                                    json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
         assert pinned.status_code == 404 and "shadow" in pinned.json()["error"]["message"]
+        metrics = (await client.get(f"{r.url}/metrics")).text
         report = (await client.get(f"{r.url}/api/v1/deployments/{MODEL}/shadow")).json()
+    # replays are counted apart, labelled; none is in the request metrics (the primary's and the SLO's)
+    assert f'llmserve_shadow_replays_total{{model="{MODEL}",outcome="compared",version="v2"}} 40.0' in metrics
+    assert f'llmserve_shadow_ratio{{model="{MODEL}",signal="ttft",version="v2"}}' in metrics
+    assert not [line for line in metrics.splitlines()
+                if line.startswith("llmserve_requests_total") and 'version="v2"' in line]
     assert report["counts"]["sampled"] == 40 and report["counts"]["compared"] == 40, report["counts"]
     assert report["ttft_ratio"]["ci95"][0] > 1.0, report["ttft_ratio"]
     assert report["tpot_ratio"]["ci95"][0] > 1.0, report["tpot_ratio"]

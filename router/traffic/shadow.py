@@ -145,6 +145,9 @@ class Shadows:
     def remove(self, model_name: str) -> ShadowTarget | None:
         return self._targets.pop(model_name, None)
 
+    def targets(self) -> list[ShadowTarget]:
+        return list(self._targets.values())
+
     def is_shadow(self, model_name: str, version: str) -> bool:
         target = self._targets.get(model_name)
         return target is not None and target.version == version

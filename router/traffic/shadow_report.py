@@ -134,6 +134,18 @@ class ShadowReport:
 
     # -- the summary ------------------------------------------------------------
 
+    def ratios(self) -> dict[str, float | None]:
+        """The paired ratios shadow/primary alone (for the metrics): ``ttft``, ``tpot``, ``latency``."""
+        both = [p for p in self.pairs if p.primary.ok and p.shadow.ok]
+        result: dict[str, float | None] = {}
+        for signal in ("ttft", "tpot", "latency"):
+            field_name = f"{signal}_ms"
+            pairs = [(getattr(p.shadow, field_name), getattr(p.primary, field_name)) for p in both]
+            pairs = [(s, q) for s, q in pairs if s is not None and q is not None]
+            summary = ratio_ci([s for s, _ in pairs], [q for _, q in pairs])
+            result[signal] = None if summary is None else summary[0]
+        return result
+
     def to_dict(self) -> dict[str, Any]:
         pairs = list(self.pairs)
         both = [p for p in pairs if p.primary.ok and p.shadow.ok]
