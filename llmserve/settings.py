@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llmserve.jobs_settings import JobsSettings
 from llmserve.kubernetes_settings import KubernetesSettings
+from llmserve.shadow_settings import ShadowSettings
 
 
 def _default_data_dir() -> Path:
@@ -287,6 +288,7 @@ class RouterSettings(BaseModel):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
 
     @model_validator(mode="after")
     def _no_open_router_off_loopback(self) -> RouterSettings:

@@ -53,6 +53,7 @@ from router.store import Store
 from router.traffic.catalog import Catalog, ServedVersion
 from router.traffic.cold_start import ColdStarts
 from router.traffic.demand import Demand
+from router.traffic.shadow import Shadows
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ def create_app(
         state = RouterState(settings=settings, catalog=catalog, relay=relay, backend=backend, samples=samples,
                             admission=Admission(settings.admission, catalog, samples, scraper, metrics, demand=demand),
                             metrics=metrics, demand=demand)
+        shadow = settings.shadow
+        state.shadows = Shadows(shadow.queue_size, shadow.workers, max_pairs=shadow.max_pairs)
         app.state.router = state
         if isinstance(metrics, RouterMetrics):
             metrics.registry.register(ShadowCollector(state.shadows))  # replays, apart from the requests'

@@ -6,7 +6,8 @@ copy of the body and taps the primary's answer (``RequestRecord.tap``); once the
 complete (the record's finish hook) a ``Replay`` goes into a bounded queue, ``put_nowait``: the
 request's path never waits for shadowing. When the queue is full the replay is dropped and counted.
 
-The workers (``workers`` of them, ``start``/``close`` by the app's lifespan), per replay:
+The workers (``workers`` of them, ``start``/``close`` by the app's lifespan; the sizes come from
+``llmserve.shadow_settings.ShadowSettings``), per replay:
 1. find the shadow version in the catalog (gone or not ready: counted ``unavailable``);
 2. admit it in the batch band (``Admission.admit(..., "batch")``): a saturated shadow refuses it,
    counted ``shed``; nothing waits for room;
@@ -121,12 +122,13 @@ class Shadows:
     """The shadow version of each model (at most one), and the replay of sampled requests to it."""
 
     def __init__(self, queue_size: int = 256, workers: int = 2, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, max_pairs: int = 5000) -> None:
         self._targets: dict[str, ShadowTarget] = {}
         self._queue: asyncio.Queue[Replay] = asyncio.Queue(maxsize=queue_size)
         self._workers = workers
         self._rng = rng or random.Random()
         self.clock = clock
+        self._max_pairs = max_pairs
         self._tasks: list[asyncio.Task[None]] = []
         self._relay: Relay | None = None
         self._admission: Admission | None = None
@@ -135,7 +137,8 @@ class Shadows:
     # -- the registry -----------------------------------------------------------
 
     def add(self, model_name: str, version: str, sample_percent: int, predict: bool = False) -> ShadowTarget:
-        report = ShadowReport(model_name, version, sample_percent, predict=predict, clock=self.clock)
+        report = ShadowReport(model_name, version, sample_percent, predict=predict, clock=self.clock,
+                              max_pairs=self._max_pairs)
         target = self._targets[model_name] = ShadowTarget(model_name, version, sample_percent, report)
         return target
 
