@@ -315,3 +315,26 @@ async def test_a_hanging_shadow_never_delays_the_request_and_a_full_queue_drops_
         assert counts["dropped_queue_full"] == 2  # one replaying, two queued, two dropped
     finally:
         await shadows.close()
+
+
+async def test_a_shadow_outlives_a_router_restart(tmp_path: Path) -> None:
+    async with v1_serving(tmp_path, factory()) as (r, client):
+        await deploy_shadow(client, r.url, "v2", sample_percent=100)
+    settings = RouterSettings(port=free_port(), retry_after_s=2, admission=AdmissionSettings(enabled=False),
+                              auth=AuthSettings(enabled=True, admin_key=SecretStr(ADMIN)))
+    async with run_router([], tmp_path, router_settings=settings, store=SQLiteStore(tmp_path / "db"),
+                          program_factory=factory()) as r, httpx.AsyncClient(timeout=30, headers=AUTH) as client:
+        shadow = await client.get(f"{r.url}/api/v1/deployments/{MODEL}/shadow")
+        assert shadow.status_code == 200 and shadow.json()["sample_percent"] == 100, shadow.text
+        deadline = time.monotonic() + 20
+        while not r.app.state.router.catalog.find(MODEL).versions["v2"].can_answer:
+            assert time.monotonic() < deadline, "the shadow's replica never got ready after the restart"
+            await asyncio.sleep(0.05)
+        for n in range(5):
+            response = await chat(client, r.url, n=n)
+            assert response.status_code == 200 and response.headers["x-model-version"] == "v1"
+        await r.app.state.router.shadows.drain()
+        assert (await client.get(f"{r.url}/api/v1/deployments/{MODEL}/shadow")).json()["counts"]["compared"] == 5
+        deleted = await client.delete(f"{r.url}/api/v1/deployments/{MODEL}/versions/v2")
+        assert deleted.status_code == 200
+        assert (await client.get(f"{r.url}/api/v1/deployments/{MODEL}/shadow")).status_code == 404

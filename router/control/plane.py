@@ -54,7 +54,7 @@ from router.control.strategies.blue_green import BlueGreen
 from router.control.strategies.canary import Canary, CanaryRollout
 from router.control.strategies.direct import Direct
 from router.control.strategies.rolling import Rolling
-from router.control.strategies.shadow import Shadow, check_deploy, promote
+from router.control.strategies.shadow import Shadow, check_deploy, promote, restore
 from router.control.versions import LocalVersions, NoPredictorHost, SpecBuilder
 from router.observe.samples import SampleWindows
 from router.predict.host import PredictorHost
@@ -132,7 +132,7 @@ class ControlPlane:
     async def start(self) -> None:
         """Rebuild this router's view from the store, then follow its changes."""
         for model in await self.store.list_models():
-            await self._reconciler.reconcile(model.name)
+            await self._reconcile(model.name)
         # What a previous run of this router left half done is settled before anything new starts
         # (``llmserve up`` deploys its model when it finds no live deployment of it).
         try:
@@ -160,11 +160,15 @@ class ControlPlane:
             if model_name == RESYNC:  # the feed (re)started: what changed while it was down is unknown
                 await self.on_keys_changed()
                 for model in await self.store.list_models():
-                    await self._reconciler.reconcile(model.name)
+                    await self._reconcile(model.name)
             elif model_name == KEYS_CHANGED:
                 await self.on_keys_changed()
             else:
-                await self._reconciler.reconcile(model_name)
+                await self._reconcile(model_name)
+
+    async def _reconcile(self, model_name: str) -> None:
+        await self._reconciler.reconcile(model_name)
+        await restore(self.store, self.shadows, model_name, await self._is_predict(model_name))
 
     async def _renew_and_recover(self) -> None:
         await self.leases.renew()

@@ -19,10 +19,12 @@ from router.control.canary_analysis import CanaryPolicy
 from router.control.strategies.base import Rollout, Traffic, launch_and_wait, mark_active
 from router.control.strategies.canary import CanaryRollout, CanaryState, CanaryStatus
 from router.observe.samples import SampleWindows
-from router.store import Conflict, DeploymentStatus, HistoryEntry, NotFound
+from router.store import Conflict, DeploymentStatus, HistoryEntry, NotFound, Store
 from router.traffic.shadow import Shadows, ShadowTarget
 
 logger = logging.getLogger(__name__)
+
+_HISTORY = 1000  # how far back ``restore`` reads a model's history for its shadow
 
 
 class Shadow:
@@ -32,11 +34,14 @@ class Shadow:
     async def run(self, rollout: Rollout) -> None:
         await launch_and_wait(rollout)
         ready_s, stable = await mark_active(rollout)
-        self._shadows.add(rollout.model_name, rollout.version, rollout.plan.sample_percent, predict=rollout.predict)
+        # the history first: it is what every router (this one after a restart too) follows (``restore``)
         await rollout.control.store.append_history(HistoryEntry(
             rollout.model_name, "shadow", rollout.actor,
             {"version": rollout.version, "sample_percent": rollout.plan.sample_percent, "primary": stable,
              "ready_after_s": round(ready_s, 2)}))
+        if not self._shadows.is_shadow(rollout.model_name, rollout.version):  # a change feed may have been first
+            self._shadows.add(rollout.model_name, rollout.version, rollout.plan.sample_percent,
+                              predict=rollout.predict)
         logger.info("shadow %s:%s ready: %d%% of the requests replayed to it", rollout.model_name,
                     rollout.version, rollout.plan.sample_percent)
 
@@ -90,13 +95,41 @@ async def promote(control: Traffic, shadows: Shadows, canaries: dict[str, Canary
     stable = max((v for v in split if split[v] > 0 and v != target.version), key=split.__getitem__, default=None)
     if stable is None:
         raise Conflict(f"model {model_name!r} has no other version with traffic to compare a canary with")
-    shadows.remove(model_name)
     state = CanaryState(model_name, target.version, stable, policy)
     rollout = CanaryRollout(control, samples, state, actor, interval_s)
     canaries[model_name] = rollout
-    await control.store.append_history(HistoryEntry(
+    await control.store.append_history(HistoryEntry(  # ends the shadow on every router (``restore``)
         model_name, "shadow_promote", actor,
         {"version": target.version, "stable": stable, "report": {
             k: v for k, v in target.report.to_dict().items() if k != "examples"}}))
+    shadows.remove(model_name)
     control.spawn(rollout.run(), name=f"canary {model_name}:{target.version}")
     return rollout
+
+
+async def restore(store: Store, shadows: Shadows, model_name: str, predict: bool) -> None:
+    """Make this router's shadow of the model what the store says, at start and after each change.
+
+    The shadow is the version of the latest ``shadow`` entry of the model's history (its last 1,000
+    entries), unless a later ``shadow_promote`` or ``delete`` of that version ended it, while that
+    version is active with no share of the split. So a shadow outlives its router's restart and reaches
+    every router on the store; each keeps its own report, of the requests it answers.
+    """
+    version: str | None = None
+    sample = 0
+    for entry in await store.history(model_name, limit=_HISTORY):
+        if entry.action == "shadow":
+            version, sample = entry.detail.get("version"), int(entry.detail.get("sample_percent", 0))
+        elif entry.action in ("shadow_promote", "delete") and entry.detail.get("version") == version:
+            version = None
+    if version is not None:
+        active = {d.version for d in await store.list_deployments(model_name) if d.status is DeploymentStatus.ACTIVE}
+        if version not in active or (await store.get_traffic(model_name)).split.get(version, 0) > 0 \
+                or not 1 <= sample <= 100:
+            version = None
+    current = shadows.get(model_name)
+    if version is None:
+        if current is not None:
+            shadows.remove(model_name)
+    elif current is None or current.version != version:
+        shadows.add(model_name, version, sample, predict=predict)
