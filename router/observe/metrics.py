@@ -119,10 +119,21 @@ class RouterMetrics:
         self.cold_start_wait = Histogram("llmserve_cold_start_wait_seconds", "How long requests were held for "
                                          "a version to start from zero", labels, buckets=LATENCY_BUCKETS,
                                          registry=self.registry)
+        self.batch_lines = Counter("llmserve_batch_lines", "Lines of batches (the Batch API) by outcome: completed "
+                                   "(2xx), failed, refused (put back: the batch band was shed)", ["outcome"],
+                                   registry=self.registry)
+        self.batches_finished = Counter("llmserve_batches_finished", "Batches finished by this router, by final "
+                                        "status", ["status"], registry=self.registry)
         self.registry.register(_CatalogCollector(catalog))
         self.registry.register(_LoopCollector())
 
     enabled = True
+
+    def batch_line(self, outcome: str) -> None:
+        self.batch_lines.labels(outcome).inc()
+
+    def batch_finished(self, status: str) -> None:
+        self.batches_finished.labels(status).inc()
 
     def key_refused(self, key_id: str, limit: str) -> None:
         self.key_refusals.labels(key_id, limit).inc()
@@ -207,6 +218,12 @@ class NoMetrics:
         return None
 
     def key_refused(self, key_id: str, limit: str) -> None:
+        return None
+
+    def batch_line(self, outcome: str) -> None:
+        return None
+
+    def batch_finished(self, status: str) -> None:
         return None
 
     def key_tokens(self, key_id: str, tokens: int) -> None:
