@@ -208,6 +208,30 @@ async def test_a_batch_whose_router_died_is_resumed_elsewhere_with_every_custom_
     await store.close()
 
 
+async def test_the_batch_nearest_its_deadline_is_claimed_first(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db")
+    files = FileStore(tmp_path / "files")
+    upload = await files.save(jsonl([request_line("only")]), "in.jsonl", "batch", None)
+    now = time.time()
+    relaxed = Batch(endpoint=CHAT, input_file_id=upload.id, completion_window="24h", created_at=now,
+                    expires_at=now + 86400)
+    urgent = Batch(endpoint=CHAT, input_file_id=upload.id, completion_window="1h", created_at=now + 1,
+                   expires_at=now + 3600)
+    for batch in (relaxed, urgent):
+        await store.add_batch(batch.to_record())
+    gate = asyncio.Event()
+
+    async def held(b: Batch, line: Line, request_id: str) -> LineAnswer:
+        await gate.wait()
+        return LineAnswer(200, {})
+
+    runner = BatchRunner(BatchesSettings(max_active=1), store, files, held, runner="r")
+    await runner.scan()
+    assert runner.active == [urgent.id]
+    await runner.close()
+    await store.close()
+
+
 # -- the openai client against a router over simulated engines ------------------------------------------------
 
 @asynccontextmanager
@@ -270,6 +294,10 @@ async def test_openai_client_round_trip_with_bad_lines_limits_cancel_and_expiry(
         assert errors["wrong-url"]["error"]["code"] == "invalid_url" and errors["wrong-url"]["error"]["line"] == 22
         assert errors["no-model"]["response"]["status_code"] == 404  # the key may not use it: unknown to it
         assert batch.errors is not None and {e.line for e in batch.errors.data} == {11, 22}
+        async with httpx.AsyncClient(base_url=router.url, timeout=30) as raw:
+            exposition = (await raw.get("/metrics")).text
+        assert 'llmserve_batch_lines_total{outcome="completed"} 40.0' in exposition
+        assert 'llmserve_batches_finished_total{status="completed"} 1.0' in exposition
         listed = await client.batches.list(limit=10)
         assert [b.id for b in listed.data] == [created.id]
 
@@ -309,6 +337,12 @@ async def test_openai_client_round_trip_with_bad_lines_limits_cancel_and_expiry(
         unfinished = await jsonl_of(client, expired.error_file_id)
         done = await jsonl_of(client, expired.output_file_id) if expired.output_file_id else []
         assert len(done) + len(unfinished) == 30 and {e["error"]["code"] for e in unfinished} == {"batch_expired"}
+
+        # the listing: newest first, pages by after and limit
+        first = await client.batches.list(limit=2)
+        assert [b.id for b in first.data] == [late.id, running.id] and first.has_more
+        rest = await client.batches.list(limit=2, after=running.id)
+        assert [b.id for b in rest.data] == [created.id] and not rest.has_more
 
 
 

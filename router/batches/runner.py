@@ -2,7 +2,8 @@
 
 1. Every ``scan_interval_s`` (or at once, on ``wake``) a ``PeriodicLoop`` lists the unfinished batches and
    claims those nobody holds (new, or whose router's lease lapsed: it stopped), up to ``max_active`` on this
-   router. The claim is the store's compare-and-change: with several routers on one store, one wins.
+   router, earliest deadline first (``expires_at``: the batch nearest its window's end runs first). The
+   claim is the store's compare-and-change: with several routers on one store, one wins.
 2. A claimed batch in ``validating`` reads its input file (missing: ``failed``), checks every line
    (``models.parse_line``) and counts them; then ``in_progress``.
 3. The lines the store has not recorded run through ``execute`` (the online API's own code, admitted as
@@ -62,6 +63,12 @@ class LineAnswer:
 LineExecutor = Callable[[Batch, Line, str], Awaitable[LineAnswer]]
 
 
+def _deadline(record: BatchRecord) -> tuple[float, float]:
+    """The order batches are claimed in: earliest ``expires_at`` first (a batch closer to missing its
+    window gets a runner before one with time to spare), then the oldest."""
+    return float(record.detail.get("expires_at", float("inf"))), record.created_at
+
+
 class LostBatch(Exception):
     """This router no longer holds the batch (its lease lapsed and another router took it)."""
 
@@ -110,7 +117,7 @@ class BatchRunner:
     # 1. scan and claim
     async def scan(self) -> None:
         now = self._clock()
-        for record in reversed(await self.store.list_batches()):  # oldest first
+        for record in sorted(await self.store.list_batches(), key=_deadline):  # earliest deadline first
             if len(self._active) >= self.settings.max_active or self._closing:
                 return
             if not record.unfinished or record.id in self._active:
