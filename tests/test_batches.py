@@ -143,8 +143,8 @@ async def _poll(predicate: Any, timeout_s: float = 20) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_a_batch_whose_router_died_is_resumed_elsewhere_with_every_custom_id_once(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "db")
+async def test_a_batch_whose_router_died_is_resumed_elsewhere_with_every_custom_id_once(tmp_path: Path,
+                                                                                      store: Store) -> None:
     files = FileStore(tmp_path / "files")
     clock = Clock()
     content = jsonl([request_line(f"r{i}") for i in range(30)] + [b"{bad"])
@@ -205,7 +205,6 @@ async def test_a_batch_whose_router_died_is_resumed_elsewhere_with_every_custom_
     assert [(e["error"]["code"], e["error"]["line"]) for e in errors] == [("invalid_json_line", 31)]
     assert all(calls[f"r{i}"] <= 3 for i in range(30))  # at most: a's in-flight try, b's refusal, b's run
     await b.close()
-    await store.close()
 
 
 async def test_the_batch_nearest_its_deadline_is_claimed_first(tmp_path: Path) -> None:
@@ -308,8 +307,15 @@ async def test_openai_client_round_trip_with_bad_lines_limits_cancel_and_expiry(
             await client.files.create(file=("big.jsonl", jsonl([request_line(f"x{i}") for i in range(201)])),
                                       purpose="batch")
         assert too_big.value.status_code == 413 and "max_lines" in str(too_big.value.body).lower()
+        with pytest.raises(openai.APIStatusError) as too_many_bytes:
+            await client.files.create(file=("huge.jsonl", b"x" * (70 << 10) + b"\n"), purpose="batch")
+        assert too_many_bytes.value.status_code == 413 and "max_file_bytes" in str(too_many_bytes.value.body).lower()
         with pytest.raises(openai.BadRequestError):
             await client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+        spare = await client.files.create(file=("spare.jsonl", good[0] + b"\n"), purpose="batch")
+        assert (await client.files.delete(spare.id)).deleted
+        with pytest.raises(openai.NotFoundError):
+            await client.files.retrieve(spare.id)
         admin = client_of(router, ADMIN)
         assert (await admin.batches.retrieve(created.id)).id == created.id
         other = client_of(router, (await _key(router)))

@@ -272,8 +272,8 @@ class BatchRunner:
 
     async def _finalize(self, batch: Batch, lines: list[Line]) -> None:
         now = self._clock()
-        if batch.status in ("cancelling", "cancelled"):
-            final = "cancelled"
+        if batch.status in ("cancelling", "cancelled") or batch.cancelling_at is not None:
+            final = "cancelled"  # cancelling_at says so too for a batch resumed while finalizing
         elif batch.status == "expired" or (now >= batch.expires_at and
                                            batch.completed + batch.failed < batch.total):
             final = "expired"
