@@ -20,7 +20,7 @@ import pytest
 from pydantic import SecretStr
 
 from llmserve.batches_settings import BatchesSettings
-from llmserve.settings import AuthSettings, RouterSettings
+from llmserve.settings import AdmissionSettings, AuthSettings, RouterSettings
 from loadtest.sim import SimEngineProgram
 from loadtest.simstack import StaticVersion
 from router.batches.files import FileStore
@@ -234,9 +234,11 @@ async def test_the_batch_nearest_its_deadline_is_claimed_first(tmp_path: Path) -
 # -- the openai client against a router over simulated engines ------------------------------------------------
 
 @asynccontextmanager
-async def batch_router(tmp_path: Path, port: int | None = None) -> AsyncIterator[tuple[RunningRouter, str]]:
+async def batch_router(tmp_path: Path, admission: AdmissionSettings | None = None
+                       ) -> AsyncIterator[tuple[RunningRouter, str]]:
     """Auth on; ``chat`` (fast), ``slow`` (300 ms a line) and ``secret`` (a model the batch key may not use)."""
-    settings = RouterSettings(port=port or free_port(), retry_after_s=1, batches=FAST,
+    settings = RouterSettings(port=free_port(), retry_after_s=1, batches=FAST,
+                              admission=admission or AdmissionSettings(),
                               auth=AuthSettings(enabled=True, admin_key=SecretStr(ADMIN)))
     versions = [StaticVersion(SimEngineProgram("chat", "v1", ttft_ms=2, itl_ms=1)),
                 StaticVersion(SimEngineProgram("slow", "v1", ttft_ms=300, itl_ms=1)),
@@ -386,3 +388,39 @@ async def test_a_router_restarted_mid_batch_resumes_it_with_every_custom_id_once
         out = await jsonl_of(client, done.output_file_id)
         assert sorted(o["custom_id"] for o in out) == sorted(f"s{i}" for i in range(30))
         assert done.error_file_id is None
+
+
+async def test_a_batch_backs_off_while_online_load_saturates_the_version_and_still_runs_every_line(
+        tmp_path: Path) -> None:
+    """Online requests keep ``slow`` saturated (two in flight is its limit here) for a while: admission sheds the
+    batch's lines (429 with Retry-After), the batch pauses and halves its window, and every line still runs once."""
+    admission = AdmissionSettings(max_outstanding_per_replica=2, min_hold_s=0.1)
+    async with batch_router(tmp_path, admission) as (router, key):
+        client = client_of(router, key)
+        stop = asyncio.Event()
+
+        async def online_user() -> None:
+            while not stop.is_set():
+                await client.chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=2)
+
+        users = [asyncio.create_task(online_user()) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        upload = await client.files.create(file=("in.jsonl", jsonl([request_line(f"s{i}", "slow") for i in range(8)])),
+                                           purpose="batch")
+        batch = await client.batches.create(input_file_id=upload.id, endpoint=CHAT, completion_window="24h")
+        await asyncio.sleep(2.0)
+        stop.set()
+        await asyncio.gather(*users)
+        done = await settled(client, batch.id, timeout_s=90)
+        assert done.status == "completed" and done.request_counts is not None and done.request_counts.completed == 8
+        out = await jsonl_of(client, done.output_file_id)
+        assert sorted(o["custom_id"] for o in out) == sorted(f"s{i}" for i in range(8))
+        async with httpx.AsyncClient(base_url=router.url, timeout=30) as raw:
+            exposition = (await raw.get("/metrics")).text
+        refused = [line for line in exposition.splitlines()
+                   if line.startswith('llmserve_batch_lines_total{outcome="refused"}')]
+        assert refused and float(refused[0].split()[-1]) >= 1
+        shed = [line for line in exposition.splitlines()
+                if line.startswith('llmserve_admission_total{model="slow",outcome="rejected",priority="batch"}')]
+        assert shed and float(shed[0].split()[-1]) >= 1
