@@ -299,6 +299,7 @@ async def test_openai_client_round_trip_with_bad_lines_limits_cancel_and_expiry(
             exposition = (await raw.get("/metrics")).text
         assert 'llmserve_batch_lines_total{outcome="completed"} 40.0' in exposition
         assert 'llmserve_batches_finished_total{status="completed"} 1.0' in exposition
+        assert "llmserve_batches_running 0.0" in exposition and "llmserve_batch_window 0.0" in exposition
         listed = await client.batches.list(limit=10)
         assert [b.id for b in listed.data] == [created.id]
 

@@ -181,6 +181,12 @@ class BatchRunner:
         finally:
             self._active.pop(batch.id, None)
             self._windows.pop(batch.id, None)
+            self._report_load()
+
+    def _report_load(self) -> None:
+        now = self._clock()
+        window = sum(0.0 if aimd.pause_left(now) else aimd.window for aimd in self._windows.values())
+        self._metrics.batch_load(len(self._active), window)
 
     async def _run(self, batch: Batch) -> None:
         content = await self.files.content(batch.input_file_id)
@@ -256,6 +262,7 @@ class BatchRunner:
                 if self._clock() >= next_save:
                     await self._save(batch)
                     next_save = self._clock() + self.settings.progress_interval_s
+                    self._report_load()
         finally:
             for task in in_flight:
                 task.cancel()

@@ -124,6 +124,10 @@ class RouterMetrics:
                                    registry=self.registry)
         self.batches_finished = Counter("llmserve_batches_finished", "Batches finished by this router, by final "
                                         "status", ["status"], registry=self.registry)
+        self.batch_window = Gauge("llmserve_batch_window", "Lines the batches running on this router may have in "
+                                  "flight now (the sum of their AIMD windows; 0 while paused)", registry=self.registry)
+        self.batches_running = Gauge("llmserve_batches_running", "Batches this router runs now",
+                                     registry=self.registry)
         self.registry.register(_CatalogCollector(catalog))
         self.registry.register(_LoopCollector())
 
@@ -134,6 +138,10 @@ class RouterMetrics:
 
     def batch_finished(self, status: str) -> None:
         self.batches_finished.labels(status).inc()
+
+    def batch_load(self, running: int, window: float) -> None:
+        self.batches_running.set(running)
+        self.batch_window.set(window)
 
     def key_refused(self, key_id: str, limit: str) -> None:
         self.key_refusals.labels(key_id, limit).inc()
@@ -224,6 +232,9 @@ class NoMetrics:
         return None
 
     def batch_finished(self, status: str) -> None:
+        return None
+
+    def batch_load(self, running: int, window: float) -> None:
         return None
 
     def key_tokens(self, key_id: str, tokens: int) -> None:
