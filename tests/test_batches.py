@@ -315,6 +315,11 @@ async def test_openai_client_round_trip_with_bad_lines_limits_cancel_and_expiry(
         assert too_many_bytes.value.status_code == 413 and "max_file_bytes" in str(too_many_bytes.value.body).lower()
         with pytest.raises(openai.BadRequestError):
             await client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+        empty = await client.files.create(file=("empty.jsonl", b"\n"), purpose="batch")
+        failed = await settled(client, (await client.batches.create(input_file_id=empty.id, endpoint=CHAT,
+                                                                     completion_window="24h")).id)
+        assert failed.status == "failed" and failed.failed_at is not None and failed.errors is not None
+        assert failed.errors.data[0].code == "empty_file"
         spare = await client.files.create(file=("spare.jsonl", good[0] + b"\n"), purpose="batch")
         assert (await client.files.delete(spare.id)).deleted
         with pytest.raises(openai.NotFoundError):
@@ -351,7 +356,7 @@ async def test_openai_client_round_trip_with_bad_lines_limits_cancel_and_expiry(
         first = await client.batches.list(limit=2)
         assert [b.id for b in first.data] == [late.id, running.id] and first.has_more
         rest = await client.batches.list(limit=2, after=running.id)
-        assert [b.id for b in rest.data] == [created.id] and not rest.has_more
+        assert [b.id for b in rest.data] == [failed.id, created.id] and not rest.has_more
 
 
 

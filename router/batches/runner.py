@@ -200,6 +200,12 @@ class BatchRunner:
             lines: list[Line] = []
         else:
             lines = parse_lines(content, batch.endpoint)
+        if batch.status == "validating" and not lines:
+            batch.errors = [{"code": "empty_file", "message": f"input file {batch.input_file_id} has no request lines",
+                             "param": "input_file_id", "line": None}]
+            batch.status, batch.failed_at = "failed", self._clock()
+            await self._save(batch)
+            return
         if batch.status == "validating":
             batch.total = len(lines)
             bad = [line.error for line in lines if line.error is not None]
