@@ -335,6 +335,8 @@ async def test_openai_client_round_trip_with_bad_lines_limits_cancel_and_expiry(
                                          purpose="batch")
         running = await client.batches.create(input_file_id=slow.id, endpoint=CHAT, completion_window="24h")
         await _until_some_done(client, running.id)
+        with pytest.raises(openai.ConflictError):
+            await client.files.delete(slow.id)  # its batch still reads it
         cancelling = await client.batches.cancel(running.id)
         assert cancelling.status in ("cancelling", "cancelled")
         cancelled = await settled(client, running.id)

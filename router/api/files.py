@@ -21,7 +21,7 @@ from router.access.auth import Caller
 from router.batches.errors import BatchesUnavailable, FileNotFound
 from router.batches.files import FileRecord, FileStore
 from router.batches.models import count_lines
-from router.errors import InvalidRequest, PayloadTooLarge
+from router.errors import ConflictError, InvalidRequest, PayloadTooLarge
 from router.gateway.authorize import scoped
 from router.gateway.protocol import read_body
 from router.state import RouterState
@@ -120,7 +120,14 @@ async def file_content(file_id: str, request: Request, caller: Inference) -> Res
 
 @router.delete("/files/{file_id}")
 async def delete_file(file_id: str, request: Request, caller: Inference) -> dict[str, Any]:
-    files = files_of(_state(request))
+    state = _state(request)
+    files = files_of(state)
     record = await visible_file(files, file_id, caller)
+    assert state.batches is not None
+    using = [b.id for b in await state.batches.store.list_batches()
+             if b.unfinished and b.detail.get("input_file_id") == record.id]
+    if using:
+        raise ConflictError(f"file {record.id} is the input of unfinished batch {using[0]}; cancel the batch (or "
+                            "let it finish) first", param="file_id")
     await files.delete(record.id)
     return {"id": record.id, "object": "file", "deleted": True}
