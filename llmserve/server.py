@@ -71,7 +71,7 @@ def build(
     limiter = SharedLimiter(RedisLimiter(limits_url)) if limits_url else None
     app = create_app(settings.router, backend, specs or spec_builder(settings.engine), store=chosen,
                      models_dir=models_dir or settings.model_repository, static=static, on_started=on_started,
-                     limiter=limiter)
+                     limiter=limiter, data_dir=settings.data_dir)
     return Server(settings, app, backend, chosen)
 
 

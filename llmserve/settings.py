@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llmserve.batches_settings import BatchesSettings
 from llmserve.jobs_settings import JobsSettings
 from llmserve.kubernetes_settings import KubernetesSettings
 from llmserve.shadow_settings import ShadowSettings
@@ -289,6 +290,7 @@ class RouterSettings(BaseModel):
     autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    batches: BatchesSettings = Field(default_factory=BatchesSettings)
 
     @model_validator(mode="after")
     def _no_open_router_off_loopback(self) -> RouterSettings:

@@ -21,7 +21,9 @@ from router.access.auth import configured_admin
 from router.access.ratelimit import SharedLimiter
 from router.admission.shedding import Admission
 from router.api import autoscaling as autoscaling_api
+from router.api import batches as batches_api
 from router.api import control as control_api
+from router.api import files as files_api
 from router.api import generate as generate_api
 from router.api import health as health_api
 from router.api import jobs as jobs_api
@@ -29,6 +31,8 @@ from router.api import keys as keys_api
 from router.api import openai as openai_api
 from router.api import predict as predict_api
 from router.api import shadow as shadow_api
+from router.batches.files import FileStore
+from router.batches.runner import BatchRunner
 from router.control.autoscale.loop import Autoscaler
 from router.control.autoscale.signals import SignalSource
 from router.control.leases import driver_id
@@ -69,12 +73,14 @@ def create_app(
     static: Sequence[tuple[EngineSpec, int]] = (),
     on_started: StartedHook | None = None,
     limiter: SharedLimiter | None = None,
+    data_dir: Path | None = None,
 ) -> FastAPI:
     """The router app.
 
     The lifespan starts the ``static`` versions (spec, replicas) without a
     store, then (with a store) the control plane, which relaunches the active
-    versions recorded in the store; on shutdown it stops all of them.
+    versions recorded in the store; on shutdown it stops all of them. Batch API files live in
+    ``<data_dir>/files`` (default: beside ``models_dir``).
     """
     catalog = Catalog()
 
@@ -131,6 +137,10 @@ def create_app(
                                               leading=backend.leading)
                 demand.on_cold_demand = state.autoscaler.wake
                 state.autoscaler.start()
+                files = FileStore((data_dir or (models_dir or Path("models")).parent) / "files")
+                state.batches = BatchRunner(settings.batches, store, files, batches_api.line_executor(app),
+                                            metrics=metrics)
+                state.batches.start()
                 log_writer = InferenceLogWriter(store, retention_days=settings.inference_log_retention_days)
                 log_writer.start()
                 state.log_sink = log_writer.submit
@@ -141,6 +151,8 @@ def create_app(
             logger.info("router shutting down: stopping engine replicas")
             if state.autoscaler is not None:
                 await state.autoscaler.close()
+            if state.batches is not None:
+                await state.batches.close()  # before the engines its lines use; gives its batches back
             await jobs.close()  # before the engines and predictors its jobs use
             await state.shadows.close()
             if state.control is not None:
@@ -173,6 +185,8 @@ def create_app(
     app.include_router(keys_api.router)
     app.include_router(predict_api.router)
     app.include_router(jobs_api.router)
+    app.include_router(files_api.router)
+    app.include_router(batches_api.router)
     # innermost: the predict routes answered without FastAPI's routing, inside the access log and request id
     app.add_middleware(FastRoutes, routes=predict_api.FAST_ROUTES)
     app.add_middleware(AccessLogMiddleware, enabled=settings.access_log)

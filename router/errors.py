@@ -32,6 +32,9 @@ The tree (status, ``code``)::
     ├── StoreUnavailable           503 store_unavailable     the control plane's store is down; Retry-After
     └── RequestTimedOut            504 request_timeout       past the request's time budget
 
+The Batch API's own (``router.batches.errors``, subclasses of the tree): FileNotFound and BatchNotFound
+(404 file_not_found, batch_not_found), BatchNotCancellable (409), BatchesUnavailable (501: no store).
+
 Domain code raises its own errors, which carry fields and no status; the one
 table here (``as_api_error``) turns them into the tree above, for the
 handlers and for the request record alike:

@@ -19,6 +19,7 @@ from llmserve.settings import RouterSettings
 from router.access.auth import KeyRing
 from router.access.ratelimit import Limiter, LocalLimiter
 from router.admission.shedding import Admission
+from router.batches.runner import BatchRunner
 from router.control.autoscale.loop import Autoscaler
 from router.control.plane import ControlPlane
 from router.jobs.runner import JobRunner
@@ -58,3 +59,4 @@ class RouterState:
     autoscaler: Autoscaler | None = None
     jobs: JobRunner | None = None  # async requests (started by the lifespan)
     shadows: Shadows = field(default_factory=Shadows)  # shadow versions, their replays and reports
+    batches: BatchRunner | None = None  # the Batch API (with a store only: started by the lifespan)

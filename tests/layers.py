@@ -24,7 +24,7 @@ ROUTER_LEAVES_FOR_TOOLS = ("router.relay.sse", "router.predict.runtimes", "route
                            "router.traffic", "router.store", "router.observe.engine_samples", "router.access")
 # Inside the router, each layer may import only the layers listed (besides itself and llmserve).
 ROUTER_CORE = ("router.errors", "router.traffic", "router.relay", "router.admission", "router.predict",
-               "router.observe", "router.store", "router.access", "router.jobs")
+               "router.observe", "router.store", "router.access", "router.jobs", "router.batches")
 ROUTER_LAYERS: dict[str, tuple[str, ...]] = {
     "router.app": ("router",),
     "router.api": ("router.gateway", "router.control", "router.state", *ROUTER_CORE),

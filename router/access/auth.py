@@ -132,6 +132,18 @@ class KeyRing:
         self._static[record.key_hash] = record
         self._by_hash[record.key_hash] = record
 
+    def caller_by_id(self, key_id: str) -> Caller:
+        """The caller of the key with ``key_id`` (work a key left to run later, such as a batch, runs as that
+        key): InvalidApiKey once it is revoked, expired or gone."""
+        record = next((r for r in self._by_hash.values() if r.key_id == key_id), None)
+        if record is None:
+            raise InvalidApiKey(f"API key {key_id} no longer exists")
+        if record.revoked_at is not None:
+            raise InvalidApiKey(f"API key {record.key_id} ({record.name}) was revoked")
+        if record.expires_at is not None and record.expires_at <= self._clock():
+            raise InvalidApiKey(f"API key {record.key_id} ({record.name}) expired")
+        return Caller.of(record)
+
     def authenticate(self, secret: str | None) -> Caller:
         if secret is None:
             raise InvalidApiKey("no API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')")

@@ -78,6 +78,15 @@ async def completions(call: CompletionCall) -> Response:
     return await _relay_openai(call, "/v1/completions", CompletionRequest)
 
 
+SCHEMAS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+    "/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+
+
+async def relay(call: InferenceCall, path: str) -> Response:
+    """The whole of an OpenAI call to ``path`` (a batch line runs it too)."""
+    return await _relay_openai(call, path, SCHEMAS[path])
+
+
 async def _relay_openai(
     call: InferenceCall, path: str, schema: type[ChatCompletionRequest] | type[CompletionRequest]
 ) -> Response:

@@ -119,10 +119,29 @@ class RouterMetrics:
         self.cold_start_wait = Histogram("llmserve_cold_start_wait_seconds", "How long requests were held for "
                                          "a version to start from zero", labels, buckets=LATENCY_BUCKETS,
                                          registry=self.registry)
+        self.batch_lines = Counter("llmserve_batch_lines", "Lines of batches (the Batch API) by outcome: completed "
+                                   "(2xx), failed, refused (put back: the batch band was shed)", ["outcome"],
+                                   registry=self.registry)
+        self.batches_finished = Counter("llmserve_batches_finished", "Batches finished by this router, by final "
+                                        "status", ["status"], registry=self.registry)
+        self.batch_window = Gauge("llmserve_batch_window", "Lines the batches running on this router may have in "
+                                  "flight now (the sum of their AIMD windows; 0 while paused)", registry=self.registry)
+        self.batches_running = Gauge("llmserve_batches_running", "Batches this router runs now",
+                                     registry=self.registry)
         self.registry.register(_CatalogCollector(catalog))
         self.registry.register(_LoopCollector())
 
     enabled = True
+
+    def batch_line(self, outcome: str) -> None:
+        self.batch_lines.labels(outcome).inc()
+
+    def batch_finished(self, status: str) -> None:
+        self.batches_finished.labels(status).inc()
+
+    def batch_load(self, running: int, window: float) -> None:
+        self.batches_running.set(running)
+        self.batch_window.set(window)
 
     def key_refused(self, key_id: str, limit: str) -> None:
         self.key_refusals.labels(key_id, limit).inc()
@@ -207,6 +226,15 @@ class NoMetrics:
         return None
 
     def key_refused(self, key_id: str, limit: str) -> None:
+        return None
+
+    def batch_line(self, outcome: str) -> None:
+        return None
+
+    def batch_finished(self, status: str) -> None:
+        return None
+
+    def batch_load(self, running: int, window: float) -> None:
         return None
 
     def key_tokens(self, key_id: str, tokens: int) -> None:

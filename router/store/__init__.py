@@ -4,6 +4,8 @@ from router.store.base import (
     KEYS_CHANGED,
     RESYNC,
     ApiKeyRecord,
+    BatchLineRecord,
+    BatchRecord,
     Conflict,
     DeploymentRecord,
     DeploymentStatus,
@@ -21,6 +23,8 @@ from router.store.base import (
 __all__ = [
     "KEYS_CHANGED",
     "ApiKeyRecord",
+    "BatchLineRecord",
+    "BatchRecord",
     "Conflict",
     "DeploymentRecord",
     "DeploymentStatus",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -191,6 +191,46 @@ class JobRecord:
         return cls(**data)
 
 
+UNFINISHED_BATCH_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """A batch (the OpenAI Batch API) as the store keeps it (``router.batches`` maps its ``Batch`` to and
+    from this). The store reads only ``id``, ``status`` and ``created_at``; ``runner`` and ``lease_until``
+    (the router running it, and until when unless renewed) change only through ``change_batch``, whose
+    compare-and-change makes one router the runner; ``detail`` round-trips."""
+
+    id: str
+    status: str
+    created_at: float
+    runner: str = ""
+    lease_until: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unfinished(self) -> bool:
+        return self.status in UNFINISHED_BATCH_STATUSES
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BatchRecord":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class BatchLineRecord:
+    """What one line of a batch gave, recorded once (the first record of a line number wins): the line's
+    ``custom_id``, and the status and JSON body of its answer (or of its error)."""
+
+    line: int
+    custom_id: str
+    status_code: int
+    body: dict[str, Any]
+
+
 class Store(Protocol):
     async def close(self) -> None: ...
 
@@ -250,6 +290,17 @@ class Store(Protocol):
     # drop the outcome of jobs finished ``retention_s`` or more before ``now`` (status expired), and delete
     # expired jobs after as long again; (expired now, deleted)
     async def expire_jobs(self, now: float, retention_s: float) -> tuple[int, int]: ...
+
+    # batches (the OpenAI Batch API), seen by every router sharing the store. ``change_batch`` reads the
+    # record and writes what ``change`` returns (None: nothing) atomically (one router wins a race);
+    # ``add_batch_lines`` records the lines not yet recorded and says how many were new.
+    async def add_batch(self, batch: BatchRecord) -> None: ...
+    async def get_batch(self, batch_id: str) -> BatchRecord | None: ...
+    async def list_batches(self) -> list[BatchRecord]: ...  # newest first
+    async def change_batch(self, batch_id: str, change: Callable[[BatchRecord], BatchRecord | None]
+                           ) -> BatchRecord | None: ...
+    async def add_batch_lines(self, batch_id: str, lines: Collection[BatchLineRecord]) -> int: ...
+    async def batch_lines(self, batch_id: str) -> list[BatchLineRecord]: ...  # by line number
 
     # change notifications: model names whose control-plane state changed (from any router); RESYNC
     # ("") whenever the feed (re)starts, for what it may have missed: reconcile every model

@@ -45,6 +45,7 @@ from router.store.base import (
     TrafficRecord,
     Unavailable,
 )
+from router.store.redis_batches import RedisBatches
 from router.store.redis_errors import UNREACHABLE, reachable
 from router.store.redis_jobs import RedisJobs
 
@@ -56,7 +57,7 @@ redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'until', ARGV[2])
 return 1
 """
 
-class RedisStore(RedisJobs):
+class RedisStore(RedisJobs, RedisBatches):
     def __init__(self, url: str, prefix: str = "llmserve:", timeout_s: float = 1.0) -> None:
         # Short socket time-outs: a control-plane write against a dead Redis fails in about a second
         # instead of hanging the API call; the change feed's own health check notices a silent peer.

@@ -37,6 +37,7 @@ from router.store.base import (
     TrafficRecord,
     Unavailable,
 )
+from router.store.sqlite_batches import SQLiteBatches
 from router.store.sqlite_jobs import SQLiteJobs
 from router.store.sqlite_schema import DAY, MIGRATIONS, connect_read_only
 
@@ -48,7 +49,7 @@ _DEPLOYMENT_COLUMNS = ("id, model_name, version, status, model_dir, replicas, gp
                        "engine, operation, driver, lease_until, autoscaling")
 
 
-class SQLiteStore(SQLiteJobs):
+class SQLiteStore(SQLiteJobs, SQLiteBatches):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

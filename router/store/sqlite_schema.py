@@ -61,6 +61,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_by_status ON jobs(status, lease_until);
     CREATE INDEX jobs_by_finish ON jobs(finished_at);
     """,
+    # 7: batches (the OpenAI Batch API) and what each of their lines gave (one row a line, recorded once)
+    """
+    CREATE TABLE batches (id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at REAL NOT NULL, data TEXT NOT NULL);
+    CREATE INDEX batches_by_creation ON batches(created_at);
+    CREATE TABLE batch_lines (
+        batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL, status_code INTEGER NOT NULL,
+        body TEXT NOT NULL, PRIMARY KEY (batch_id, line)
+    );
+    """,
 )
 
 LOG_COLUMNS = {"request_id": "TEXT", "model_name": "TEXT", "version": "TEXT", "replica": "TEXT",
