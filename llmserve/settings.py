@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from llmserve.batches_settings import BatchesSettings
 from llmserve.jobs_settings import JobsSettings
 from llmserve.kubernetes_settings import KubernetesSettings
+from llmserve.shadow_settings import ShadowSettings
 
 
 def _default_data_dir() -> Path:
@@ -288,6 +289,7 @@ class RouterSettings(BaseModel):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     batches: BatchesSettings = Field(default_factory=BatchesSettings)
 
     @model_validator(mode="after")

@@ -67,6 +67,7 @@ class SimConfig:
     slow_start_s: float = 0.0
     enable_auto_tool_choice: bool = False
     seed: int | None = None
+    word_offset: int = 0  # where in its word cycle the text starts: another offset, another greedy answer
 
 
 @dataclass
@@ -200,7 +201,7 @@ def build_app(config: SimConfig) -> Starlette:
             state.running_tokens -= prompt_tokens + max_tokens
             engine.release()
         state.finished += 1
-        text = " ".join(_WORDS[i % len(_WORDS)] for i in range(max_tokens))
+        text = " ".join(_WORDS[(i + config.word_offset) % len(_WORDS)] for i in range(max_tokens))
         choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
         forced = _forced_tool(body) if chat else None
         if forced is not None:  # a required or named tool choice: the engine answers with a call
@@ -238,7 +239,7 @@ def build_app(config: SimConfig) -> Starlette:
                     await asyncio.sleep(engine.draw_ms(config.itl_ms) / 1000)
                 if drop_at is not None and i == drop_at:
                     raise _DropStream()
-                word = ("" if i == 0 else " ") + _WORDS[i % len(_WORDS)]
+                word = ("" if i == 0 else " ") + _WORDS[(i + config.word_offset) % len(_WORDS)]
                 last = i == max_tokens - 1
                 choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if last else None}
                 if chat:
@@ -350,6 +351,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SimCo
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="accept tools with an automatic tool choice (else 400, as vLLM without a parser)")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--word-offset", type=int, default=0, help="start the answers' words here (other text)")
     args = parser.parse_args(argv)
     for name in ("error_rate", "hang_rate", "drop_rate"):
         if not 0.0 <= getattr(args, name) <= 1.0:
@@ -360,6 +362,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SimCo
         error_rate=args.error_rate, hang_rate=args.hang_rate, drop_rate=args.drop_rate,
         drop_after_tokens=args.drop_after_tokens, slow_start_s=args.slow_start_s, seed=args.seed,
         default_max_tokens=args.default_max_tokens, enable_auto_tool_choice=args.enable_auto_tool_choice,
+        word_offset=args.word_offset,
     )
     return args, config
 

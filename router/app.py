@@ -30,6 +30,7 @@ from router.api import jobs as jobs_api
 from router.api import keys as keys_api
 from router.api import openai as openai_api
 from router.api import predict as predict_api
+from router.api import shadow as shadow_api
 from router.batches.files import FileStore
 from router.batches.runner import BatchRunner
 from router.control.autoscale.loop import Autoscaler
@@ -47,6 +48,7 @@ from router.observe.engine_metrics import EngineMetricsScraper
 from router.observe.inference_log import InferenceLogWriter
 from router.observe.metrics import Metrics, NoMetrics, RouterMetrics
 from router.observe.samples import SampleWindows
+from router.observe.shadow_metrics import ShadowCollector
 from router.predict.batcher import BatchingConfig
 from router.predict.host import PredictorHost
 from router.relay.relay import Relay
@@ -55,6 +57,7 @@ from router.store import Store
 from router.traffic.catalog import Catalog, ServedVersion
 from router.traffic.cold_start import ColdStarts
 from router.traffic.demand import Demand
+from router.traffic.shadow import Shadows
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +99,11 @@ def create_app(
         state = RouterState(settings=settings, catalog=catalog, relay=relay, backend=backend, samples=samples,
                             admission=Admission(settings.admission, catalog, samples, scraper, metrics, demand=demand),
                             metrics=metrics, demand=demand)
+        shadow = settings.shadow
+        state.shadows = Shadows(shadow.queue_size, shadow.workers, max_pairs=shadow.max_pairs)
         app.state.router = state
+        if isinstance(metrics, RouterMetrics):
+            metrics.registry.register(ShadowCollector(state.shadows))  # replays, apart from the requests'
         if settings.auth.admin_key is not None:
             state.keys.add_static(configured_admin(settings.auth.admin_key.get_secret_value()))
         if limiter is not None:
@@ -104,6 +111,7 @@ def create_app(
         # in the store when there is one (durable, shared by the routers on it), else in memory
         jobs = state.jobs = JobRunner(settings.jobs, StoreJobStore(store) if store is not None else None)
         jobs.start()
+        state.shadows.start(relay, state.admission, catalog)
         log_writer: InferenceLogWriter | None = None
         try:  # a start that fails part way still stops what it started
             for spec, replicas in static:
@@ -113,7 +121,7 @@ def create_app(
                 state.control = ControlPlane(store, backend, catalog, models_dir or Path("."), specs, samples,
                                              predictors=predictors, canary_interval_s=settings.canary_interval_s,
                                              lease_s=settings.rollout_lease_s,
-                                             router_id=driver_id(settings.port or None))
+                                             router_id=driver_id(settings.port or None), shadows=state.shadows)
 
                 async def reload_keys() -> None:
                     state.keys.replace(await store.list_keys())
@@ -146,6 +154,7 @@ def create_app(
             if state.batches is not None:
                 await state.batches.close()  # before the engines its lines use; gives its batches back
             await jobs.close()  # before the engines and predictors its jobs use
+            await state.shadows.close()
             if state.control is not None:
                 await state.control.stop()
             if log_writer is not None:
@@ -171,6 +180,7 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(generate_api.router)
     app.include_router(control_api.router)
+    app.include_router(shadow_api.router)
     app.include_router(autoscaling_api.router)
     app.include_router(keys_api.router)
     app.include_router(predict_api.router)

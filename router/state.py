@@ -30,6 +30,7 @@ from router.store.base import InferenceLog
 from router.traffic.catalog import Catalog
 from router.traffic.cold_start import ColdStarts
 from router.traffic.demand import Demand
+from router.traffic.shadow import Shadows
 
 
 def drop_log(_log: InferenceLog) -> None:
@@ -57,4 +58,5 @@ class RouterState:
     cold_starts: ColdStarts | None = None  # holds requests for versions scaled to zero (with a control plane)
     autoscaler: Autoscaler | None = None
     jobs: JobRunner | None = None  # async requests (started by the lifespan)
+    shadows: Shadows = field(default_factory=Shadows)  # shadow versions, their replays and reports
     batches: BatchRunner | None = None  # the Batch API (with a store only: started by the lifespan)

@@ -85,7 +85,7 @@ class Strategy(BaseModel):
     ready)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["direct", "canary", "blue_green", "rolling"] = "direct"
+    type: Literal["direct", "canary", "blue_green", "rolling", "shadow"] = "direct"
     steps: list[int] = Field(default_factory=lambda: [5, 25, 50, 100], min_length=1, max_length=20)
     bake_s: float = Field(60.0, ge=0)
     min_samples: int = Field(50, ge=20)
@@ -95,6 +95,7 @@ class Strategy(BaseModel):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     error_margin: float = Field(0.01, ge=0, le=1)
     grace_s: float = Field(300.0, ge=0, description="blue_green: how long the old version stays ready")
+    sample_percent: int = Field(10, ge=1, le=100, description="shadow: the share of requests replayed to it")
 
     def plan(self, traffic_percent: int) -> RolloutPlan:
         """The domain's plan; a canary policy whose numbers do not fit together raises ValueError."""
@@ -104,7 +105,9 @@ class Strategy(BaseModel):
                                   max_samples=self.max_samples, max_step_s=self.max_step_s,
                                   ttft_tolerance=self.ttft_tolerance,
                                   confidence=self.confidence, error_margin=self.error_margin)
-        return RolloutPlan(StrategyType(self.type), traffic_percent, canary, self.grace_s)
+        if self.type == "shadow" and traffic_percent:
+            raise ValueError(f"a shadow answers no client: traffic_percent must be 0, not {traffic_percent}")
+        return RolloutPlan(StrategyType(self.type), traffic_percent, canary, self.grace_s, self.sample_percent)
 
 
 class BatchingOverrides(BaseModel):

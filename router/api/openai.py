@@ -105,6 +105,7 @@ async def _relay_openai(
             call.headers["x-tools-dropped"] = str(dropped)
         payload["model"] = served.versioned_name
         call.record.begin(served.model_name, served.version, parsed.stream)
+        call.state.shadows.sample(call.record, path, payload, parsed.stream)
         hold = call.cold_start(served)
         if hold is not None and parsed.stream:
             return _held(call, hold, served, path, payload)
@@ -134,10 +135,13 @@ def _held(call: InferenceCall, hold: Hold, served: ServedVersion, path: str, pay
 
 async def _relay_stream(upstream: Upstream, record: RequestRecord) -> AsyncIterator[bytes]:
     status = 200
+    tap = record.tap  # a request a shadow replays: its answer is compared with the shadow's
     try:
         async for data in sse_data(upstream):
             record.mark_chunk(data)
             record.note_usage(data)
+            if tap is not None:
+                tap.append(data)
             yield sse_bytes(data)
     except UpstreamBroken as exc:
         # The replica died, stalled or ran past the budget mid-stream: tell the client in-band

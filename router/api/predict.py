@@ -11,6 +11,7 @@ be an async job (``Prefer: respond-async`` or ``params.async``: ``router.api.job
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import numpy as np
@@ -206,7 +207,10 @@ async def answer_predict(call: InferenceCall, model_name: str) -> Response:
                 return _answer(call, answering, outputs, npy)
 
             return await accept(call, "predict", model_name, callback_url, work)
+        began = time.perf_counter()
         served, outputs = await _run(call, served, inputs, deadline_ms)
+        # replayed once the answer is done; timed as the shadow's will be: the prediction, not the body's decoding
+        state.shadows.sample_predict(call.record, inputs, outputs, (time.perf_counter() - began) * 1000)
     return _answer(call, served, outputs, npy)
 
 

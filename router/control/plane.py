@@ -38,6 +38,7 @@ from llmserve.loops import PeriodicLoop, Tasks
 from llmserve.replicas.backend import ReplicaBackend
 from router.control.autoscale.checks import check_policy
 from router.control.autoscale.policy import AutoscalingPolicy
+from router.control.canary_analysis import CanaryPolicy
 from router.control.leases import DEPLOY, RETIRE, Leases, driver_id
 from router.control.reconciler import Reconciler
 from router.control.recovery import Recovery
@@ -53,6 +54,7 @@ from router.control.strategies.blue_green import BlueGreen
 from router.control.strategies.canary import Canary, CanaryRollout
 from router.control.strategies.direct import Direct
 from router.control.strategies.rolling import Rolling
+from router.control.strategies.shadow import Shadow, check_deploy, promote, restore
 from router.control.versions import LocalVersions, NoPredictorHost, SpecBuilder
 from router.observe.samples import SampleWindows
 from router.predict.host import PredictorHost
@@ -69,6 +71,7 @@ from router.store import (
     TrafficRecord,
 )
 from router.traffic.catalog import Catalog
+from router.traffic.shadow import Shadows
 from router.traffic.split import validate_split
 
 logger = logging.getLogger(__name__)
@@ -95,10 +98,13 @@ class ControlPlane:
         self, store: Store, backend: ReplicaBackend, catalog: Catalog, models_dir: Path, specs: SpecBuilder,
         samples: SampleWindows | None = None, predictors: PredictorHost | None = None,
         canary_interval_s: float = 0.5, lease_s: float = 15.0, router_id: str | None = None,
+        shadows: Shadows | None = None,
     ) -> None:
         self.store = store
         self.samples = samples or SampleWindows()
         self.canaries: dict[str, CanaryRollout] = {}
+        self.shadows = shadows or Shadows()
+        self._canary_interval_s = canary_interval_s
         self._catalog = catalog
         self._models_dir = Path(models_dir)
         self._tasks = Tasks()
@@ -111,6 +117,7 @@ class ControlPlane:
             StrategyType.CANARY: Canary(self.samples, self.canaries, canary_interval_s),
             StrategyType.BLUE_GREEN: BlueGreen(),
             StrategyType.ROLLING: Rolling(),
+            StrategyType.SHADOW: Shadow(self.shadows),
         }
         self._watch = PeriodicLoop("control-plane watch", _RESUBSCRIBE_S, self._follow_changes)
         self._rollout_tasks: dict[str, asyncio.Task[None]] = {}
@@ -125,7 +132,7 @@ class ControlPlane:
     async def start(self) -> None:
         """Rebuild this router's view from the store, then follow its changes."""
         for model in await self.store.list_models():
-            await self._reconciler.reconcile(model.name)
+            await self._reconcile(model.name)
         # What a previous run of this router left half done is settled before anything new starts
         # (``llmserve up`` deploys its model when it finds no live deployment of it).
         try:
@@ -153,11 +160,15 @@ class ControlPlane:
             if model_name == RESYNC:  # the feed (re)started: what changed while it was down is unknown
                 await self.on_keys_changed()
                 for model in await self.store.list_models():
-                    await self._reconciler.reconcile(model.name)
+                    await self._reconcile(model.name)
             elif model_name == KEYS_CHANGED:
                 await self.on_keys_changed()
             else:
-                await self._reconciler.reconcile(model_name)
+                await self._reconcile(model_name)
+
+    async def _reconcile(self, model_name: str) -> None:
+        await self._reconciler.reconcile(model_name)
+        await restore(self.store, self.shadows, model_name, await self._is_predict(model_name))
 
     async def _renew_and_recover(self) -> None:
         await self.leases.renew()
@@ -198,6 +209,8 @@ class ControlPlane:
     ) -> DeploymentRecord:
         plan = plan or RolloutPlan(traffic_percent=100)
         model = await self.require_model(model_name)
+        if plan.type is StrategyType.SHADOW:
+            await check_deploy(self, self.shadows, self.canaries, model_name, version)
         operation, driver, lease_until = self.leases.new_lease(DEPLOY)
         record = DeploymentRecord(
             id=uuid.uuid4().hex[:12], model_name=model_name, version=version, status=DeploymentStatus.DEPLOYING,
@@ -324,6 +337,12 @@ class ControlPlane:
             self.spawn(self.retire(newest), name=f"retire {model_name}:{newest.version}")
         return RollbackResult(model_name, newest.version, target, applied_ms, record.revision)
 
+    async def promote_shadow(self, model_name: str, policy: CanaryPolicy, actor: str) -> CanaryRollout:
+        """The model's shadow becomes a canary against its stable version (``strategies/shadow``)."""
+        await self.require_model(model_name)
+        return await promote(self, self.shadows, self.canaries, self.samples, model_name, policy, actor,
+                             self._canary_interval_s)
+
     async def set_autoscaling(self, model_name: str, version: str | None, policy: AutoscalingPolicy,
                               actor: str) -> list[DeploymentRecord]:
         """Give the model's active versions (or one) this policy; the autoscaler acts on it next period."""
@@ -354,6 +373,8 @@ class ControlPlane:
         if share > 0:
             raise Conflict(f"{model_name}:{version} still has {share}% of the traffic; move its traffic first "
                            f"(PUT /api/v1/deployments/{model_name}/traffic)")
+        if self.shadows.is_shadow(model_name, version):
+            self.shadows.remove(model_name)  # its replays stop before its replicas do
         await self.leases.take(live[0].id, RETIRE)
         await self.store.update_deployment(live[0].id, DeploymentStatus.DRAINING)
         await self.store.append_history(HistoryEntry(model_name, "delete", actor, {"version": version}))

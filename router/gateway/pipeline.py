@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from router.access import ratelimit
 from router.access.auth import Caller
 from router.admission.shedding import admit_request
-from router.errors import ModelNotFound, RateLimitExceeded
+from router.errors import ModelNotFound, RateLimitExceeded, VersionNotFound
 from router.gateway.authorize import caller_of
 from router.gateway.protocol import parse_json_object, read_body, validate
 from router.observe.request_record import RequestRecord, served_headers, user_key
@@ -158,6 +158,9 @@ class InferenceCall:
             if caller.models is None:
                 raise
             raise self._unknown_to_caller(model) from None  # the full message lists every served model
+        if self.state.shadows.is_shadow(served.model_name, served.version):  # pinned: a shadow answers nobody
+            raise VersionNotFound(f"{served.versioned_name} is a shadow version: it answers no client (its "
+                                  "comparison is at GET /api/v1/deployments/{model}/shadow)", param="version")
         self.record.resolved(served.model_name, served.version)
         return served
 

@@ -71,6 +71,7 @@ class RequestRecord:
     metrics: RequestObserver | None = field(default=None, repr=False)
     samples: SampleWindows | None = field(default=None, repr=False)
     gaps_s: list[float] = field(default_factory=list, repr=False)
+    tap: list[bytes] | None = field(default=None, repr=False)  # the answer's bytes, kept for a shadow's replay
     text_chunks: int = 0
     _last_chunk_at: float | None = field(default=None, repr=False)
     _in_flight: bool = field(default=False, repr=False)

@@ -355,6 +355,8 @@ async def buffered_response(upstream: Upstream, record: RequestRecord, headers: 
         record.fail(failure)
         return failure.response()
     record.note_usage(content)
+    if record.tap is not None:
+        record.tap.append(content)
     if upstream.status_code != 200:
         record.failed(engine_error_code(content), content[:300].decode(errors="replace"))
     record.finish(upstream.status_code)

@@ -33,6 +33,7 @@ class StrategyType(str, enum.Enum):
     CANARY = "canary"  # stepped up while the analysis allows
     BLUE_GREEN = "blue_green"  # 100% at once when ready; the old version kept ready for grace_s
     ROLLING = "rolling"  # the stable version's replicas replaced one at a time
+    SHADOW = "shadow"  # no traffic: a sample of the requests replayed to it and compared (strategies/shadow)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class RolloutPlan:
     traffic_percent: int = 0
     canary: CanaryPolicy | None = None
     grace_s: float = 300.0
+    sample_percent: int = 0  # shadow: the share of the model's requests replayed to it
 
 
 class RolloutFailed(Exception):
