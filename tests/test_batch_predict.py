@@ -239,7 +239,10 @@ async def test_a_predict_batch_scores_jsonl_npy_and_csv_rows_in_order_and_names_
 
         # the chunks queued on the version's batcher (in the batch band), as online requests do
         exposition = (await client.get("/metrics")).text
-        assert "llmserve_batch_lines_total" in exposition
+        predicted = [float(line.split()[-1]) for line in exposition.splitlines()
+                     if line.startswith("llmserve_predict_rows_total{") and XGB in line]
+        assert predicted and predicted[0] >= 4 * 50  # the online call's rows and each file's, through the batcher
+        assert 'llmserve_batches_finished_total{status="completed"} 3.0' in exposition
 
         # refused up front: a model the router does not serve, a generative model's predict endpoint
         unknown = await client.post("/v1/batches", json={"input_file_id": await upload(client, "r.jsonl", content),
