@@ -142,18 +142,14 @@ def _download(client: httpx.Client, args: argparse.Namespace, out: IO[str]) -> i
         raise CommandError(f"batch {args.batch_id} ({batch['status']}) has no {what} file"
                            + ("" if batch["status"] in FINAL else " yet: it is written when the batch ends"))
     response = client.get(f"/v1/files/{file_id}/content")
-    _check_status(response)
+    if response.status_code >= 400:
+        _check(response)
     if args.output is None:
         out.write(response.text)
     else:
         args.output.write_bytes(response.content)
         print(f"wrote {len(response.content)} bytes to {args.output}", file=out)
     return 0
-
-
-def _check_status(response: httpx.Response) -> None:
-    if response.status_code >= 400:
-        _check(response)
 
 
 def run(args: argparse.Namespace, data_dir: Path, out: IO[str] | None = None) -> int:
