@@ -32,3 +32,6 @@ class BatchesSettings(BaseModel):
         "(and a cancel is noticed).")
     min_pause_s: float = Field(
         0.5, ge=0, le=60, description="The shortest pause after a refusal that gave no Retry-After.")
+    predict_chunk_rows: int = Field(
+        256, ge=1, le=65536, description="A predict batch's rows scored in one call (its unit: recorded once, "
+        "counted in the AIMD window); at most predict.max_request_rows. Fixed when a batch is made.")

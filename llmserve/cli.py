@@ -338,9 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     onnx_quantize.add_parser(sub)
 
-    from llmserve import keys_cli
+    from llmserve import batch_cli, keys_cli
 
     keys_cli.add_parser(sub)
+    batch_cli.add_parser(sub)
 
     from llmserve.k8s import cli as k8s_cli
 

@@ -4,6 +4,9 @@
 A line is the online call itself: ``router.api.openai.relay`` with the batch owner's key (rate limits,
 the models it may use), the line's body as the request body, and the ``batch`` priority class forced,
 so admission sheds it first. The runner (``router.batches.runner``) decides when lines run.
+
+Predict bulk scoring is the same API with ``endpoint`` ``/api/v1/models/{m}/predict`` and an input file of
+rows (``router.batches.rows``); its chunks run through the predict handler (``router.api.batch_predict``).
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, Field
 
 from router.access.auth import Caller
+from router.api import _inprocess as inprocess
 from router.api import openai as openai_api
+from router.api.batch_predict import score_chunk
 from router.api.files import files_of, visible_file
 from router.batches.errors import BatchNotCancellable, BatchNotFound
 from router.batches.models import ENDPOINTS, Batch, Line, window_seconds
+from router.batches.rows import predict_model
 from router.batches.runner import BatchRunner, LineAnswer, LineExecutor
-from router.errors import APIError, InvalidRequest, as_api_error
-from router.gateway.authorize import caller_of, scoped
-from router.gateway.pipeline import InferenceCall
+from router.errors import InvalidRequest, ModelNotFound
+from router.gateway.authorize import scoped
 from router.state import RouterState
 from router.store.base import BatchRecord
 
@@ -52,12 +57,29 @@ async def _visible(runner: BatchRunner, batch_id: str, caller: Caller) -> Batch:
     return batch
 
 
+def _predict_chunk_rows(request: Request, endpoint: str, caller: Caller) -> int:
+    """A predict batch's rows a chunk (0: not a predict endpoint). Its model must be a predict model the
+    caller may use (else 404, as unknown as a model that does not exist, or 400)."""
+    model = predict_model(endpoint)
+    if model is None:
+        return 0
+    state: RouterState = request.app.state.router
+    served = state.catalog.find(model) if caller.may_use(model) else None
+    if served is None:
+        raise ModelNotFound(f"model {model!r} does not exist", param="endpoint")
+    if not served.is_predict:
+        raise InvalidRequest(f"model {model!r} is generative, not a predict model; batch its requests with "
+                             "endpoint /v1/chat/completions or /v1/completions", param="endpoint")
+    return min(state.settings.batches.predict_chunk_rows, state.settings.predict.max_request_rows)
+
+
 @router.post("/batches")
 async def create_batch(body: CreateBatch, request: Request, caller: Inference) -> dict[str, Any]:
     runner = _runner(request)
-    if body.endpoint not in ENDPOINTS:
-        raise InvalidRequest(f"endpoint {body.endpoint!r} is not supported; use one of {', '.join(ENDPOINTS)}",
-                             param="endpoint")
+    chunk_rows = _predict_chunk_rows(request, body.endpoint, caller)
+    if body.endpoint not in ENDPOINTS and not chunk_rows:
+        raise InvalidRequest(f"endpoint {body.endpoint!r} is not supported; use one of {', '.join(ENDPOINTS)}, "
+                             "or /api/v1/models/{model}/predict for a predict model", param="endpoint")
     window = window_seconds(body.completion_window)
     if window is None or window > runner.settings.max_window_s:
         raise InvalidRequest(f"completion_window {body.completion_window!r} must be hours or minutes ('24h', '90m'),"
@@ -67,7 +89,8 @@ async def create_batch(body: CreateBatch, request: Request, caller: Inference) -
         raise InvalidRequest(f"file {record.id} has purpose {record.purpose!r}, not 'batch'", param="input_file_id")
     now = runner.now()
     batch = Batch(endpoint=body.endpoint, input_file_id=record.id, completion_window=body.completion_window,
-                  created_at=now, expires_at=now + window, owner=caller.key_id, metadata=body.metadata)
+                  created_at=now, expires_at=now + window, owner=caller.key_id, metadata=body.metadata,
+                  chunk_rows=chunk_rows)
     await runner.store.add_batch(batch.to_record())
     runner.wake()
     return batch.view()
@@ -121,52 +144,14 @@ async def cancel_batch(batch_id: str, request: Request, caller: Inference) -> di
     return Batch.of(changed).view()
 
 
-def _retry_after(error: APIError) -> float | None:
-    wait = error.headers.get("Retry-After")
-    try:
-        return float(wait) if wait is not None and error.status_code in (429, 503) else None
-    except ValueError:
-        return None
-
-
 def line_executor(app: FastAPI) -> LineExecutor:
-    """How a line runs: a request made in process (no socket) through the online handler, as the batch's key."""
+    """How a unit runs: a request made in process through the online handler, as the batch's key (a chat or
+    completions line through ``router.api.openai.relay``; a chunk of rows through the predict handler)."""
 
     async def execute(batch: Batch, line: Line, request_id: str) -> LineAnswer:
-        state: RouterState = app.state.router
-        body = orjson.dumps(line.body)
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": batch.endpoint, "raw_path": batch.endpoint.encode(), "root_path": "",
-                 "query_string": b"", "client": ("batch", 0), "server": ("router", 0), "app": app,
-                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                             (b"x-request-id", request_id.encode()), (b"x-priority", b"batch")],
-                 "state": {"request_id": request_id}}
-        sent = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        call = InferenceCall(Request(scope, receive), state, batch.endpoint)
-        try:
-            with call.failures():
-                call.caller = state.keys.caller_by_id(batch.owner) if batch.owner else caller_of(state, {})
-                call.record.key_id = call.caller.key_id
-            call.run_as_job()  # the batch band, its time budget from now
-            response = await openai_api.relay(call, batch.endpoint)
-        except Exception as exc:
-            error = as_api_error(exc)
-            if error is None:
-                raise
-            return LineAnswer(error.status_code, error.body(), _retry_after(error))
-        try:
-            answer = orjson.loads(bytes(response.body))
-        except orjson.JSONDecodeError:
-            answer = {"error": {"message": bytes(response.body)[:300].decode(errors="replace"),
-                                "type": "server_error", "param": None, "code": str(response.status_code)}}
-        return LineAnswer(response.status_code, answer if isinstance(answer, dict) else {"data": answer})
+        if predict_model(batch.endpoint) is not None:
+            return await score_chunk(app, batch, line, request_id)
+        return await inprocess.call(app, batch, batch.endpoint, orjson.dumps(line.body), request_id,
+                                    lambda call: openai_api.relay(call, batch.endpoint))
 
     return execute

@@ -1,5 +1,6 @@
 """OpenAI's Files API, for the Batch API's input and output: ``POST /v1/files`` (multipart, purpose ``batch``,
-JSONL), ``GET /v1/files``, ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``DELETE /v1/files/{id}``.
+JSONL; for predict bulk scoring also ``.npy`` and CSV rows),
+``GET /v1/files``, ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``DELETE /v1/files/{id}``.
 
 An upload over ``batches.max_file_bytes`` or ``batches.max_lines`` is refused with 413 before it is kept.
 The lines are checked when a batch runs, not here: a malformed line fails alone (in the batch's error file).
@@ -20,7 +21,7 @@ from starlette.types import Message
 from router.access.auth import Caller
 from router.batches.errors import BatchesUnavailable, FileNotFound
 from router.batches.files import FileRecord, FileStore
-from router.batches.models import count_lines
+from router.batches.rows import count_rows
 from router.errors import ConflictError, InvalidRequest, PayloadTooLarge
 from router.gateway.authorize import scoped
 from router.gateway.protocol import read_body
@@ -85,7 +86,7 @@ async def upload_file(request: Request, caller: Inference) -> dict[str, Any]:
     if len(content) > limits.max_file_bytes:
         raise PayloadTooLarge(f"the file is {len(content)} bytes; the limit is {limits.max_file_bytes} "
                               "(LLMSERVE_ROUTER__BATCHES__MAX_FILE_BYTES)", param="file")
-    lines = count_lines(content)
+    lines = count_rows(content)  # an .npy file's rows from its header; any other file's non-blank lines
     if lines > limits.max_lines:
         raise PayloadTooLarge(f"the file has {lines} lines; the limit is {limits.max_lines} "
                               "(LLMSERVE_ROUTER__BATCHES__MAX_LINES)", param="file")

@@ -66,13 +66,15 @@ class Batch:
     errors: list[dict[str, Any]] = field(default_factory=list)
     runner: str = ""
     lease_until: float = 0.0
+    chunk_rows: int = 0  # a predict batch's rows a unit, fixed when it is made (router.batches.rows)
 
     def visible_to(self, key_id: str | None, admin: bool) -> bool:
         return admin or self.owner == key_id
 
     def to_record(self) -> BatchRecord:
         detail = {f.name: getattr(self, f.name) for f in fields(self)
-                  if f.name not in ("id", "status", "created_at", "runner", "lease_until")}
+                  if f.name not in ("id", "status", "created_at", "runner", "lease_until")
+                  and (f.name != "chunk_rows" or self.chunk_rows)}
         return BatchRecord(id=self.id, status=self.status, created_at=self.created_at, runner=self.runner,
                            lease_until=self.lease_until, detail=detail)
 

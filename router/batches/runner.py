@@ -4,8 +4,10 @@
    claims those nobody holds (new, or whose router's lease lapsed: it stopped), up to ``max_active`` on this
    router, earliest deadline first (``expires_at``: the batch nearest its window's end runs first). The
    claim is the store's compare-and-change: with several routers on one store, one wins.
-2. A claimed batch in ``validating`` reads its input file (missing: ``failed``), checks every line
-   (``models.parse_line``) and counts them; then ``in_progress``.
+2. A claimed batch in ``validating`` reads its input file (missing or unreadable: ``failed``), checks every
+   line and counts them; then ``in_progress``. What a line is comes from the batch's endpoint
+   (``router.batches.kinds``): an OpenAI request line (``models.parse_line``), or a chunk of a predict
+   batch's rows (``rows``), whose ``request_counts`` count rows.
 3. The lines the store has not recorded run through ``execute`` (the online API's own code, admitted as
    ``batch``); the bad lines are recorded as errors without running. ``policy.AIMD`` decides how many run at
    once: a refusal with a Retry-After (shed, no replica ready, the key's rate limit) puts the line back and
@@ -36,8 +38,10 @@ from llmserve.batches_settings import BatchesSettings
 from llmserve.loops import PeriodicLoop, Tasks
 from router.batches import output
 from router.batches.files import FileStore
-from router.batches.models import MAX_ERRORS_SHOWN, Batch, Line, parse_lines
+from router.batches.kinds import BatchKind, kind_of
+from router.batches.models import MAX_ERRORS_SHOWN, Batch, Line
 from router.batches.policy import AIMD
+from router.batches.rows import InputFileError
 from router.errors import APIError
 from router.jobs.runner import runner_id
 from router.observe.metrics import Metrics, NoMetrics
@@ -188,53 +192,57 @@ class BatchRunner:
         window = sum(0.0 if aimd.pause_left(now) else aimd.window for aimd in self._windows.values())
         self._metrics.batch_load(len(self._active), window)
 
+    async def _fail(self, batch: Batch, code: str, message: str) -> None:
+        batch.errors = [{"code": code, "message": message, "param": "input_file_id", "line": None}]
+        batch.status, batch.failed_at = "failed", self._clock()
+        await self._save(batch)
+
     async def _run(self, batch: Batch) -> None:
+        kind = kind_of(batch)
         content = await self.files.content(batch.input_file_id)
         if content is None:
             if batch.status in ("validating", "in_progress"):
-                batch.errors = [{"code": "file_not_found", "message": f"input file {batch.input_file_id} is gone",
-                                 "param": "input_file_id", "line": None}]
-                batch.status, batch.failed_at = "failed", self._clock()
-                await self._save(batch)
+                await self._fail(batch, "file_not_found", f"input file {batch.input_file_id} is gone")
                 return
             lines: list[Line] = []
         else:
-            lines = parse_lines(content, batch.endpoint)
+            try:
+                lines = kind.lines(content, batch)
+            except InputFileError as exc:
+                await self._fail(batch, exc.code, f"input file {batch.input_file_id}: {exc.message}")
+                return
         if batch.status == "validating" and not lines:
-            batch.errors = [{"code": "empty_file", "message": f"input file {batch.input_file_id} has no request lines",
-                             "param": "input_file_id", "line": None}]
-            batch.status, batch.failed_at = "failed", self._clock()
-            await self._save(batch)
+            await self._fail(batch, "empty_file", f"input file {batch.input_file_id} has no request lines")
             return
         if batch.status == "validating":
-            batch.total = len(lines)
+            batch.total = kind.total(lines)
             bad = [line.error for line in lines if line.error is not None]
             batch.errors = [{**e, "param": None} for e in bad[:MAX_ERRORS_SHOWN]]
             batch.status, batch.in_progress_at = "in_progress", self._clock()
             await self._save(batch)
         records = {record.line: record for record in await self.store.batch_lines(batch.id)}
-        await self._record(batch, [output.unrunnable(line) for line in lines
-                                   if line.error is not None and line.number not in records])
+        await self._record(batch, kind, [output.unrunnable(line) for line in lines
+                                         if line.error is not None and line.number not in records])
         records = {record.line: record for record in await self.store.batch_lines(batch.id)}
-        batch.completed = sum(output.succeeded(r) for r in records.values())
-        batch.failed = len(records) - batch.completed
+        tallies = [kind.counts(r) for r in records.values()]
+        batch.completed, batch.failed = sum(c for c, _ in tallies), sum(f for _, f in tallies)
         todo = [line for line in lines if line.error is None and line.number not in records]
         if batch.status == "in_progress":
-            await self._run_lines(batch, todo)
-        await self._finalize(batch, lines)
+            await self._run_lines(batch, kind, todo)
+        await self._finalize(batch, kind, lines)
 
-    async def _record(self, batch: Batch, records: list[output.BatchLineRecord]) -> None:
+    async def _record(self, batch: Batch, kind: BatchKind, records: list[output.BatchLineRecord]) -> None:
         added = await self.store.add_batch_lines(batch.id, records) if records else 0
         if added and len(records) == 1:
-            ok = output.succeeded(records[0])
-            batch.completed += ok
-            batch.failed += not ok
-            self._metrics.batch_line("completed" if ok else "failed")
+            completed, failed = kind.counts(records[0])
+            batch.completed += completed
+            batch.failed += failed
+            self._metrics.batch_line("completed" if output.succeeded(records[0]) else "failed")
 
     def _stopping(self, batch: Batch) -> bool:
         return batch.status != "in_progress" or self._clock() >= batch.expires_at
 
-    async def _run_lines(self, batch: Batch, todo: list[Line]) -> None:
+    async def _run_lines(self, batch: Batch, kind: BatchKind, todo: list[Line]) -> None:
         aimd = self._windows[batch.id] = AIMD(self.settings.max_concurrency, self.settings.min_pause_s)
         pending = collections.deque(todo)
         in_flight: dict[asyncio.Task[LineAnswer], tuple[Line, str]] = {}
@@ -264,7 +272,7 @@ class BatchRunner:
                         self._metrics.batch_line("refused")
                         continue
                     aimd.succeeded()
-                    await self._record(batch, [output.ran(line, request_id, answer.status_code, answer.body)])
+                    await self._record(batch, kind, [output.ran(line, request_id, answer.status_code, answer.body)])
                 if self._clock() >= next_save:
                     await self._save(batch)
                     next_save = self._clock() + self.settings.progress_interval_s
@@ -283,7 +291,7 @@ class BatchRunner:
             error = APIError(f"internal error; quote request id {request_id} when reporting it")
             return LineAnswer(error.status_code, error.body())
 
-    async def _finalize(self, batch: Batch, lines: list[Line]) -> None:
+    async def _finalize(self, batch: Batch, kind: BatchKind, lines: list[Line]) -> None:
         now = self._clock()
         if batch.status in ("cancelling", "cancelled") or batch.cancelling_at is not None:
             final = "cancelled"  # cancelling_at says so too for a batch resumed while finalizing
@@ -296,7 +304,7 @@ class BatchRunner:
             batch.status, batch.finalizing_at = "finalizing", now
             await self._save(batch)
         records = await self.store.batch_lines(batch.id)
-        out, errors = output.render(batch.id, records, lines, final)
+        out, errors = kind.render(batch.id, records, lines, final)
         stem = batch.id.removeprefix("batch_")
         if out:
             batch.output_file_id = (await self.files.save(out, f"{batch.id}_output.jsonl", "batch_output",
