@@ -13,11 +13,13 @@ from router.access.auth import Caller
 from router.errors import NoReplicaReady
 from router.gateway.pipeline import InferenceCall
 from router.traffic.catalog import Catalog, ServedVersion
+from router.traffic.shadow import Shadows
 
 
 def call_for(catalog: Catalog, settings: RouterSettings, headers: dict[str, str] | None = None) -> InferenceCall:
     state: Any = SimpleNamespace(catalog=catalog, settings=settings, relay=SimpleNamespace(deadline=lambda: 0.0),
-                                 log_sink=lambda _log: None, metrics=None, samples=None, admission=None)
+                                 log_sink=lambda _log: None, metrics=None, samples=None, admission=None,
+                                 shadows=Shadows())
     request: Any = SimpleNamespace(state=SimpleNamespace(request_id="req-1"), headers=headers or {})
     call = InferenceCall(request, state, "test")
     call.caller = Caller("key_1", "test", frozenset({"inference"}))
