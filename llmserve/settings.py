@@ -193,9 +193,6 @@ class AdmissionSettings(BaseModel):
     min_hold_s: float = Field(2.0, ge=0, description="... and it has held at least this long.")
     queue_wait_s: float = Field(
         2.0, ge=0, description="How long a standard request waits for room when the fallback is saturated too.")
-    batch_ratio: float = Field(
-        0.5, gt=0, le=1, description="Batch-band requests are admitted only while the version's requests in "
-        "flight are under this share of max_outstanding_per_replica: spare capacity only, never saturation.")
     recheck_s: float = Field(
         0.05, gt=0, le=1, description="While a request waits for room, how often saturation is checked again.")
 

@@ -17,7 +17,7 @@ from loadtest.sim import SimEngineProgram
 from loadtest.simstack import StaticVersion
 from router.access.auth import Caller
 from router.admission.shedding import Admission, resolve_priority
-from router.errors import InvalidRequest, PriorityForbidden, ShedLoad
+from router.errors import InvalidRequest, PriorityForbidden
 from router.observe.samples import SampleWindows
 from router.store.sqlite import SQLiteStore
 from router.traffic.catalog import Catalog, ServedVersion
@@ -76,34 +76,6 @@ def test_saturation_has_hysteresis() -> None:
     assert not at(5, advance=2.0)
     assert not at(9)  # not saturated again until the threshold itself
     assert admission.saturation(served).reasons == []
-
-
-async def test_batch_is_admitted_only_under_its_own_mark_so_it_never_saturates_the_version() -> None:
-    clock = Clock()
-    served = served_with(0)
-    catalog = Catalog()
-    catalog.add_version(served)
-    admission = Admission(AdmissionSettings(max_outstanding_per_replica=10, batch_ratio=0.5),
-                          catalog, SampleWindows(clock=clock), clock=clock)
-
-    async def outcome(priority: str, outstanding: int) -> str:
-        clock.now += 0.1
-        served.replicas[0].outstanding = outstanding
-        try:
-            await admission.admit(served, priority, "user-1")
-        except ShedLoad as refused:
-            assert refused.retry_after_s >= 1
-            return "429"
-        return "ok"
-
-    assert await outcome("batch", 4) == "ok"
-    assert await outcome("batch", 5) == "429"  # half of the threshold: no spare capacity for batch
-    assert await outcome("standard", 5) == "ok" and await outcome("standard", 9) == "ok"  # online keeps the rest
-    assert await outcome("batch", 4) == "ok"  # back under the mark
-    relaxed = Admission(AdmissionSettings(max_outstanding_per_replica=10, batch_ratio=1.0),
-                        catalog, SampleWindows(clock=clock), clock=clock)
-    served.replicas[0].outstanding = 9
-    assert (await relaxed.admit(served, "batch", "user-1")).served is served
 
 
 async def test_under_saturation_critical_keeps_the_full_model_standard_gets_the_fallback_batch_a_429(

@@ -21,14 +21,6 @@ While the chosen version is saturated:
   then gets 429 with Retry-After;
 - ``batch`` gets 429 at once, with Retry-After from the current drain rate.
 
-``batch`` also has a lower mark of its own: it is admitted only while the
-version's requests in flight are under ``batch_ratio`` of the saturation
-threshold. Without it a batch job (or shadow replays) filled the version up to
-saturation by itself, and then standard requests waited and were refused: in
-``loadtest.batch_bench``, online TTFT p99 went from 65 ms to over 2 s with a
-batch running at low online load. Under the mark, batch work takes only the
-capacity online traffic leaves, and online traffic always has the rest.
-
 A request that waited past its deadline (``X-Deadline-Ms``) gets 503 with
 Retry-After. Nothing is dropped silently and nothing waits unbounded.
 """
@@ -174,12 +166,6 @@ class Admission:
     async def admit(self, served: ServedVersion, priority: str, user: str | None,
                     deadline_s: float | None = None, may_use: Callable[[str], bool] | None = None) -> Admitted:
         """Where this request goes, or a ShedLoad or DeadlineExceeded error. ``deadline_s``: seconds it may wait."""
-        if self.settings.enabled and priority == "batch" and not self.saturation(served).saturated \
-                and not self._in_flight_under(served, self.settings.batch_ratio):
-            self.count(served.model_name, priority, "rejected")
-            raise ShedLoad(f"{served.versioned_name} has no spare capacity for batch traffic (in flight at "
-                           f"{self.settings.batch_ratio:g} of its saturation threshold, "
-                           "LLMSERVE_ROUTER__ADMISSION__BATCH_RATIO)", self.retry_after_s(served))
         if not self.settings.enabled or priority == "critical" or not self.saturation(served).saturated:
             self.count(served.model_name, priority, "full")
             return Admitted(served)
@@ -229,12 +215,8 @@ class Admission:
         while the version's requests in flight, counted live (each one admitted is counted before the
         next waiter looks), are under ``clear_ratio`` of its threshold: still clear when they land.
         """
-        return self._in_flight_under(served, self.settings.clear_ratio)
-
-    def _in_flight_under(self, served: ServedVersion, ratio: float) -> bool:
-        """Whether the version's requests in flight, counted live, are under ``ratio`` of its threshold."""
         ready = max(len(served.ready_replicas or served.replicas), 1)
-        target = ratio * self.settings.max_outstanding_per_replica * ready
+        target = self.settings.clear_ratio * self.settings.max_outstanding_per_replica * ready
         return sum(r.outstanding for r in served.replicas) < target
 
     def fallback_for(self, served: ServedVersion, user: str | None,
