@@ -11,7 +11,8 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from llmserve.settings import EngineSettings, RouterSettings
 from loadtest.inprocess import serve_router
 from loadtest.simstack import StaticVersion, fast_sim, sim_server
 from router.store import Store
+from router.store.redis_store import RedisStore
+from router.store.sqlite import SQLiteStore
+from tests.redis_server import redis_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -137,3 +141,21 @@ def example_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# The store backends' shared fixtures: a real redis-server per test module, and each store test run
+# on SQLite and on Redis (a fresh key prefix each).
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        backend: Store = SQLiteStore(tmp_path / "llmserve.db")
+    else:
+        backend = RedisStore(request.getfixturevalue("redis_url"), prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    yield backend
+    await backend.close()

@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,8 @@ from router.batches.models import Batch, Line, parse_lines, window_seconds
 from router.batches.policy import AIMD
 from router.batches.runner import BatchRunner, LineAnswer
 from router.store import BatchLineRecord, BatchRecord, Store
-from router.store.redis_store import RedisStore
 from router.store.sqlite import SQLiteStore
 from tests.conftest import RunningRouter, free_port, run_router
-from tests.redis_server import redis_server
 from tests.test_auth import ADMIN, create_key
 
 FAST = BatchesSettings(scan_interval_s=0.2, progress_interval_s=0.1, lease_s=5, max_concurrency=8,
@@ -83,20 +81,6 @@ def test_lines_are_checked_one_by_one_and_named_by_number() -> None:
 
 
 # -- the store: SQLite and Redis -----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with redis_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    backend: Store = SQLiteStore(tmp_path / "llmserve.db") if request.param == "sqlite" else \
-        RedisStore(request.getfixturevalue("redis_url"), prefix=f"test-{uuid.uuid4().hex[:8]}:")
-    yield backend
-    await backend.close()
-
 
 async def test_store_keeps_batches_one_claim_wins_and_a_line_is_recorded_once(store: Store) -> None:
     await store.add_batch(BatchRecord("batch_1", "validating", 1.0, detail={"endpoint": CHAT}))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,11 @@ from router.store import JobRecord, Store
 from router.store.redis_store import RedisStore
 from router.store.sqlite import SQLiteStore
 from tests.conftest import free_port, run_router
-from tests.redis_server import redis_server
 from tests.test_async_jobs import ASYNC, Clock, gated, jobs_router, settled
 from tests.test_auth import ADMIN, bearer
 from tests.test_predict_api import XGB, features
 
 StoreFactory = Callable[[], Store]
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with redis_server() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,25 +23,7 @@ from router.store import (
     NotFound,
     Store,
 )
-from router.store.redis_store import RedisStore
 from router.store.sqlite import MIGRATIONS, SQLiteStore
-from tests.redis_server import redis_server
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with redis_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        backend: Store = SQLiteStore(tmp_path / "llmserve.db")
-    else:
-        backend = RedisStore(request.getfixturevalue("redis_url"), prefix=f"test-{uuid.uuid4().hex[:8]}:")
-    yield backend
-    await backend.close()
 
 
 def deployment(version: str, status: DeploymentStatus = DeploymentStatus.DEPLOYING) -> DeploymentRecord:
